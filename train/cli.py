@@ -1,0 +1,62 @@
+"""The `lora-core` command line.
+
+Each subcommand lives in its own module under `train/commands/` and is found by name, so adding a
+command never touches this file. A command module defines:
+
+    HELP: str                              one line for `lora-core --help`
+    add_arguments(parser) -> None          its flags (keep heavy imports out of this function)
+    run(args) -> int                       the work; heavy imports go here, so `--help` stays fast
+
+Errors meant for the user are raised as `UserError` (or ValueError/FileNotFoundError from the
+library) and printed as one line without a traceback; anything else is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+
+import train.commands as _commands
+
+
+class UserError(Exception):
+    """A problem with the user's input that a message explains fully."""
+
+
+def _command_modules():
+    for info in sorted(pkgutil.iter_modules(_commands.__path__), key=lambda m: m.name):
+        if info.name.startswith("_"):
+            continue
+        yield info.name.replace("_", "-"), importlib.import_module(f"train.commands.{info.name}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lora-core",
+        description="LoRA safety alignment of reasoning LLMs: pull a model, evaluate, train a "
+        "refusal adapter, analyse its overlap with the base weights, merge and export.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module in _command_modules():
+        command_parser = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        module.add_arguments(command_parser)
+        command_parser.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "_run", None) is None:
+        parser.print_help()
+        return 0
+    try:
+        return int(args._run(args) or 0)
+    except (UserError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as error:
+        print(f"lora-core {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
