@@ -1,0 +1,300 @@
+"""Adapter files in PEFT's format: adapter_config.json + adapter_model.safetensors.
+
+Why PEFT's format: an adapter trained here then loads into `transformers` + `peft` (and vLLM) on
+the same base weights, and an adapter from PEFT loads here. Tensor keys are
+"base_model.model.<qualified>.lora_A.weight" (r, K) and "... .lora_B.weight" (N, r).
+
+PiSSA / MiLoRA adapters also changed the base (W became the SVD residual). PEFT's way out, done here
+too: the file holds the adapter expressed against the *original* W, as a rank-2r plain LoRA,
+delta = s (B A - B0 A0) = s [B | -B0] [A ; A0], with alpha adjusted so the scaling is unchanged.
+Load such a file into the original base model, not into the one that holds the residual.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import uuid
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import LoRAConfig
+from .inject import inject_lora, linear_names, lora_modules, select_targets, summarize_names
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+KEY_PREFIX = "base_model.model."
+
+# PEFT's adapter_config fields that would change the maths if set (truthy); all default to a falsy value.
+_UNSUPPORTED_IF_SET = (
+    "use_dora", "fan_in_fan_out", "lora_bias", "modules_to_save", "layer_replication", "rank_pattern",
+    "alpha_pattern", "target_parameters", "exclude_modules", "use_qalora", "trainable_token_indices",
+    "use_bdlora",
+)
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model: str = "",
+                 config: LoRAConfig | None = None) -> Path:
+    """Write the model's adapters to `directory` in PEFT's format; returns the directory.
+
+    r, scaling and dropout come from the modules (all must share r and scaling); `config`, when
+    given, supplies alpha/use_rslora and must agree with them. A new directory is built in a temp
+    sibling and renamed into place; an existing one gets its two files replaced atomically.
+    """
+    modules = lora_modules(model)
+    if not modules:
+        raise ValueError("save_adapter: the model has no LoRA modules")
+    ranks = {m.r for m in modules.values()}
+    scalings = {m.scaling for m in modules.values()}
+    dropouts = {m.dropout_p for m in modules.values()}
+    if len(ranks) > 1 or len(scalings) > 1 or len(dropouts) > 1:
+        raise ValueError(f"save_adapter needs one r/scaling/dropout for all modules, got r={sorted(ranks)}, "
+                         f"scaling={sorted(scalings)}, dropout={sorted(dropouts)}")
+    r, scaling, dropout = ranks.pop(), scalings.pop(), dropouts.pop()
+    use_rslora = False
+    alpha = scaling * r
+    if config is not None:
+        if not isinstance(config, LoRAConfig):
+            raise TypeError(f"save_adapter config must be a LoRAConfig, got {type(config).__name__}")
+        if config.r != r or not math.isclose(config.scaling, scaling, rel_tol=1e-9):
+            raise ValueError(f"save_adapter: config (r={config.r}, scaling={config.scaling:g}) disagrees with "
+                             f"the model's adapters (r={r}, scaling={scaling:g})")
+        use_rslora, alpha = config.use_rslora, config.alpha
+
+    tensors: dict[str, torch.Tensor] = {}
+    svd_names = [n for n, m in modules.items() if m.init_method in ("pissa", "milora")]
+    if svd_names and len(svd_names) != len(modules):
+        raise ValueError(f"save_adapter: only some modules use an SVD init ({summarize_names(svd_names)}); "
+                         "they cannot share one rank in the file")
+    for name, m in modules.items():
+        a, b = m.lora_A.detach(), m.lora_B.detach()
+        if svd_names:
+            a = torch.cat([a, m.lora_A_init.to(a.dtype)], dim=0)  # (2r, K)
+            b = torch.cat([b, -m.lora_B_init.to(b.dtype)], dim=1)  # (N, 2r)
+        tensors[f"{KEY_PREFIX}{name}.lora_A.weight"] = a.to("cpu").contiguous()
+        tensors[f"{KEY_PREFIX}{name}.lora_B.weight"] = b.to("cpu").contiguous()
+    if svd_names:
+        warnings.warn(f"save_adapter: {modules[svd_names[0]].init_method} adapter saved as a rank-{2 * r} "
+                      "plain LoRA against the ORIGINAL base weights (PEFT's conversion); load it into the "
+                      "unmodified base model, not into this one whose weights hold the SVD residual",
+                      stacklevel=2)
+        r *= 2
+        alpha = alpha * (math.sqrt(2) if use_rslora else 2)
+
+    targets, layers = _peft_targets(model, list(modules))
+    peft_config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "auto_mapping": None,
+        "base_model_name_or_path": base_model or None,
+        "revision": None,
+        "inference_mode": True,
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": dropout,
+        "target_modules": targets,
+        "layers_to_transform": layers,
+        "layers_pattern": "layers" if layers is not None else None,
+        "use_rslora": use_rslora,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "exclude_modules": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "use_dora": False,
+        "lora_bias": False,
+        "layer_replication": None,
+        "megatron_config": None,
+        "megatron_core": "megatron.core",
+        "loftq_config": {},
+    }
+    return _write_dir(Path(directory), peft_config, tensors)
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike) -> LoRAConfig:
+    """Load a PEFT-format LoRA adapter into `model`; injects LoRA first when the model has none.
+
+    Every tensor key and shape is checked against the model before anything changes; a mismatch,
+    a missing or an extra key is refused by name. Returns the adapter's LoRAConfig.
+    """
+    directory = Path(directory)
+    cfg_path, w_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    if not directory.is_dir():
+        raise FileNotFoundError(f"adapter directory not found: {directory}")
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"adapter config not found: {cfg_path}")
+    if not w_path.is_file():
+        hint = " (only adapter_model.bin found: pickle files are not loaded, convert it to safetensors)" \
+            if (directory / "adapter_model.bin").exists() else ""
+        raise FileNotFoundError(f"adapter weights not found: {w_path}{hint}")
+    try:
+        raw = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{cfg_path}: not valid JSON ({err})") from None
+    config = config_from_peft(raw, source=str(cfg_path))
+    try:
+        tensors = load_file(str(w_path))
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{w_path}: not a readable safetensors file ({err})") from None
+
+    by_module: dict[str, dict[str, torch.Tensor]] = {}
+    bad = []
+    for key, t in tensors.items():
+        m = re.fullmatch(re.escape(KEY_PREFIX) + r"(.+)\.(lora_A|lora_B)\.weight", key)
+        if m is None:
+            bad.append(key)
+        else:
+            by_module.setdefault(m.group(1), {})[m.group(2)] = t
+    if bad:
+        raise ValueError(f"{w_path}: unexpected keys (not LoRA A/B weights of this format): {bad[:8]}"
+                         f"{' ...' if len(bad) > 8 else ''}")
+
+    existing = lora_modules(model)
+    if existing:
+        modules = {n: (m.out_features, m.in_features) for n, m in existing.items()}
+        busy = [n for n, m in existing.items() if m.merged or m.init_method in ("pissa", "milora")]
+        if busy:
+            raise ValueError(f"load_adapter: modules {summarize_names(busy)} are merged or hold an SVD "
+                             "residual; load into a fresh base model instead")
+        ranks = sorted({m.r for m in existing.values()})
+        if ranks != [config.r]:
+            raise ValueError(f"load_adapter: {cfg_path} has r={config.r} but the model's LoRA modules have "
+                             f"r={ranks}; load into a fresh base model instead")
+    else:
+        modules = {n: (lin.out_features, lin.in_features) for n, lin in select_targets(model, config, strict=False)}
+    missing = sorted(set(modules) - set(by_module))
+    extra = sorted(set(by_module) - set(modules))
+    if missing or extra:
+        raise ValueError(f"{w_path} does not fit the model: modules missing from the file "
+                         f"{[KEY_PREFIX + n for n in missing[:6]]}{' ...' if len(missing) > 6 else ''}; "
+                         f"file keys with no matching adapted module {[KEY_PREFIX + n for n in extra[:6]]}"
+                         f"{' ...' if len(extra) > 6 else ''}")
+    for name, (n_out, k_in) in modules.items():
+        want = {"lora_A": (config.r, k_in), "lora_B": (n_out, config.r)}
+        for part, shape in want.items():
+            if part not in by_module[name]:
+                raise ValueError(f"{w_path}: key {KEY_PREFIX}{name}.{part}.weight is missing")
+            got = tuple(by_module[name][part].shape)
+            if got != shape:
+                raise ValueError(f"{w_path}: key {KEY_PREFIX}{name}.{part}.weight has shape {got}, the model "
+                                 f"expects {shape} (adapter for another base model or rank?)")
+
+    if not existing:
+        inject_lora(model, config, strict=False)
+    with torch.no_grad():
+        for name, m in lora_modules(model).items():
+            m.lora_A.copy_(by_module[name]["lora_A"].to(device=m.lora_A.device, dtype=m.lora_A.dtype))
+            m.lora_B.copy_(by_module[name]["lora_B"].to(device=m.lora_B.device, dtype=m.lora_B.dtype))
+            m.scaling, m.dropout_p = config.scaling, config.dropout
+    return config
+
+
+def config_from_peft(raw: dict, source: str = CONFIG_NAME) -> LoRAConfig:
+    """LoRAConfig from a PEFT adapter_config dict; refuses options that change the maths."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"{source}: expected a JSON object")
+    if raw.get("peft_type") != "LORA":
+        raise ValueError(f"{source}: peft_type is {raw.get('peft_type')!r}, only 'LORA' is supported")
+    for key in _UNSUPPORTED_IF_SET:
+        if raw.get(key):
+            raise ValueError(f"{source}: {key}={raw[key]!r} is not supported (only its default, unset)")
+    if raw.get("bias", "none") != "none":
+        raise ValueError(f"{source}: bias={raw.get('bias')!r} is not supported (only 'none')")
+    init = raw.get("init_lora_weights", True)
+    if init not in (True, False, "gaussian"):
+        raise ValueError(f"{source}: init_lora_weights={init!r} means the adapter was saved against a "
+                         "modified base; re-save it with PEFT's path_initial_model_for_weight_conversion")
+    pattern = raw.get("layers_pattern")
+    if pattern not in (None, "", [], "layers", ["layers"]):
+        raise ValueError(f"{source}: layers_pattern={pattern!r} is not supported (only 'layers')")
+    layers = raw.get("layers_to_transform")
+    if isinstance(layers, int) and not isinstance(layers, bool):
+        layers = [layers]
+    if layers == []:
+        layers = None
+    for key in ("r", "lora_alpha", "target_modules"):
+        if key not in raw:
+            raise ValueError(f"{source}: required field {key!r} is missing")
+    if raw["target_modules"] == "all-linear":
+        # PEFT expands this shorthand when it builds the model and saves the expanded list; a file
+        # still holding it names no modules we could check the tensors against.
+        raise ValueError(f"{source}: target_modules='all-linear' is not supported; list the module names")
+    try:
+        return LoRAConfig(r=raw["r"], alpha=raw["lora_alpha"], dropout=raw.get("lora_dropout", 0.0) or 0.0,
+                          target_modules=raw["target_modules"], layers=layers,
+                          use_rslora=bool(raw.get("use_rslora", False)), init="default")
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{source}: {err}") from None
+
+
+def _peft_layer_index(name: str) -> int | None:
+    # PEFT's rule with layers_pattern="layers": the first "layers.<i>." at the start or after a dot.
+    m = re.match(r"(?:^|.*?\.)layers\.(\d+)\.", name)
+    return int(m.group(1)) if m else None
+
+
+def _peft_targets(model: nn.Module, adapted: list[str]) -> tuple[list[str] | str, list[int] | None]:
+    """target_modules (+ layers_to_transform) that make PEFT select exactly `adapted` in this model.
+
+    Prefer PEFT's usual form, the module suffixes and a layer list; when that would select a different
+    set (checked by replaying PEFT's matching rule on every candidate name), fall back to a regex that
+    fullmatches exactly the adapted names.
+    """
+    candidates = set(linear_names(model)) | set(lora_modules(model)) | set(adapted)
+    suffixes = sorted({n.rpartition(".")[2] for n in adapted})
+    wanted = set(adapted)
+
+    def select(layers: set[int] | None) -> set[str]:
+        hits = {n for n in candidates if n in suffixes or any(n.endswith("." + s) for s in suffixes)}
+        if layers is not None:
+            hits = {n for n in hits if _peft_layer_index(n) in layers}
+        return hits
+
+    if select(None) == wanted:
+        return suffixes, None
+    idx = {_peft_layer_index(n) for n in adapted}
+    if None not in idx and select(idx) == wanted:
+        return suffixes, sorted(idx)
+    return "(" + "|".join(re.escape(n) for n in sorted(adapted)) + ")", None
+
+
+def _write_dir(out: Path, peft_config: dict, tensors: dict[str, torch.Tensor]) -> Path:
+    """Write both files; never leave a half-written directory or file behind."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"save_adapter: {out} exists and is not a directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    config_text = json.dumps(peft_config, indent=2, sort_keys=True) + "\n"
+    if not out.exists():
+        tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+            (tmp / CONFIG_NAME).write_text(config_text)
+            os.replace(tmp, out)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+        return out
+    # The directory exists (maybe a run directory with other files): replace our two files, each
+    # written to a temp name in the same directory first.
+    tag = uuid.uuid4().hex[:8]
+    tmp_w, tmp_c = out / f".{WEIGHTS_NAME}.tmp-{tag}", out / f".{CONFIG_NAME}.tmp-{tag}"
+    try:
+        save_file(tensors, str(tmp_w), metadata={"format": "pt"})
+        tmp_c.write_text(config_text)
+        os.replace(tmp_w, out / WEIGHTS_NAME)
+        os.replace(tmp_c, out / CONFIG_NAME)
+    finally:
+        for t in (tmp_w, tmp_c):
+            if t.exists():
+                t.unlink()
+    return out

@@ -1,0 +1,130 @@
+"""LoRAConfig: which linear layers get an adapter, and with what rank, scale and initialisation.
+
+One dataclass shared by injection, the adapter files and training, validated on construction so a
+bad value fails where it is written rather than deep inside a forward pass. The matching rules
+(suffixes, or one regex matched against the whole qualified name) follow PEFT's, so a config means
+the same module set here and in an `adapter_config.json`.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import re
+from dataclasses import dataclass, field
+
+INIT_METHODS = ("default", "gaussian", "pissa", "milora")
+
+# The projections of a Llama/Qwen2 block, named as in HF; the paper's "all linear" setting.
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+# A module's block index: the first ".layers.<i>." in its qualified name (project-wide contract).
+LAYER_INDEX_RE = re.compile(r"\.layers\.(\d+)\.")
+
+
+def layer_index(name: str) -> int | None:
+    """Block index of a qualified module name, or None when it is not inside `.layers.<i>.`."""
+    match = LAYER_INDEX_RE.search(name)
+    return int(match.group(1)) if match else None
+
+
+@dataclass
+class LoRAConfig:
+    """Hyper-parameters of a LoRA adapter.
+
+    target_modules: a list of name suffixes (a module matches when its qualified name equals a
+        suffix or ends with "." + suffix), or a single regex string matched with `re.fullmatch`
+        against the whole qualified name (PEFT's two conventions).
+    layers: None for every block, else the block indices to adapt (list or range); a module's
+        index comes from `layer_index`. Modules outside `.layers.<i>.` never match when set.
+    init: "default" (A Kaiming-uniform a=sqrt(5), B = 0), "gaussian" (A ~ N(0, 1/r^2), B = 0),
+        "pissa" / "milora" (A, B from the top / bottom r singular triplets of W; W keeps the rest).
+    """
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    target_modules: list[str] | str = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    layers: list[int] | range | None = None
+    use_rslora: bool = False
+    init: str = "default"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.r, bool) or not isinstance(self.r, numbers.Integral) or self.r < 1:
+            raise ValueError(f"LoRAConfig.r must be an integer >= 1, got {self.r!r}")
+        self.r = int(self.r)
+        if (isinstance(self.alpha, bool) or not isinstance(self.alpha, numbers.Real)
+                or not math.isfinite(self.alpha) or self.alpha <= 0):
+            raise ValueError(f"LoRAConfig.alpha must be a finite number > 0, got {self.alpha!r}")
+        self.alpha = float(self.alpha)
+        if (isinstance(self.dropout, bool) or not isinstance(self.dropout, numbers.Real)
+                or not 0.0 <= self.dropout < 1.0):
+            raise ValueError(f"LoRAConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        self.dropout = float(self.dropout)
+        if self.init not in INIT_METHODS:
+            raise ValueError(f"LoRAConfig.init must be one of {INIT_METHODS}, got {self.init!r}")
+        if not isinstance(self.use_rslora, bool):
+            raise TypeError(f"LoRAConfig.use_rslora must be a bool, got {self.use_rslora!r}")
+        self.target_modules = _check_targets(self.target_modules)
+        self.layers = _check_layers(self.layers)
+
+    @property
+    def scaling(self) -> float:
+        """Factor on B @ A: alpha / r, or alpha / sqrt(r) with rsLoRA (rank-stabilised)."""
+        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    def matches_target(self, name: str) -> bool:
+        """Whether a qualified module name is selected by `target_modules` (layers ignored)."""
+        if isinstance(self.target_modules, str):
+            return re.fullmatch(self.target_modules, name) is not None
+        return any(name == t or name.endswith("." + t) for t in self.target_modules)
+
+    def matches_layer(self, name: str) -> bool:
+        """Whether a qualified module name passes the `layers` filter."""
+        if self.layers is None:
+            return True
+        index = layer_index(name)
+        return index is not None and index in self.layers
+
+    def matches(self, name: str) -> bool:
+        """Whether the module with this qualified name gets an adapter under this config."""
+        return self.matches_target(name) and self.matches_layer(name)
+
+
+def _check_targets(targets: list[str] | tuple[str, ...] | str) -> list[str] | str:
+    if isinstance(targets, str):
+        if not targets:
+            raise ValueError("LoRAConfig.target_modules must not be an empty string")
+        try:
+            re.compile(targets)
+        except re.error as err:
+            raise ValueError(f"LoRAConfig.target_modules regex {targets!r} does not compile: {err}") from None
+        return targets
+    if not isinstance(targets, (list, tuple, set, frozenset)):
+        raise TypeError("LoRAConfig.target_modules must be a list of name suffixes or a regex string, "
+                        f"got {type(targets).__name__}")
+    targets = sorted(targets) if isinstance(targets, (set, frozenset)) else list(targets)
+    if not targets:
+        raise ValueError("LoRAConfig.target_modules must not be empty")
+    for t in targets:
+        if not isinstance(t, str) or not t or t.startswith(".") or t.endswith("."):
+            raise ValueError(f"LoRAConfig.target_modules entry {t!r} is not a module name suffix")
+    return targets
+
+
+def _check_layers(layers: list[int] | range | None) -> list[int] | range | None:
+    if layers is None:
+        return None
+    if isinstance(layers, range):
+        if len(layers) == 0 or min(layers) < 0:
+            raise ValueError(f"LoRAConfig.layers {layers!r} must be non-empty with indices >= 0")
+        return layers
+    if isinstance(layers, (bool, str)) or not isinstance(layers, (list, tuple, set, frozenset)):
+        raise TypeError(f"LoRAConfig.layers must be None, a list of ints or a range, got {layers!r}")
+    out = []
+    for i in sorted(layers) if isinstance(layers, (set, frozenset)) else layers:
+        if isinstance(i, bool) or not isinstance(i, numbers.Integral) or i < 0:
+            raise ValueError(f"LoRAConfig.layers entry {i!r} is not a layer index >= 0")
+        out.append(int(i))
+    if not out:
+        raise ValueError("LoRAConfig.layers must not be empty (use None for every layer)")
+    return out

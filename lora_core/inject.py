@@ -1,0 +1,204 @@
+"""Put LoRA adapters into any nn.Module in place, and the small utilities around them.
+
+Injection swaps each selected nn.Linear for a LoRALinear that reuses its parameters, so no model
+class is copied or subclassed and base checkpoints keep loading by their original keys. Selection
+follows LoRAConfig (suffixes or a regex, optionally a set of block indices).
+"""
+from __future__ import annotations
+
+import contextlib
+import re
+import sys
+from typing import Iterator
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .config import LoRAConfig, layer_index
+from .layer import LoRALinear
+
+# How many distinct (layer-collapsed) Linear names an error message lists before trimming.
+_MAX_NAMES_IN_ERROR = 24
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    """Qualified name -> LoRALinear, in module order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def linear_names(model: nn.Module) -> list[str]:
+    """Qualified names of the plain nn.Linear modules of `model` (subclasses excluded: they may
+    have their own forward, e.g. MultiheadAttention's out_proj, that an adapter would bypass)."""
+    return [name for name, m in model.named_modules(remove_duplicate=False) if type(m) is nn.Linear]
+
+
+def summarize_names(names: list[str], limit: int = _MAX_NAMES_IN_ERROR) -> str:
+    """Names with block indices collapsed ("model.layers.{0-11}.mlp.up_proj"), trimmed to `limit`."""
+    groups: dict[str, list[int]] = {}
+    for name in names:
+        idx = layer_index(name)
+        key = name if idx is None else re.sub(r"\.layers\.\d+\.", ".layers.{}.", name, count=1)
+        groups.setdefault(key, [])
+        if idx is not None:
+            groups[key].append(idx)
+    items = []
+    for key, idxs in groups.items():
+        if idxs:
+            lo, hi = min(idxs), max(idxs)
+            contiguous = len(set(idxs)) == hi - lo + 1
+            span = str(lo) if lo == hi else (f"{lo}-{hi}" if contiguous else f"{len(set(idxs))} of {lo}-{hi}")
+            key = key.replace("{}", "{" + span + "}")
+        items.append(key)
+    more = f", ... ({len(items) - limit} more)" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+def select_targets(model: nn.Module, config: LoRAConfig, strict: bool = True) -> list[tuple[str, nn.Linear]]:
+    """The (name, nn.Linear) pairs `config` selects; raises ValueError naming what does not match.
+
+    Refused: a config that matches no Linear; a target suffix or listed layer index that matches
+    nothing (a typo would otherwise silently train fewer modules; `strict=False` lets those pass, as
+    PEFT does, for configs read from adapter files); r > min(N, K) for SVD inits; a model that already
+    carries LoRA modules.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
+    if not isinstance(config, LoRAConfig):
+        raise TypeError(f"expected a LoRAConfig, got {type(config).__name__}")
+    existing = lora_modules(model)
+    if existing:
+        raise ValueError(f"model already has LoRA modules ({summarize_names(list(existing))}); "
+                         "injecting twice is refused")
+    seen = linear_names(model)
+    if not seen:
+        raise ValueError(f"model {type(model).__name__} has no nn.Linear modules to adapt")
+    chosen = [n for n in seen if config.matches(n)]
+    where = f"target_modules={config.target_modules!r}, layers={_fmt_layers(config.layers)}"
+    if not chosen:
+        raise ValueError(f"LoRA config ({where}) matches no nn.Linear module; the model has: "
+                         f"{summarize_names(seen)}")
+    if strict and isinstance(config.target_modules, list):
+        unused = [t for t in config.target_modules if not any(n == t or n.endswith("." + t) for n in chosen)]
+        if unused:
+            raise ValueError(f"LoRA target_modules {unused} match no nn.Linear module ({where}); the "
+                             f"model has: {summarize_names(seen)}")
+    if strict and config.layers is not None:
+        found = {layer_index(n) for n in chosen}
+        missing = [i for i in config.layers if i not in found]
+        if missing:
+            present = sorted({i for i in map(layer_index, seen) if i is not None})
+            have = f"{present[0]}-{present[-1]}" if present else "none"
+            raise ValueError(f"LoRA layers {missing} have no module matching target_modules="
+                             f"{config.target_modules!r}; the model's layer indices: {have}")
+    if "" in chosen:
+        raise ValueError("the model itself is an nn.Linear: wrap it in a module to inject LoRA")
+    pairs = [(n, model.get_submodule(n)) for n in chosen]
+    if config.init in ("pissa", "milora"):
+        for name, lin in pairs:
+            if config.r > min(lin.in_features, lin.out_features):
+                raise ValueError(f"init={config.init!r} needs r <= min(N, K), but {name} has weight shape "
+                                 f"{tuple(lin.weight.shape)} and r={config.r}")
+    return pairs
+
+
+def inject_lora(model: nn.Module, config: LoRAConfig, *, strict: bool = True) -> list[str]:
+    """Replace the nn.Linear modules selected by `config` with LoRALinear, in place.
+
+    Every other parameter is frozen; only lora_A / lora_B train. Returns the adapted names. A Linear
+    reachable under two names (shared module) becomes one shared LoRALinear. `strict` as in
+    `select_targets`.
+    """
+    pairs = select_targets(model, config, strict=strict)
+    replaced: dict[int, LoRALinear] = {}
+    svd = config.init in ("pissa", "milora")
+    bar = tqdm(pairs, desc=f"LoRA init ({config.init})", disable=not (svd and sys.stderr.isatty()), leave=False)
+    for name, linear in bar:
+        new = replaced.get(id(linear))
+        if new is None:
+            new = replaced[id(linear)] = LoRALinear.from_linear(linear, config)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, new)
+    mark_only_lora_trainable(model)
+    return [name for name, _ in pairs]
+
+
+def mark_only_lora_trainable(model: nn.Module) -> None:
+    """requires_grad=True on every lora_A / lora_B, False on every other parameter."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for m in lora_modules(model).values():
+        m.lora_A.requires_grad_(True)
+        m.lora_B.requires_grad_(True)
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Only the adapter tensors: "<qualified>.lora_A" (r, K) and "<qualified>.lora_B" (N, r), detached."""
+    out: dict[str, torch.Tensor] = {}
+    for name, m in lora_modules(model).items():
+        out[f"{name}.lora_A"] = m.lora_A.detach()
+        out[f"{name}.lora_B"] = m.lora_B.detach()
+    return out
+
+
+@torch.no_grad()
+def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy tensors keyed like `adapter_state_dict` into the model's adapters (cast to their dtype).
+
+    Every key and shape is checked before anything is written; missing, extra or mis-shaped keys are
+    refused by name.
+    """
+    modules = lora_modules(model)
+    if not modules:
+        raise ValueError("model has no LoRA modules: inject_lora first")
+    expected = {}
+    for name, m in modules.items():
+        expected[f"{name}.lora_A"] = (m.lora_A, tuple(m.lora_A.shape))
+        expected[f"{name}.lora_B"] = (m.lora_B, tuple(m.lora_B.shape))
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    if missing or extra:
+        raise ValueError(f"adapter state does not fit the model: missing keys {missing[:8]}"
+                         f"{' ...' if len(missing) > 8 else ''}, unexpected keys {extra[:8]}"
+                         f"{' ...' if len(extra) > 8 else ''}")
+    for key, (_, shape) in expected.items():
+        if tuple(state[key].shape) != shape:
+            raise ValueError(f"adapter tensor {key} has shape {tuple(state[key].shape)}, the model expects {shape}")
+    for key, (param, _) in expected.items():
+        param.copy_(state[key].to(device=param.device, dtype=param.dtype))
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the base model: every LoRALinear uses its frozen weight only; restored on exit (also on
+    exceptions). Refused when an adapter is merged, since its delta is then part of the weight."""
+    modules = lora_modules(model)
+    merged = [n for n, m in modules.items() if m.merged]
+    if merged:
+        raise ValueError(f"cannot disable merged adapters ({summarize_names(merged)}): unmerge first")
+    before = {n: m.adapters_enabled for n, m in modules.items()}
+    try:
+        for m in modules.values():
+            m.adapters_enabled = False
+        yield model
+    finally:
+        for n, m in modules.items():
+            m.adapters_enabled = before[n]
+
+
+def merge_adapters(model: nn.Module) -> None:
+    """merge() on every LoRALinear (modules stay LoRALinear; see lora_core.merge_lora for export)."""
+    for m in lora_modules(model).values():
+        m.merge()
+
+
+def unmerge_adapters(model: nn.Module) -> None:
+    """unmerge() on every LoRALinear."""
+    for m in lora_modules(model).values():
+        m.unmerge()
+
+
+def _fmt_layers(layers) -> str:
+    if isinstance(layers, range) and layers.step == 1:
+        return f"range({layers.start}, {layers.stop})"
+    return repr(layers)
