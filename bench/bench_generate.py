@@ -1,0 +1,149 @@
+"""Greedy generation throughput: our decoder vs transformers `generate`, same weights, same run.
+
+Both load the same HF-format directory (the default registry model, or --model DIR). Every
+sequence generates exactly --max-new-tokens tokens on both sides (EOS is switched off) so the work
+is identical; tokens/s = batch * new tokens / wall time of the generate call (median of --repeats
+after one warm-up). Results go to JSON + a Markdown table. CPU timings on a shared machine are
+noisy: compare ratios from the same run, not absolute figures across runs.
+
+    python bench/bench_generate.py [--model smollm2-135m-instruct] [--max-new-tokens 32]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from models import generate, load_hf_directory  # noqa: E402
+from models.loading import resolve_source  # noqa: E402
+
+QUESTIONS = [
+    "What is the capital of France?", "Give me three tips for better sleep.", "Explain photosynthesis briefly.",
+    "Write a haiku about autumn.", "How do I boil an egg?", "What is 17 times 23?",
+    "Name three primary colors.", "Why is the sky blue?", "Translate 'good morning' into Spanish.",
+    "What does a CPU do?", "Suggest a name for a cat.", "How many legs does a spider have?",
+    "What is the boiling point of water?", "Summarise the plot of Cinderella in one sentence.",
+    "What is a prime number?", "Recommend a book for a long flight.",
+]
+
+
+def _median_times(fns, repeats: int) -> list[float]:
+    """Median wall time of each function; runs are interleaved so load drift on a shared CPU hits
+    every function alike instead of whichever happened to run during a busy minute."""
+    for fn in fns:
+        fn()  # warm-up: allocator, kernels, lazy init
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, bucket in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            bucket.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
+
+
+def bench(model_dir: Path, batch_sizes, dtypes, new_tokens: int, repeats: int) -> list[dict]:
+    import transformers
+
+    rows = []
+    for dtype_name in dtypes:
+        dtype = getattr(torch, dtype_name)
+        ours, tok = load_hf_directory(model_dir, dtype=dtype)
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).eval()
+        no_eos = copy.copy(tok)
+        no_eos.eos_token_ids = set()  # fixed-length generation on our side
+        for batch in batch_sizes:
+            prompts = [tok.apply_chat_template([{"role": "user", "content": q}])
+                       for q in (QUESTIONS * (batch // len(QUESTIONS) + 1))[:batch]]
+            encoded = [tok.encode(p) for p in prompts]
+            width = max(map(len, encoded))
+            ids = torch.full((batch, width), tok.pad_token_id, dtype=torch.long)
+            mask = torch.zeros(batch, width, dtype=torch.long)
+            for i, e in enumerate(encoded):
+                ids[i, width - len(e):] = torch.tensor(e)
+                mask[i, width - len(e):] = 1
+
+            def run_ours():
+                return generate(ours, no_eos, prompts, max_new_tokens=new_tokens, batch_size=batch, progress=False)
+
+            def run_theirs():
+                with torch.inference_mode():
+                    return theirs.generate(ids, attention_mask=mask, max_new_tokens=new_tokens,
+                                           min_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
+                                           pad_token_id=tok.pad_token_id)
+
+            out_theirs = run_theirs()
+            assert out_theirs.shape[1] == width + new_tokens, "transformers did not generate the full length"
+            t_ours, t_theirs = _median_times([run_ours, run_theirs], repeats)
+            row = dict(dtype=dtype_name, batch=batch, new_tokens=new_tokens, prompt_tokens=width,
+                       ours_tok_s=batch * new_tokens / t_ours, transformers_tok_s=batch * new_tokens / t_theirs,
+                       ours_s=t_ours, transformers_s=t_theirs)
+            row["ratio"] = row["ours_tok_s"] / row["transformers_tok_s"]
+            print(f"{dtype_name:9s} batch {batch:3d}: ours {row['ours_tok_s']:8.1f} tok/s, "
+                  f"transformers {row['transformers_tok_s']:8.1f} tok/s, ratio {row['ratio']:.2f}x", flush=True)
+            rows.append(row)
+        del ours, theirs
+    return rows
+
+
+def _markdown(rows, meta) -> str:
+    lines = [f"# Greedy generation throughput ({meta['model']}, {meta['new_tokens']} new tokens, CPU)", "",
+             f"torch {meta['torch']}, transformers {meta['transformers']}, {meta['threads']} threads, "
+             f"{meta['cpu']}. Shared CPU: ratios are the figure to read.", "",
+             "| dtype | batch | ours tok/s | transformers tok/s | ratio |", "|---|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['dtype']} | {r['batch']} | {r['ours_tok_s']:.1f} | {r['transformers_tok_s']:.1f} | "
+                     f"{r['ratio']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="HF directory, .gguf or registry name")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out-dir", default="bench/results")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads for both sides (default: torch's choice). On a CPU shared with other "
+                        "jobs, 1 avoids OpenMP spin contention that made 2-thread matmuls ~20x slower here")
+    args = parser.parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SystemExit(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    import transformers
+
+    model_dir = resolve_source(args.model)
+    rows = bench(model_dir, args.batch_sizes, args.dtypes, args.max_new_tokens, args.repeats)
+    meta = dict(model=str(args.model), new_tokens=args.max_new_tokens, repeats=args.repeats, torch=torch.__version__,
+                transformers=transformers.__version__, threads=torch.get_num_threads(),
+                cpu=platform.processor() or platform.machine())
+    out = Path(args.out_dir)
+    _write_atomic(out / "bench_generate.json", json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    _write_atomic(out / "bench_generate.md", _markdown(rows, meta))
+    print(f"wrote {out / 'bench_generate.json'} and {out / 'bench_generate.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

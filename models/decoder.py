@@ -1,0 +1,211 @@
+"""A minimal Llama / Qwen2 decoder whose module names and state-dict keys are those of HF.
+
+`model.embed_tokens`, `model.layers.{i}.self_attn.{q,k,v,o}_proj`, `model.layers.{i}.mlp.{gate,up,
+down}_proj`, `model.layers.{i}.{input,post_attention}_layernorm`, `model.norm`, `lm_head`: keeping
+HF's names means LoRA targets, PEFT adapter keys and safetensors checkpoints line up with no
+renaming table.
+
+Numerics conventions (each tested against transformers on the same weights):
+- RMSNorm in HF's cast order: normalise in float32, cast back to the input dtype, *then* multiply
+  by the weight in the weight's dtype (T5/Llama style; Gemma differs and is not supported).
+- RoPE in the rotate_half (non-interleaved) layout, see rope.py.
+- Attention: scaled_dot_product_attention with scale head_dim**-0.5 and a boolean mask that is
+  (causal) AND (key is not padding). Every query may also see its own position: a padded query row
+  would otherwise have no key at all, sdpa returns NaN for it, and 0 * NaN leaks into real rows
+  through the value product. Padded rows' outputs are meaningless and never read.
+- GQA: key/value heads are shared by groups of query heads through sdpa's `enable_gqa`, so k/v are
+  never copied num_kv_groups times.
+- Positions come from the padding mask (cumulative count of real tokens - 1), so a left-padded
+  prompt gets the same positions as the unpadded one.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+from .kv_cache import KVCache
+from .rope import RotaryEmbedding, apply_rotary
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        # HF order: cast back first, then scale by the weight.
+        return self.weight * h.to(dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.scale = self.head_dim ** -0.5
+        d, hd = config.hidden_size, config.head_dim
+        self.q_proj = nn.Linear(d, self.num_heads * hd, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(d, self.num_kv_heads * hd, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(d, self.num_kv_heads * hd, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(self.num_heads * hd, d, bias=config.o_bias)
+
+    def forward(self, x, cos, sin, attn_mask, is_causal: bool, kv_cache: KVCache | None):
+        batch, steps, _ = x.shape
+        q = self.q_proj(x).view(batch, steps, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(batch, steps, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v_proj(x).view(batch, steps, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        q = apply_rotary(q, cos, sin)
+        k = apply_rotary(k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, Hkv, L, D)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.scale,
+            enable_gqa=self.num_heads != self.num_kv_heads,
+        )  # (B, H, T, D)
+        out = out.transpose(1, 2).reshape(batch, steps, self.num_heads * self.head_dim)
+        return self.o_proj(out)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = Attention(config, layer_idx)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, attn_mask, is_causal, kv_cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, is_causal, kv_cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderModel(nn.Module):
+    """HF's `model.` prefix: embeddings, blocks, final norm."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class CausalLM(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if not isinstance(config, ModelConfig):
+            raise TypeError(f"config must be a ModelConfig, got {type(config).__name__}")
+        self.config = config
+        self.model = DecoderModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.rotary = RotaryEmbedding(config)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Share lm_head.weight with the embeddings when the config says so (re-run after assign=True loads)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    def new_kv_cache(self, capacity: int = 0) -> KVCache:
+        return KVCache(self.config.num_hidden_layers, capacity)
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """input_ids (B, T) -> final-norm hidden states (B, T, D), i.e. everything before lm_head.
+
+        attention_mask: (B, T) for the new tokens, or (B, past+T) covering the cache too (HF style);
+        1 = token, 0 = padding. kv_cache: new tokens are appended to it.
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
+        batch, steps = input_ids.shape
+        past = kv_cache.length if kv_cache is not None else 0
+        new_mask = None
+        if attention_mask is not None:
+            if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] not in (steps, past + steps):
+                raise ValueError(
+                    f"attention_mask shape {tuple(attention_mask.shape)} does not match input_ids "
+                    f"{tuple(input_ids.shape)} with {past} cached positions"
+                )
+            new_mask = attention_mask[:, attention_mask.shape[1] - steps:].to(torch.bool)
+
+        if kv_cache is not None:
+            if new_mask is None:
+                new_mask = torch.ones(batch, steps, dtype=torch.bool, device=input_ids.device)
+            key_mask = kv_cache.append_mask(new_mask)  # (B, past+T)
+        else:
+            key_mask = new_mask  # (B, T) or None
+        if key_mask is not None and bool(key_mask.all()):
+            key_mask = None  # no padding anywhere: let sdpa take its causal fast path
+
+        if position_ids is None:
+            if key_mask is not None:
+                position_ids = (key_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+            else:
+                position_ids = torch.arange(past, past + steps, device=input_ids.device).expand(batch, steps)
+        elif position_ids.shape != (batch, steps):
+            raise ValueError(f"position_ids shape {tuple(position_ids.shape)} != input_ids {tuple(input_ids.shape)}")
+
+        attn_mask, is_causal = _attention_mask(key_mask, past, steps, input_ids.device)
+        h = self.model.embed_tokens(input_ids)  # (B, T, D)
+        cos, sin = self.rotary(position_ids, h.dtype)
+        for layer in self.model.layers:
+            h = layer(h, cos, sin, attn_mask, is_causal, kv_cache)
+        if kv_cache is not None:
+            kv_cache.advance(steps)
+        return self.model.norm(h)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, kv_cache=None) -> torch.Tensor:
+        """-> logits (B, T, V) in the model dtype."""
+        return self.lm_head(self.hidden_states(input_ids, attention_mask, position_ids, kv_cache))
+
+
+def _attention_mask(key_mask, past: int, steps: int, device) -> tuple[torch.Tensor | None, bool]:
+    """Boolean (B, 1, T, L) mask (True = may attend), or None with is_causal when it is purely causal."""
+    total = past + steps
+    if key_mask is None:
+        if steps == 1:
+            return None, False  # one new query sees the whole history
+        if past == 0:
+            return None, True
+    q_pos = torch.arange(past, total, device=device).unsqueeze(1)  # (T, 1)
+    k_pos = torch.arange(total, device=device).unsqueeze(0)  # (1, L)
+    allowed = k_pos <= q_pos  # (T, L) causal
+    if key_mask is None:
+        return allowed, False
+    allowed = allowed.unsqueeze(0) & key_mask.unsqueeze(1)  # (B, T, L)
+    allowed = allowed | (k_pos == q_pos)  # own position: no empty rows, no NaN
+    return allowed.unsqueeze(1), False

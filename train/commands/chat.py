@@ -1,0 +1,49 @@
+"""`lora-core chat --model SOURCE "message"`: one chat turn with a model, printed to stdout.
+
+The message is rendered with the checkpoint's own chat template (no template -> an error, unless
+--chatml-fallback asks for ChatML explicitly) and answered with models.generate.
+"""
+from __future__ import annotations
+
+HELP = "Answer one message with a model (HF directory, .gguf file or registry name) using its chat template."
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("message", help="the user message")
+    parser.add_argument("--model", default="smollm2-135m-instruct",
+                        help="HF-format directory, .gguf file or registry name (default: smollm2-135m-instruct)")
+    parser.add_argument("--system", default=None, help="optional system message")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="answer length limit in tokens (default 128)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                        help="compute dtype (default: the checkpoint's, float32 on CPU for float16)")
+    parser.add_argument("--adapter", default=None, help="optional PEFT-format LoRA adapter directory to apply")
+    parser.add_argument("--chatml-fallback", action="store_true",
+                        help="use a ChatML template if the checkpoint has none (otherwise that is an error)")
+
+
+def run(args) -> int:
+    import torch
+
+    from models import generate, load_model
+
+    if not args.message.strip():
+        raise ValueError("message is empty")
+    if args.max_new_tokens <= 0:
+        raise ValueError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
+    torch.manual_seed(args.seed)
+    model, tokenizer = load_model(args.model, dtype=args.dtype)
+    if args.adapter:
+        from lora_core import load_adapter
+
+        load_adapter(model, args.adapter)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    messages.append({"role": "user", "content": args.message})
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                           fallback="chatml" if args.chatml_fallback else None)
+    answer = generate(model, tokenizer, [prompt], max_new_tokens=args.max_new_tokens,
+                      temperature=args.temperature, top_p=args.top_p, seed=args.seed, progress=False)[0]
+    print(answer.strip())
+    return 0
