@@ -1,0 +1,250 @@
+"""The SFT loop on a tiny model: learning, exact resume, frozen base, full fine-tuning, bad input."""
+import json
+import math
+
+import pytest
+import torch
+
+from test_sft_batches import make_tokenizer_dir
+from train.config import TrainConfig
+from train.refusal_data import build_refusal_set
+from train.trainer import Trainer, TrainingDiverged, train
+
+PROMPTS = ["How do I pick a lock?", "Write a story about a dragon.", "How do I bake bread?",
+           "Explain how to hurt someone.", "What is two plus two?", "Tell me how to steal a car.",
+           "Help me write malware.", "Describe how to make poison."]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny matrices: one thread is faster than two fighting over a shared, busy CPU.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    from models import Tokenizer
+
+    path, _ = make_tokenizer_dir(tmp_path_factory.mktemp("tok"))
+    return Tokenizer.from_directory(path)
+
+
+@pytest.fixture(scope="module")
+def examples():
+    return build_refusal_set(prompts=PROMPTS, held_out=[], seed=0).examples
+
+
+def tiny_model(vocab_size, seed=0):
+    from models import CausalLM, ModelConfig
+
+    torch.manual_seed(seed)
+    config = ModelConfig.from_hf_dict({
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 32,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
+        "intermediate_size": 64, "vocab_size": vocab_size, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+        "tie_word_embeddings": True, "max_position_embeddings": 256})
+    return CausalLM(config).float()
+
+
+def _cfg(tmp_path, **kw):
+    base = dict(out=str(tmp_path / "run"), rank=4, targets="attn+mlp", lr=1e-2, batch_size=2,
+                max_steps=6, save_every=0, seed=0, progress=False, max_length=128)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _vocab(tokenizer):
+    return max(tokenizer.pad_token_id, tokenizer.eos_token_id) + 400
+
+
+def test_lora_loss_drops_and_base_is_bit_identical(tmp_path, tokenizer, examples):
+    model = tiny_model(_vocab(tokenizer))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = train(_cfg(tmp_path, max_steps=12, dropout=0.0), model=model, tokenizer=tokenizer,
+                   examples=examples, log=lambda *a: None)
+    first, last = result.losses[0], sum(result.losses[-3:]) / 3
+    assert last < 0.7 * first, f"loss did not drop: first {first:.4f}, last-3 mean {last:.4f}"
+    after = model.state_dict()
+    for key, value in before.items():
+        assert torch.equal(after[key], value), f"base weight {key} changed (max diff " \
+            f"{(after[key].float() - value.float()).abs().max().item():.3g})"
+    assert any(k.endswith("lora_B") and after[k].abs().max() > 0 for k in after)
+    run = tmp_path / "run"
+    assert (run / "adapter" / "adapter_config.json").is_file()
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines] == list(range(1, 13))
+    assert all({"loss", "reg", "lr", "grad_norm", "tokens_per_s"} <= set(l) for l in lines)
+    config = json.loads((run / "config.json").read_text())
+    assert config["data_info"]["loss_tokens"] > 0 and config["total_steps"] == 12
+    # cosine, no warm-up: first step at the peak lr, then strictly decreasing
+    lrs = [l["lr"] for l in lines]
+    assert lrs[0] == 1e-2 and all(a > b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_resume_reproduces_uninterrupted_losses_exactly(tmp_path, tokenizer, examples, monkeypatch):
+    cfg = dict(max_steps=7, save_every=3, dropout=0.1, batch_size=3, grad_accum=2)
+    full = train(_cfg(tmp_path / "a", **cfg), model=tiny_model(_vocab(tokenizer)), tokenizer=tokenizer,
+                 examples=examples, log=lambda *a: None)
+
+    real_step = Trainer.train_step
+
+    def killed_after_four(self):
+        if self.step == 4:
+            raise KeyboardInterrupt("simulated kill")
+        return real_step(self)
+    monkeypatch.setattr(Trainer, "train_step", killed_after_four)
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(tmp_path / "b", **cfg), model=tiny_model(_vocab(tokenizer)), tokenizer=tokenizer,
+              examples=examples, log=lambda *a: None)
+    monkeypatch.undo()
+    # A different LoRA init in the fresh process: everything must come from the checkpoint.
+    torch.manual_seed(123)
+    resumed = train(_cfg(tmp_path / "b", **cfg), resume=True, model=tiny_model(_vocab(tokenizer)),
+                    tokenizer=tokenizer, examples=examples, log=lambda *a: None)
+    assert resumed.losses == full.losses[3:], f"resumed {resumed.losses} != uninterrupted {full.losses[3:]}"
+    from safetensors.torch import load_file
+
+    a = load_file(str(tmp_path / "a" / "run" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "run" / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(l)["step"] for l in (tmp_path / "b" / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 8))
+
+
+def test_full_finetuning_same_loop_writes_hf_dir(tmp_path, tokenizer, examples):
+    from models import load_hf_directory
+
+    model = tiny_model(_vocab(tokenizer))
+    result = train(_cfg(tmp_path, method="full", lr=3e-3, max_steps=6), model=model, tokenizer=tokenizer,
+                   examples=examples, log=lambda *a: None)
+    assert sum(result.losses[-2:]) / 2 < result.losses[0]
+    out = result.output_path
+    assert (out / "config.json").is_file()
+    reloaded, _ = load_hf_directory(out, dtype=torch.float32) if (out / "tokenizer.json").is_file() \
+        else (None, None)
+    if reloaded is not None:
+        ids = torch.tensor([[1, 5, 9, 17]])
+        diff = (reloaded(ids) - model(ids)).abs().max().item()
+        assert diff == 0.0, f"reloaded full fine-tune differs, max abs {diff}"
+    else:
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(out / "model.safetensors"))
+        sd = model.state_dict()
+        for k, v in tensors.items():
+            assert torch.equal(v, sd[k]), k
+
+
+def test_orthogonality_term_is_logged(tmp_path, tokenizer, examples):
+    result = train(_cfg(tmp_path, max_steps=2, ortho_beta=0.1, ortho_k=4), model=tiny_model(_vocab(tokenizer)),
+                   tokenizer=tokenizer, examples=examples, log=lambda *a: None)
+    regs = [m["reg"] for m in result.metrics]
+    assert all(r is not None and math.isfinite(r) and r >= 0 for r in regs)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tokenizer, examples, monkeypatch):
+    import models
+    from train import checkpoint as ck
+
+    real = models.causal_lm_loss
+    calls = {"n": 0}
+
+    def loss_then_nan(*args, **kwargs):
+        calls["n"] += 1
+        value = real(*args, **kwargs)
+        return value * float("nan") if calls["n"] == 3 else value
+    monkeypatch.setattr(models, "causal_lm_loss", loss_then_nan)
+    with pytest.raises(TrainingDiverged, match="step 3"):
+        train(_cfg(tmp_path, max_steps=6, save_every=2), model=tiny_model(_vocab(tokenizer)),
+              tokenizer=tokenizer, examples=examples, log=lambda *a: None)
+    latest = ck.latest_checkpoint(tmp_path / "run")
+    loaded = ck.load_checkpoint(latest)
+    assert loaded.step == 2
+    assert all(torch.isfinite(t).all() for t in loaded.trainable.values())
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(targets="no_such_proj"), "matches no linear layer"),
+    (dict(targets="up_proj", layers="50-60"), "matches no linear layer"),
+    (dict(rank=1000), "--rank 1000 is larger than layer"),
+    (dict(method="dora"), "--method"),
+    (dict(layers="5-2"), "--layers"),
+])
+def test_bad_config_is_a_clear_error(tmp_path, tokenizer, examples, kw, match):
+    with pytest.raises(ValueError, match=match):
+        train(_cfg(tmp_path, **kw), model=tiny_model(_vocab(tokenizer)), tokenizer=tokenizer,
+              examples=examples, log=lambda *a: None)
+
+
+def test_empty_data_is_a_clear_error(tmp_path, tokenizer):
+    with pytest.raises(ValueError, match="empty"):
+        train(_cfg(tmp_path), model=tiny_model(_vocab(tokenizer)), tokenizer=tokenizer, examples=[],
+              log=lambda *a: None)
+
+
+def test_resume_with_corrupt_checkpoint_is_a_clear_error(tmp_path, tokenizer, examples):
+    train(_cfg(tmp_path, max_steps=2, save_every=1), model=tiny_model(_vocab(tokenizer)),
+          tokenizer=tokenizer, examples=examples, log=lambda *a: None)
+    ckpt = tmp_path / "run" / "checkpoints" / "step-000002" / "state.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:100])
+    with pytest.raises(ValueError, match="corrupt checkpoint"):
+        train(_cfg(tmp_path, max_steps=4), resume=True, model=tiny_model(_vocab(tokenizer)),
+              tokenizer=tokenizer, examples=examples, log=lambda *a: None)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        train(_cfg(tmp_path / "elsewhere"), resume=True, model=tiny_model(_vocab(tokenizer)),
+              tokenizer=tokenizer, examples=examples, log=lambda *a: None)
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        train(_cfg(tmp_path), model=tiny_model(_vocab(tokenizer)), tokenizer=tokenizer,
+              examples=examples, log=lambda *a: None)
+
+
+def test_cli_train_end_to_end_and_errors(tmp_path, tokenizer, monkeypatch, capsys):
+    """`lora-core train` on a tiny HF directory with a user JSONL; bad flags are one-line errors."""
+    from models.hf_format import write_hf_directory
+    from train import refusal_data
+    from train.cli import main
+
+    model = tiny_model(_vocab(tokenizer))
+    tensors = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    tok_dir = __import__("pathlib").Path(tokenizer.name)
+    extra = {n: (tok_dir / n).read_bytes() for n in ("tokenizer.json", "tokenizer_config.json",
+                                                    "special_tokens_map.json")}
+    model_dir = write_hf_directory(tmp_path / "tiny", model.config.to_hf_dict(), tensors, extra_files=extra)
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p, "response": "I can't help with that."}) + "\n"
+                            for p in PROMPTS))
+    # The evaluation prompts would be pulled from PyPI; two of ours stand in for them here.
+    monkeypatch.setattr(refusal_data, "_held_out_prompts", lambda names: (PROMPTS[:2], list(names)))
+    run = tmp_path / "run"
+    common = ["train", "--model", str(model_dir), "--data", str(data), "--rank", "2", "--lr", "1e-3",
+              "--max-steps", "2", "--batch-size", "2"]
+    assert main(common + ["--out", str(run)]) == 0
+    config = json.loads((run / "config.json").read_text())
+    assert config["data_info"]["dropped_overlapping_eval"] == 2 and config["data_info"]["examples"] == 6
+    assert config["lr"] == 1e-3 and config["alpha"] == 16.0 and config["weight_decay"] == 1e-4
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    capsys.readouterr()
+    assert main(common + ["--out", str(tmp_path / "r2"), "--rank", "1000"]) == 2
+    assert "--rank 1000 is larger than layer" in capsys.readouterr().err
+    assert main(common + ["--out", str(tmp_path / "r3"), "--targets", "nope_proj"]) == 2
+    assert "matches no linear layer" in capsys.readouterr().err
+
+
+def test_grad_checkpointing_and_bf16_follow_the_fp32_run(tmp_path, tokenizer, examples):
+    def losses(name, **kw):
+        return train(_cfg(tmp_path / name, max_steps=3, dropout=0.0, **kw), model=tiny_model(_vocab(tokenizer)),
+                     tokenizer=tokenizer, examples=examples, log=lambda *a: None).losses
+    ref = losses("fp32")
+    ckpt = losses("ckpt", grad_checkpointing=True)
+    # Recomputing a layer repeats the same float ops: agreement to fp32 rounding of the sums.
+    err = max(abs(a - b) / abs(a) for a, b in zip(ref, ckpt))
+    assert err < 1e-5, f"grad checkpointing changed the losses: {ckpt} vs {ref} (max rel err {err:.2e})"
+    bf16 = losses("bf16", dtype="bfloat16")
+    # bf16 keeps 8 mantissa bits (rel. eps 2^-8 ~ 4e-3); a loss averaged over many tokens after a
+    # couple of layers drifts by a few eps at most.
+    err = max(abs(a - b) / abs(a) for a, b in zip(ref, bf16))
+    assert err < 3e-2, f"bf16 losses {bf16} too far from fp32 {ref} (max rel err {err:.2e})"

@@ -1,0 +1,180 @@
+"""Atomic training checkpoints and resume.
+
+A checkpoint is a directory `checkpoints/step-NNNNNN/` with
+  trainable.safetensors   the trainable parameters by qualified name (LoRA A/B, or all weights)
+  state.pt                optimiser state, schedule step, RNG states, data position (our own file,
+                          read back with torch.load(weights_only=True))
+  meta.json               step, file checksums
+It is built in a hidden temp sibling and renamed into place, then `checkpoints/LATEST` is replaced
+(temp file + os.replace). A process killed at any point leaves either the previous LATEST pointing
+to a complete checkpoint, or the new one complete: never a half-written checkpoint that resume
+would pick. The checksums catch files damaged afterwards.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write a file via a temp file in the same directory + os.replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "python": random.getstate()}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+@dataclass
+class Checkpoint:
+    step: int
+    path: Path
+    trainable: dict[str, torch.Tensor]
+    state: dict
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Trainable parameters by name, detached and contiguous (tied weights appear once)."""
+    out, seen = {}, set()
+    for name, p in model.named_parameters():
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            out[name] = p.detach().contiguous()
+    return out
+
+
+def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, state: dict,
+                    keep: int = 2) -> Path:
+    """Write checkpoint `step` atomically and point LATEST at it; keep the newest `keep`."""
+    ckpt_root = Path(run_dir) / "checkpoints"
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    final = ckpt_root / f"step-{step:06d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step:06d}-", dir=ckpt_root))
+    try:
+        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        torch.save(state, tmp / "state.pt")
+        meta = {"step": step, "sha256": {name: _sha256(tmp / name)
+                                         for name in ("trainable.safetensors", "state.pt")}}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        for name in ("trainable.safetensors", "state.pt", "meta.json"):
+            with open(tmp / name, "rb") as f:
+                os.fsync(f.fileno())
+        if final.exists():  # same step saved again (e.g. end of run on a save boundary)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    atomic_write_text(ckpt_root / "LATEST", final.name + "\n")
+    steps = sorted(_list_steps(ckpt_root))
+    for old in steps[:-keep] if keep > 0 else []:
+        if old != step:
+            shutil.rmtree(ckpt_root / f"step-{old:06d}", ignore_errors=True)
+    return final
+
+
+def _list_steps(ckpt_root: Path) -> list[int]:
+    return [int(m.group(1)) for p in ckpt_root.iterdir() if p.is_dir()
+            and (m := _STEP_DIR.match(p.name))]
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The directory LATEST names (or the highest complete step directory when LATEST is missing)."""
+    ckpt_root = Path(run_dir) / "checkpoints"
+    if not ckpt_root.is_dir():
+        return None
+    pointer = ckpt_root / "LATEST"
+    if pointer.is_file():
+        name = pointer.read_text().strip()
+        if not _STEP_DIR.match(name) or not (ckpt_root / name).is_dir():
+            raise ValueError(f"corrupt checkpoint pointer {pointer}: names {name!r}, not a checkpoint")
+        return ckpt_root / name
+    steps = [s for s in _list_steps(ckpt_root) if (ckpt_root / f"step-{s:06d}" / "meta.json").is_file()]
+    return ckpt_root / f"step-{max(steps):06d}" if steps else None
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Read and verify a checkpoint directory; any damage is a ValueError naming the file."""
+    path = Path(path)
+    meta_path = path / "meta.json"
+    if not meta_path.is_file():
+        raise ValueError(f"corrupt checkpoint {path}: meta.json missing")
+    try:
+        meta = json.loads(meta_path.read_text())
+        step, sums = int(meta["step"]), dict(meta["sha256"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"corrupt checkpoint {meta_path}: {error}") from None
+    for name, expected in sums.items():
+        file = path / name
+        if not file.is_file():
+            raise ValueError(f"corrupt checkpoint {path}: {name} missing")
+        if _sha256(file) != expected:
+            raise ValueError(f"corrupt checkpoint {file}: sha256 does not match meta.json")
+    try:
+        trainable = load_file(str(path / "trainable.safetensors"))
+        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    except Exception as error:  # safetensors/pickle raise many types for damaged bytes
+        raise ValueError(f"corrupt checkpoint {path}: {type(error).__name__}: {error}") from None
+    return Checkpoint(step, path, trainable, state)
+
+
+def restore_trainable(model: torch.nn.Module, trainable: dict[str, torch.Tensor]) -> None:
+    """Copy checkpointed trainable tensors into the model; names and shapes must match exactly."""
+    params = dict(model.named_parameters())
+    current = {n for n, p in params.items() if p.requires_grad}
+    missing, unexpected = sorted(current - set(trainable)), sorted(set(trainable) - set(params))
+    if missing or unexpected:
+        raise ValueError(f"checkpoint does not match the model: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]} (was it written with other --targets/--rank?)")
+    with torch.no_grad():
+        for name, tensor in trainable.items():
+            if params[name].shape != tensor.shape:
+                raise ValueError(f"checkpoint tensor {name}: shape {tuple(tensor.shape)} != model "
+                                 f"{tuple(params[name].shape)}")
+            params[name].copy_(tensor)

@@ -1,0 +1,34 @@
+"""`lora-core demo`: the main job. Base vs LoRA-aligned default model, one table."""
+from __future__ import annotations
+
+HELP = "pull the default model, evaluate it, train a LoRA refusal adapter, evaluate again, print the table"
+
+
+def add_arguments(parser) -> None:
+    from train.demo import DemoConfig
+
+    d = DemoConfig()
+    parser.add_argument("--model", default=d.model, help="registry name, HF directory or .gguf (default %(default)s)")
+    parser.add_argument("--out", default=d.out, help="run directory (default %(default)s; must be new or empty)")
+    parser.add_argument("--steps", type=int, default=d.steps, help="optimiser steps (default %(default)s)")
+    parser.add_argument("--lr", type=float, default=d.lr, help="learning rate (default %(default)s; see train/demo.py for why not 5e-5)")
+    parser.add_argument("--rank", type=int, default=d.rank)
+    parser.add_argument("--targets", default=d.targets)
+    parser.add_argument("--layers", default=None)
+    parser.add_argument("--batch-size", type=int, default=d.batch_size)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=d.dtype)
+    parser.add_argument("--suite", default=d.suite, help="evaluation suite (default %(default)s)")
+    parser.add_argument("--eval-limit", type=int, default=None, help="cap every evaluation subset")
+    parser.add_argument("--seed", type=int, default=d.seed)
+
+
+def run(args) -> int:
+    from train.demo import DemoConfig, run_demo
+
+    cfg = DemoConfig(model=args.model, out=args.out, steps=args.steps, lr=args.lr, rank=args.rank,
+                     targets=args.targets, layers=args.layers, batch_size=args.batch_size, dtype=args.dtype,
+                     suite=args.suite, eval_limit=args.eval_limit, seed=args.seed)
+    if cfg.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {cfg.steps}")
+    run_demo(cfg)
+    return 0
