@@ -7,30 +7,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
+from lora_core.atomic_io import atomic_write_bytes
 from lora_core.overlap import OverlapReport
 from lora_core.regularizer import SIDES
 
 
-def _atomic_write(path: Path, data: bytes) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
-
-
 def write_json(report: OverlapReport, path) -> Path:
-    return _atomic_write(Path(path), (json.dumps(report.to_dict(), indent=2) + "\n").encode())
+    return atomic_write_bytes(path, (json.dumps(report.to_dict(), indent=2) + "\n").encode())
 
 
 def _fmt(x, digits=4) -> str:
@@ -80,7 +65,7 @@ def markdown(report: OverlapReport) -> str:
 
 
 def write_markdown(report: OverlapReport, path) -> Path:
-    return _atomic_write(Path(path), markdown(report).encode())
+    return atomic_write_bytes(path, markdown(report).encode())
 
 
 def write_plot(report: OverlapReport, path, side: str = "column") -> Path:
@@ -124,7 +109,7 @@ def write_plot(report: OverlapReport, path, side: str = "column") -> Path:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
-    return _atomic_write(Path(path), buf.getvalue())
+    return atomic_write_bytes(path, buf.getvalue())
 
 
 def write_all(report: OverlapReport, out_dir, side: str = "column") -> dict[str, Path]:

@@ -25,32 +25,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from lora_core.atomic_io import atomic_write_bytes, atomic_write_json, atomic_write_text  # noqa: F401 (re-exported)
+
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write a file via a temp file in the same directory + os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_json(path: str | Path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def _sha256(path: Path) -> str:

@@ -11,33 +11,18 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence
+
+from lora_core.atomic_io import atomic_write_bytes
 
 __all__ = ["write_text", "write_json", "write_jsonl", "markdown_table", "results_markdown",
            "write_results", "load_results", "compare_markdown", "scatter_plot", "compare_results",
            "format_metric"]
 
 
-def _atomic_write(path: str | Path, data: bytes) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
 def write_text(path: str | Path, text: str) -> Path:
-    return _atomic_write(path, text.encode("utf-8"))
+    return atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def _jsonable(value):
@@ -186,7 +171,7 @@ def scatter_plot(points: Sequence[tuple], x_label: str, y_label: str, path: str 
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     plt.close(fig)
-    return _atomic_write(path, buffer.getvalue())
+    return atomic_write_bytes(path, buffer.getvalue())
 
 
 def _pick(results_list, preferred: Sequence[str]) -> str | None:
