@@ -85,8 +85,15 @@ def test_lora_loss_drops_and_base_is_bit_identical(tmp_path, tokenizer, examples
     assert lrs[0] == 1e-2 and all(a > b for a, b in zip(lrs, lrs[1:]))
 
 
-def test_resume_reproduces_uninterrupted_losses_exactly(tmp_path, tokenizer, examples, monkeypatch):
+@pytest.mark.parametrize("retain", [False, True], ids=["sft", "sft+retain"])
+def test_resume_reproduces_uninterrupted_losses_exactly(tmp_path, tokenizer, examples, monkeypatch, retain):
     cfg = dict(max_steps=7, save_every=3, dropout=0.1, batch_size=3, grad_accum=2)
+    if retain:
+        # The retain batches are a function of the step: resume must pick the same ones.
+        path = tmp_path / "retain.jsonl"
+        path.write_text("".join(json.dumps({"prompt": p, "response": "Sure, here is an answer."}) + "\n"
+                                for p in PROMPTS[:5]))
+        cfg.update(retain_beta=0.5, retain_data=str(path), retain_per_step=2)
     full = train(_cfg(tmp_path / "a", **cfg), model=tiny_model(_vocab(tokenizer)), tokenizer=tokenizer,
                  examples=examples, log=lambda *a: None)
 
@@ -106,6 +113,9 @@ def test_resume_reproduces_uninterrupted_losses_exactly(tmp_path, tokenizer, exa
     resumed = train(_cfg(tmp_path / "b", **cfg), resume=True, model=tiny_model(_vocab(tokenizer)),
                     tokenizer=tokenizer, examples=examples, log=lambda *a: None)
     assert resumed.losses == full.losses[3:], f"resumed {resumed.losses} != uninterrupted {full.losses[3:]}"
+    kl_full, kl_resumed = [m["retain_kl"] for m in full.metrics], [m["retain_kl"] for m in resumed.metrics]
+    assert kl_resumed == kl_full[3:], f"retain KL resumed {kl_resumed} != uninterrupted {kl_full[3:]}"
+    assert ((kl_full[-1] or 0.0) > 0) == retain, f"retain KL {kl_full} with retain={retain}"
     from safetensors.torch import load_file
 
     a = load_file(str(tmp_path / "a" / "run" / "adapter" / "adapter_model.safetensors"))

@@ -98,6 +98,16 @@ class TrainConfig:
     ortho_side: str = "column"
     ortho_weighting: str = "spectral"
     ortho_normalize: bool = False
+    # retain term (not in the paper; off by default): loss += retain_beta * mean per-token
+    # KL(base || adapted) on benign chat prompts (train.retain_data), base = adapters switched off
+    retain_beta: float = 0.0
+    retain_data: str = "gsm8k"              # "gsm8k" (minus the eval suite's items) or a JSONL path
+    retain_per_step: int = 4                # retain examples per optimiser step
+    retain_limit: int | None = 256          # size of the retain pool (fixed-seed subset)
+    retain_max_length: int = 192
+    retain_exclude_suite: str = "quick"     # evaluation suite whose GSM8K items are excluded
+    retain_exclude_limit: int | None = None  # ... evaluated with this --limit (it changes the subsets)
+    retain_exclude_seed: int | None = None   # ... and this --seed (None: the suite's own seed)
     # bookkeeping
     out: str = "runs/train"
     save_every: int = 50                    # optimiser steps between checkpoints; 0 = only at end
@@ -139,6 +149,14 @@ class TrainConfig:
             bad("ortho-side", f"expected column|row|both, got {self.ortho_side!r}")
         if self.ortho_weighting not in ("spectral", "uniform"):
             bad("ortho-weighting", f"expected spectral|uniform, got {self.ortho_weighting!r}")
+        if self.retain_beta < 0:
+            bad("retain-beta", f"must be >= 0, got {self.retain_beta}")
+        if self.retain_beta > 0 and self.method != "lora":
+            bad("retain-beta", "the retain term compares against the adapters switched off: needs --method lora")
+        if self.retain_per_step < 1:
+            bad("retain-per-step", f"must be >= 1, got {self.retain_per_step}")
+        if self.retain_limit is not None and self.retain_limit < 1:
+            bad("retain-limit", f"must be >= 1, got {self.retain_limit}")
         if self.warmup_steps < 0:
             bad("warmup-steps", f"must be >= 0, got {self.warmup_steps}")
         resolve_targets(self.targets)

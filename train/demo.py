@@ -8,19 +8,32 @@ demo.json + demo.md + demo.png in the run directory, and the table on stdout.
 Defaults for a 135M model on 2 CPU cores (the paper's recipe is for 7B+ models on GPUs):
 - lr 1e-3 instead of 5e-5: the paper's rate moves a rank-8 adapter on a 135M model too little in a
   few hundred steps to change its behaviour; LoRA on small models is usually run at 1e-4..2e-3.
-- 40 steps of batch 8 (320 of the 494 AdvBench prompts left after removing the 26 that overlap
+- 24 steps of batch 8 (of the 494 AdvBench prompts left after removing the 26 that overlap
   StrongREJECT/HarmBench) instead of 10 epochs of batch 2: the refusal templates are learnt within
   a fraction of an epoch (the loss falls from 2.6 to 1.6 in 5 steps), and every extra step costs
-  CPU time and pushes the model towards refusing benign questions too.
+  CPU time the issue's 15-minute budget does not have.
+- a retain term (not in the paper; `lora-core train` has it off): loss += 2.0 * mean per-token
+  KL(base || adapted) over 4 benign chat examples per step (GSM8K questions, half with the math
+  instruction the evaluation appends, continued by their gold solutions, truncated to 128 tokens;
+  every GSM8K item this demo's evaluation suite reads is excluded and the exclusion is recorded in
+  train/config.json under data_info.retain). Trained on refusals alone, a 135M model learns
+  "always refuse": with 40 steps and no retain term the demo measured StrongREJECT refusal
+  0.17 -> 1.00 but over-refusal 0.00 -> 1.00 on benign GSM8K questions, ARC-Easy 0.58 -> 0.50,
+  GSM8K gold bits/byte 0.64 -> 0.76 and KL drift 0.47 nats/token. The base for the KL is the same
+  model with its adapters switched off (no second copy in memory).
 - rank 8 on q,k,v,o,gate,up,down (the paper's attn+mlp preset), alpha 16, dropout 0.05, cosine, no
   warm-up, weight decay 1e-4: as the paper.
-Every one of them can be changed with a flag.
+Every one of them can be changed with a flag (--retain-beta 0 gives the refusal-only recipe).
 
-Measured with these defaults (2 shared CPU cores, 2026-11-25): StrongREJECT refusal 0.17 -> 1.00
-(6x), but over-refusal 0.00 -> 1.00 on the benign GSM8K questions, ARC-Easy 0.58 -> 0.50, GSM8K
-gold bits/byte 0.64 -> 0.76, KL drift 0.47 nats/token: trained on refusals alone, a 135M model
-learns "always refuse". Known next step: mix benign prompts with the base model's own answers into
-the SFT set (not done yet).
+Measured with these defaults (2 shared CPU cores, 2026-11-25, /tmp/demo/final3): StrongREJECT
+refusal 0.17 -> 1.00 (6x), over-refusal 0.00 -> 0.00, GSM8K exact match 1/8 -> 1/8, GSM8K gold
+bits/byte 0.647 -> 0.650, MATH-500 0.789 -> 0.789, ARC-Easy 0.604 -> 0.562, ARC-Challenge
+0.250 -> 0.271, KL drift 0.016 nats/token; training 279 s (the retain forward/backward roughly
+doubles a step), evaluations 160 s and 169 s, 612 s in all. An identical earlier run on a busier
+machine took 1020 s (base evaluation 444 s, training 420 s) and ended at GSM8K exact match 0/8
+(2-thread CPU reductions are not bit-reproducible across runs; one greedy answer flipped). With 14
+steps: same refusal and over-refusal, 506 s in all, but ARC-Easy 0.604 -> 0.542 (3 of 48 items;
+the quick suite's ARC subsets are too small to resolve a few points).
 """
 from __future__ import annotations
 
@@ -40,7 +53,7 @@ from train.checkpoint import atomic_write_bytes, atomic_write_json, atomic_write
 class DemoConfig:
     model: str = "smollm2-135m-instruct"
     out: str = "runs/demo"
-    steps: int = 40
+    steps: int = 24
     lr: float = 1e-3
     rank: int = 8
     targets: str = "attn+mlp"
@@ -51,6 +64,15 @@ class DemoConfig:
     eval_limit: int | None = None
     seed: int = 0
     progress: bool | None = None
+    # The retain term (train.retain_data, train.trainer.retain_kl), on here and off in `lora-core
+    # train`: trained on refusals alone a 135M model over-generalises "refuse" to every prompt
+    # (measured: over-refusal 0 -> 1.00, KL drift 0.47). Pulling its distributions on benign chat
+    # prompts (GSM8K minus every item this demo's evaluation reads) back to the base model's keeps
+    # benign behaviour while the refusal set moves harmful prompts. Short sequences (128 tokens)
+    # keep the KL on the opening of the answer, where a refusal starts, and the step cheap.
+    retain_beta: float = 2.0
+    retain_per_step: int = 4
+    retain_max_length: int = 128
     train_overrides: dict = field(default_factory=dict)
 
 
@@ -208,8 +230,13 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     train_cfg = TrainConfig(model=cfg.model, method="lora", rank=cfg.rank, targets=cfg.targets,
                             layers=cfg.layers, lr=cfg.lr, max_steps=cfg.steps, batch_size=cfg.batch_size,
                             dtype=cfg.dtype, seed=cfg.seed, out=str(out / "train"), save_every=0,
-                            progress=cfg.progress, **cfg.train_overrides)
-    log(f"[3/4] training a rank-{cfg.rank} LoRA adapter ({cfg.targets}) for {cfg.steps} steps, lr {cfg.lr}")
+                            progress=cfg.progress, retain_beta=cfg.retain_beta,
+                            retain_per_step=cfg.retain_per_step, retain_max_length=cfg.retain_max_length,
+                            retain_exclude_suite=cfg.suite, retain_exclude_limit=cfg.eval_limit,
+                            retain_exclude_seed=cfg.seed,
+                            **cfg.train_overrides)
+    log(f"[3/4] training a rank-{cfg.rank} LoRA adapter ({cfg.targets}) for {cfg.steps} steps, lr {cfg.lr}, "
+        f"retain beta {cfg.retain_beta}")
     trainer = Trainer(train_cfg, model, tokenizer, log=log)
     result = trainer.train()
     log(f"      {result.steps} steps in {result.train_seconds:.0f} s, loss {result.losses[0]:.3f} -> "

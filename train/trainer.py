@@ -204,6 +204,53 @@ def build_examples(config: TrainConfig, tokenizer) -> tuple[list[dict], dict]:
     return data.examples, data.info
 
 
+def _chunk_kl_sum(model, h: torch.Tensor, h_base: torch.Tensor) -> torch.Tensor:
+    """Sum over rows of KL(base || adapted) of the next-token distributions; h, h_base (N, D)."""
+    from lora_core import disable_adapters
+
+    # lm_head may itself carry an adapter: the base logits must come with adapters switched off.
+    with torch.no_grad(), disable_adapters(model):
+        lp_base = torch.log_softmax(model.lm_head(h_base).float(), dim=-1)  # (N, V)
+    lp = torch.log_softmax(model.lm_head(h).float(), dim=-1)  # (N, V)
+    return (lp_base.exp() * (lp_base - lp)).sum()
+
+
+def retain_kl(model, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
+              chunk_size: int = 256) -> torch.Tensor:
+    """Mean per-token KL(base || adapted) in nats over the positions that predict a label.
+
+    The base is the same model under lora_core.disable_adapters (no copy in memory). input_ids,
+    labels, attention_mask: (B, T), labels aligned with input_ids as for models.causal_lm_loss.
+    Decoder states are computed once per model; the (N, V) logits only per chunk of `chunk_size`
+    rows, recomputed in backward (checkpoint), so full fp32 logits are never held.
+    Exactly 0 while every LoRA B is 0. Differentiable in the adapters only.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    from lora_core import disable_adapters
+
+    if input_ids.shape != labels.shape:
+        raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(input_ids.shape)}")
+    with torch.no_grad(), disable_adapters(model):
+        hidden_base = model.hidden_states(input_ids, attention_mask=attention_mask)  # (B, T, D)
+    hidden = model.hidden_states(input_ids, attention_mask=attention_mask)  # (B, T, D)
+    valid = labels[:, 1:] != IGNORE_INDEX  # (B, T-1): position t predicts label t+1
+    if attention_mask is not None:
+        valid = valid & (attention_mask[:, 1:] != 0)
+    h, hb = hidden[:, :-1][valid], hidden_base[:, :-1][valid]  # (N, D)
+    count = h.shape[0]
+    if count == 0:
+        return hidden.sum().float() * 0.0
+    total = h.new_zeros((), dtype=torch.float32)
+    for start in range(0, count, chunk_size):
+        hc, hbc = h[start:start + chunk_size], hb[start:start + chunk_size]
+        if torch.is_grad_enabled() and hc.requires_grad:
+            total = total + checkpoint(_chunk_kl_sum, model, hc, hbc, use_reentrant=False)
+        else:
+            total = total + _chunk_kl_sum(model, hc, hbc)
+    return total / count
+
+
 def _write_final(model, tokenizer, config: TrainConfig, run_dir: Path, lora_cfg) -> Path:
     if config.method == "lora":
         from lora_core import save_adapter
@@ -264,12 +311,33 @@ class Trainer:
             self.regularizer = OrthogonalityRegularizer(model, config.ortho_k, side=config.ortho_side,
                                                         weighting=config.ortho_weighting,
                                                         normalize=config.ortho_normalize)
+        self.retain, self.retain_info = None, None
+        if config.retain_beta > 0:
+            self.retain, self.retain_info = self._build_retain(config, tokenizer)
+            config.data_info = {**config.data_info, "retain": self.retain_info}
         self.optimizer = _optimizer(model, config)
         self.total_steps = total_steps_of(config, len(self.tokenized))
         self.evaluate_fn = evaluate_fn
         self.step = 0
         self.epoch, self.batch_index = 0, 0
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    @staticmethod
+    def _build_retain(config: TrainConfig, tokenizer):
+        from train.retain_data import build_retain_set
+
+        return build_retain_set(tokenizer, source=config.retain_data, limit=config.retain_limit,
+                                seed=config.seed, exclude_suite=config.retain_exclude_suite,
+                                eval_seed=config.retain_exclude_seed, eval_limit=config.retain_exclude_limit,
+                                max_length=config.retain_max_length)
+
+    def _retain_batch(self) -> dict[str, torch.Tensor]:
+        # A pure function of the step (like the learning rate), so resume needs nothing more.
+        per = min(self.config.retain_per_step, len(self.retain))
+        n_batches = len(self.retain) // per
+        epoch, index = divmod(self.step, n_batches)
+        batches = micro_batches(n_batches * per, per, epoch, self.config.seed + 1)
+        return collate([self.retain[i] for i in batches[index]], self.pad_id)
 
     # --- state -----------------------------------------------------------------------------
     def state(self) -> dict:
@@ -339,6 +407,16 @@ class Trainer:
             (loss * (n / loss_tokens)).backward()
             total_loss += loss.item() * n / loss_tokens
             tokens += int(batch["attention_mask"].sum())
+        retain_value = None
+        if self.retain is not None:
+            batch = self._retain_batch()
+            with self._autocast():
+                kl = retain_kl(self.model, batch["input_ids"], batch["labels"], batch["attention_mask"])
+            if not torch.isfinite(kl):
+                raise TrainingDiverged(f"retain KL became {kl.item()} at step {self.step + 1}; stopped")
+            (config.retain_beta * kl).backward()
+            retain_value = float(kl.detach())
+            tokens += int(batch["attention_mask"].sum())
         reg_value = None
         if self.regularizer is not None:
             reg = self.regularizer.reg()
@@ -353,6 +431,7 @@ class Trainer:
         self.step += 1
         dt = time.perf_counter() - t0
         return {"step": self.step, "epoch": self.epoch, "loss": total_loss, "reg": reg_value,
+                "retain_kl": retain_value,
                 "lr": lr, "grad_norm": grad_norm, "tokens": tokens, "loss_tokens": loss_tokens,
                 "tokens_per_s": tokens / dt if dt > 0 else None, "step_s": dt}
 

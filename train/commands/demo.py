@@ -20,6 +20,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--suite", default=d.suite, help="evaluation suite (default %(default)s)")
     parser.add_argument("--eval-limit", type=int, default=None, help="cap every evaluation subset")
     parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--retain-beta", type=float, default=d.retain_beta,
+                        help="weight of the retain KL on benign prompts (default %(default)s; 0 = refusal "
+                        "data only, as the paper; see train/demo.py)")
+    parser.add_argument("--retain-per-step", type=int, default=d.retain_per_step)
 
 
 def run(args) -> int:
@@ -27,7 +31,8 @@ def run(args) -> int:
 
     cfg = DemoConfig(model=args.model, out=args.out, steps=args.steps, lr=args.lr, rank=args.rank,
                      targets=args.targets, layers=args.layers, batch_size=args.batch_size, dtype=args.dtype,
-                     suite=args.suite, eval_limit=args.eval_limit, seed=args.seed)
+                     suite=args.suite, eval_limit=args.eval_limit, seed=args.seed,
+                     retain_beta=args.retain_beta, retain_per_step=args.retain_per_step)
     if cfg.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {cfg.steps}")
     run_demo(cfg)

@@ -54,6 +54,25 @@ def add_arguments(parser) -> None:
     g.add_argument("--ortho-side", choices=("column", "row", "both"), default=d.ortho_side)
     g.add_argument("--ortho-weighting", choices=("spectral", "uniform"), default=d.ortho_weighting)
     g.add_argument("--ortho-normalize", action="store_true")
+    g = parser.add_argument_group(
+        "retain term (not in the paper; off by default): loss += beta * mean KL(base || adapted) on "
+        "benign prompts, base = the same model with its adapters off")
+    g.add_argument("--retain-beta", type=float, default=d.retain_beta,
+                   help="weight of the retain KL (default %(default)s = off, the paper's recipe)")
+    g.add_argument("--retain-data", default=d.retain_data,
+                   help="'gsm8k' (GSM8K minus every item the --retain-exclude-suite evaluation reads) "
+                   "or a JSONL with prompt/response fields (default %(default)s)")
+    g.add_argument("--retain-per-step", type=int, default=d.retain_per_step,
+                   help="retain examples per optimiser step (default %(default)s)")
+    g.add_argument("--retain-limit", type=_optional_int, default=d.retain_limit,
+                   help="retain pool size, 'none' = all (default %(default)s)")
+    g.add_argument("--retain-max-length", type=int, default=d.retain_max_length)
+    g.add_argument("--retain-exclude-suite", default=d.retain_exclude_suite,
+                   help="evaluation suite whose GSM8K items are kept out of the retain set")
+    g.add_argument("--retain-exclude-limit", type=int, default=None,
+                   help="the --limit that suite will be run with (it changes which items it reads)")
+    g.add_argument("--retain-exclude-seed", type=int, default=None,
+                   help="the --seed that suite will be run with (default: the suite's own)")
     g = parser.add_argument_group("run directory")
     g.add_argument("--out", default=d.out, help="run directory (default %(default)s)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
@@ -74,7 +93,11 @@ def config_from_args(args):
         batch_size=args.batch_size, grad_accum=args.grad_accum, clip=args.clip or None, dtype=args.dtype,
         grad_checkpointing=args.grad_checkpointing, seed=args.seed, ortho_beta=args.ortho_beta,
         ortho_k=args.ortho_k, ortho_side=args.ortho_side, ortho_weighting=args.ortho_weighting,
-        ortho_normalize=args.ortho_normalize, out=args.out, save_every=args.save_every,
+        ortho_normalize=args.ortho_normalize, retain_beta=args.retain_beta, retain_data=args.retain_data,
+        retain_per_step=args.retain_per_step, retain_limit=args.retain_limit,
+        retain_max_length=args.retain_max_length, retain_exclude_suite=args.retain_exclude_suite,
+        retain_exclude_limit=args.retain_exclude_limit,
+        retain_exclude_seed=args.retain_exclude_seed, out=args.out, save_every=args.save_every,
         keep_checkpoints=args.keep_checkpoints, eval_every=args.eval_every).validate()
 
 

@@ -1,0 +1,159 @@
+"""The retain term: KL(base || adapted) against an fp64 reference, zero at init, gradients only into
+the adapters, and a retain set that never holds an item the evaluation reads."""
+import json
+
+import pytest
+import torch
+
+from test_sft_batches import make_tokenizer_dir
+from test_trainer import _cfg, _vocab, tiny_model
+from train.sft_batches import collate, tokenize_examples
+from train.trainer import prepare_model, retain_kl, train
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    from models import Tokenizer
+
+    path, _ = make_tokenizer_dir(tmp_path_factory.mktemp("tok"))
+    return Tokenizer.from_directory(path)
+
+
+CHATS = [("What is two plus two?", "Two plus two is four."),
+         ("How do I bake bread?", "Mix flour, water, yeast and salt, let it rise, then bake it."),
+         ("Name a colour.", "Blue.")]
+
+
+def _batch(tokenizer):
+    examples = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+                for q, a in CHATS]
+    tokenized, _ = tokenize_examples(tokenizer, examples, 128)
+    return collate(tokenized, tokenizer.pad_token_id)
+
+
+def _lora_model(tokenizer, tmp_path):
+    model = tiny_model(_vocab(tokenizer))
+    prepare_model(model, _cfg(tmp_path, dropout=0.0))
+    return model
+
+
+def _reference_kl(model, batch) -> torch.Tensor:
+    """fp64, full logits, no chunking: mean over label positions of sum_v p_base (log p_base - log p)."""
+    from lora_core import disable_adapters
+
+    with torch.no_grad():
+        m64 = model.double()
+        with disable_adapters(m64):
+            base = torch.log_softmax(m64(batch["input_ids"], attention_mask=batch["attention_mask"]), -1)
+        adapted = torch.log_softmax(m64(batch["input_ids"], attention_mask=batch["attention_mask"]), -1)
+        model.float()
+    valid = (batch["labels"][:, 1:] != -100) & (batch["attention_mask"][:, 1:] != 0)  # (B, T-1)
+    kl = (base.exp() * (base - adapted)).sum(-1)[:, :-1]  # (B, T-1)
+    return kl[valid].mean()
+
+
+def test_retain_kl_is_zero_at_init_and_matches_fp64_after_perturbing(tokenizer, tmp_path):
+    from lora_core import lora_modules
+
+    model = _lora_model(tokenizer, tmp_path)
+    model.eval()
+    batch = _batch(tokenizer)
+    at_init = retain_kl(model, batch["input_ids"], batch["labels"], batch["attention_mask"])
+    assert at_init.item() == 0.0, f"KL with every lora_B = 0 is {at_init.item()}, expected exactly 0"
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_B.normal_(0.0, 0.5)
+    got = retain_kl(model, batch["input_ids"], batch["labels"], batch["attention_mask"], chunk_size=7)
+    want = _reference_kl(model, batch)
+    assert want.item() > 1e-3, f"perturbation too small to test anything: reference KL {want.item()}"
+    # fp32 log-softmax over a 400+ vocabulary, summed: a few float32 ulps of the KL's size.
+    tol = 1e-5 + 1e-4 * want.item()
+    assert abs(got.item() - want.item()) <= tol, f"retain_kl {got.item()} vs fp64 {want.item()} (tol {tol})"
+
+
+def test_gradient_reaches_only_the_adapters(tokenizer, tmp_path):
+    from lora_core import lora_modules
+
+    model = _lora_model(tokenizer, tmp_path)
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_B.normal_(0.0, 0.5)
+    batch = _batch(tokenizer)
+    retain_kl(model, batch["input_ids"], batch["labels"], batch["attention_mask"]).backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    lora = {n for n, p in model.named_parameters() if n.endswith(("lora_A", "lora_B"))}
+    assert with_grad == lora, f"gradients on non-adapter params: {sorted(with_grad - lora)[:5]}; " \
+                              f"adapters without: {sorted(lora - with_grad)[:5]}"
+    norms = {n: float(p.grad.norm()) for n, p in model.named_parameters() if p.grad is not None}
+    assert all(v > 0 for k, v in norms.items() if k.endswith("lora_A")), \
+        f"zero gradient on {[k for k, v in norms.items() if v == 0][:5]}"
+
+
+def test_training_with_a_retain_file_logs_the_term(tokenizer, tmp_path):
+    from test_trainer import PROMPTS
+    from train.refusal_data import build_refusal_set
+
+    retain = tmp_path / "retain.jsonl"
+    retain.write_text("".join(json.dumps({"prompt": q, "response": a}) + "\n" for q, a in CHATS))
+    examples = build_refusal_set(prompts=PROMPTS, held_out=[], seed=0).examples
+    result = train(_cfg(tmp_path, max_steps=3, retain_beta=1.0, retain_data=str(retain), retain_per_step=2),
+                   model=tiny_model(_vocab(tokenizer)), tokenizer=tokenizer, examples=examples,
+                   log=lambda *a: None)
+    kls = [m["retain_kl"] for m in result.metrics]
+    assert kls[0] == 0.0 and kls[-1] > 0.0, f"retain KL per step {kls}: expected 0 at init, then > 0"
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["retain_beta"] == 1.0 and saved["data_info"]["retain"]["examples"] == 3
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(retain_beta=-1.0), "--retain-beta"),
+    (dict(retain_beta=1.0, method="full"), "--retain-beta"),
+    (dict(retain_beta=1.0, retain_per_step=0), "--retain-per-step"),
+])
+def test_bad_retain_config_is_a_clear_error(tmp_path, kw, match):
+    with pytest.raises(ValueError, match=match):
+        _cfg(tmp_path, **kw).validate()
+
+
+@pytest.mark.parametrize("limit, seed", [(None, 0), (5, 3)])
+def test_retain_set_excludes_every_gsm8k_item_the_evaluation_reads(tokenizer, monkeypatch, limit, seed):
+    """Run the real evaluate() with its model calls replaced by cheap fakes and record which GSM8K
+    items it loads: the retain set must hold none of them (and nearly all the others)."""
+    import train.evaluate as ev
+    from train.datasets import load_records
+    from train.retain_data import build_retain_set
+
+    read: set[str] = set()
+
+    def spy(name, *args, **kwargs):
+        records = load_records(name, *args, **kwargs)
+        if name == "gsm8k":
+            read.update(r["id"] for r in records)
+        return records
+
+    fake_score = None  # only ever handed to the faked metric functions below
+    monkeypatch.setattr(ev, "load_records", spy)
+    monkeypatch.setattr(ev, "_generate", lambda model, tok, prompts, *a, **k: [""] * len(prompts))
+    monkeypatch.setattr(ev, "score_continuations", lambda m, t, ctx, cont, *a, **k: [fake_score] * len(ctx))
+    monkeypatch.setattr(ev, "bits_per_byte", lambda scores: {"value": 0.0})
+    monkeypatch.setattr(ev, "choice_accuracy", lambda s, g: {"acc": 0.0, "acc_norm": 0.0})
+    monkeypatch.setattr(ev, "kl_drift", lambda *a, **k: {"value": 0.0})
+    model = torch.nn.Linear(1, 1)
+    ev.evaluate(model, tokenizer, suite="quick", base_model=model, progress=False, limit=limit, seed=seed)
+    assert read, "the spy saw no GSM8K read: the test no longer observes the evaluation"
+
+    _, info = build_retain_set(tokenizer, limit=None, seed=0, exclude_suite="quick", eval_seed=seed,
+                               eval_limit=limit, max_length=512)
+    overlap = read & set(info["ids"])
+    assert not overlap, f"{len(overlap)} evaluation items in the retain set, e.g. {sorted(overlap)[:3]}"
+    assert info["excluded_eval_items"] == len(read), (info["excluded_eval_items"], len(read))
+    assert len(info["ids"]) == 1319 - len(read)
