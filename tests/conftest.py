@@ -7,7 +7,22 @@ not import triton at import time (checked with torch 2.13).
 """
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Run a module's tests with one torch thread.
+
+    Tests on tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP's
+    spinning threads made them 10-20x slower (measured: one tiny forward 0.6 s with 1 thread vs
+    11 s with 2 at load 10). Opt in with `pytestmark = pytest.mark.usefixtures("single_thread")`.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -54,14 +54,7 @@ def _hf_model(model_type: str, extra: dict):
 _PAIRS: dict = {}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices gain nothing from threads, and on a busy shared CPU OpenMP's spinning threads
-    made forwards ~20x slower (measured: 0.6 s vs 11 s for one forward at load 10 on 2 cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _pair(name, tmp_path_factory):

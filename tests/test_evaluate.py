@@ -11,14 +11,7 @@ from test_metrics import WordTokenizer, tiny_causal_lm
 from train.evaluate import SUITES, SuiteConfig, evaluate
 from train.reports import compare_results, load_results
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared CPU the thread hand-offs
-    cost more than the maths (measured 10x slower with 2 threads on a loaded 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 TINY = SuiteConfig(safety={"strongreject": 2, "harmbench": 0}, safety_max_new_tokens=3,

@@ -28,14 +28,7 @@ NEW_TOKENS = 12
 SCALE = 1.0
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices gain nothing from threads, and on a busy shared CPU OpenMP's spinning threads
-    made these steps ~20x slower (measured: 0.6 s vs 11 s for one forward at load 10 on 2 cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

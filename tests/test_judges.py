@@ -81,6 +81,7 @@ def test_guard_verdict_parser_refuses_other_text(text):
         parse_guard_verdict(text)
 
 
+@pytest.mark.usefixtures("single_thread")
 def test_guard_judge_runs_through_our_decoder():
     """A tiny random decoder whose lm_head is zero always emits token 0 (argmax of equal logits);
     the fake tokenizer decodes it to the verdict word, so the judge's whole path - chat template,
@@ -88,12 +89,7 @@ def test_guard_judge_runs_through_our_decoder():
     torch = pytest.importorskip("torch")
     from test_metrics import WordTokenizer, tiny_causal_lm
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny model: see test_metrics._one_thread
-    try:
-        _guard_checks(torch, WordTokenizer, tiny_causal_lm)
-    finally:
-        torch.set_num_threads(threads)
+    _guard_checks(torch, WordTokenizer, tiny_causal_lm)
 
 
 def _guard_checks(torch, WordTokenizer, tiny_causal_lm):

@@ -15,14 +15,7 @@ import torch
 from train.metrics import (ContinuationScore, bits_per_byte, choice_accuracy, kl_drift,
                            mean_with_stderr, proportion, score_continuations)
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared CPU the thread hand-offs
-    cost more than the maths (measured 10x slower with 2 threads on a loaded 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 HF_CONFIG = dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2,

@@ -11,12 +11,7 @@ from train.sft_batches import collate, tokenize_examples
 from train.trainer import prepare_model, retain_kl, train
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
