@@ -25,6 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .atomic_io import read_json
 from .config import LoRAConfig
 from .inject import inject_lora, linear_names, lora_modules, select_targets, summarize_names
 
@@ -136,10 +137,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> LoRAConfig:
         hint = " (only adapter_model.bin found: pickle files are not loaded, convert it to safetensors)" \
             if (directory / "adapter_model.bin").exists() else ""
         raise FileNotFoundError(f"adapter weights not found: {w_path}{hint}")
-    try:
-        raw = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{cfg_path}: not valid JSON ({err})") from None
+    raw = read_json(cfg_path)
     config = config_from_peft(raw, source=str(cfg_path))
     try:
         tensors = load_file(str(w_path))

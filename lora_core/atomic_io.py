@@ -1,4 +1,6 @@
-"""Atomic file writes: a temp file in the destination folder, fsync, then `os.replace`.
+"""Small file I/O shared by every layer: atomic writes and a checked JSON read.
+
+Writes go to a temp file in the destination folder, fsync, then `os.replace`.
 
 Every writer in the project goes through here, so a reader (or a resumed run) sees either the
 previous file or the complete new one, never half of one, even if the process is killed mid-write.
@@ -36,3 +38,14 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 def atomic_write_json(path: str | Path, obj, *, sort_keys: bool = True) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n")
+
+
+def read_json(path: str | Path):
+    """Parse a JSON file; a missing file or invalid JSON raises an error that names the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"file not found: {path}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from None

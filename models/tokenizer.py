@@ -12,11 +12,12 @@ The pad token falls back to the EOS token, the usual choice for decoder-only mod
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from tokenizers import Tokenizer as _HFTokenizer
+
+from lora_core.atomic_io import read_json
 
 from .chat_template import render_chat_template
 
@@ -29,10 +30,7 @@ _CLEANUPS = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (
 def _read_json(path: Path) -> dict:
     if not path.is_file():
         return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON: {error}") from error
+    data = read_json(path)
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a JSON object")
     return data

@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from lora_core.atomic_io import atomic_write_bytes
+from lora_core.atomic_io import atomic_write_bytes, read_json
 
 __all__ = ["write_text", "write_json", "write_jsonl", "markdown_table", "results_markdown",
            "write_results", "load_results", "compare_markdown", "scatter_plot", "compare_results",
@@ -109,10 +109,7 @@ def load_results(path: str | Path) -> dict:
         path = path / "results.json"
     if not path.is_file():
         raise FileNotFoundError(f"no results file at {path}")
-    try:
-        results = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not JSON: {error.msg} (line {error.lineno})") from None
+    results = read_json(path)
     if not isinstance(results, dict) or not isinstance(results.get("metrics"), dict):
         raise ValueError(f"{path} is not a lora-core results file (no 'metrics' object)")
     return results
