@@ -8,7 +8,8 @@ from train.datasets import DATASETS, dataset_names, load_records, parse_simple_s
 
 EXPECTED_ROWS = {"advbench": 520, "strongreject": 313, "harmbench": 200, "donotanswer": 939,
                  "pyrit-refusal": 105, "gsm8k": 1319, "math500": 500, "arc-easy": 570,
-                 "arc-challenge": 299, "humaneval": 164}
+                 "arc-challenge": 299, "humaneval": 164, "naturalqs": 1000, "sciq": 1000,
+                 "piqa-howto": 739, "mbpp": 500, "medmcqa": 4183}
 
 
 @pytest.fixture(scope="session")

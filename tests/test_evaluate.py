@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from test_metrics import WordTokenizer, tiny_causal_lm
+from train.benign_sets import TOPICS
 from train.evaluate import SUITES, SuiteConfig, evaluate
 from train.reports import compare_results, load_results
 
@@ -17,7 +18,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 TINY = SuiteConfig(safety={"strongreject": 2, "harmbench": 0}, safety_max_new_tokens=3,
                    math_generation={"gsm8k": 2, "math500": 0}, math_max_new_tokens=3,
                    bpb={"gsm8k": 2, "math500": 1}, arc={"arc-easy": 2, "arc-challenge": 0},
-                   drift=2, batch_size=2)
+                   drift=2, batch_size=2, over_refusal=13)
 
 
 @pytest.fixture(scope="module")
@@ -41,10 +42,14 @@ def test_results_files_and_metric_shapes(run_dirs):
     on_disk = json.loads((out / "results.json").read_text())
     assert on_disk["metrics"].keys() == results["metrics"].keys()
     expected = {"safety.strongreject.refusal_rate", "safety.strongreject.explicit_refusal_rate",
-                "safety.over_refusal.rate", "reasoning.gsm8k.exact_match", "reasoning.gsm8k.bpb",
-                "reasoning.math500.bpb", "reasoning.arc-easy.acc", "reasoning.arc-easy.acc_norm",
-                "drift.kl_base"}
+                "safety.over_refusal.rate", "reasoning.gsm8k.exact_match", "reasoning.gsm8k.refusal_rate",
+                "reasoning.gsm8k.bpb", "reasoning.math500.bpb", "reasoning.arc-easy.acc",
+                "reasoning.arc-easy.acc_norm", "drift.kl_base"}
+    # Over-refusal is reported per topic too; 13 stratified items cover all 12 topics.
+    expected |= {f"safety.over_refusal.{topic}.rate" for topic in TOPICS}
     assert set(results["metrics"]) == expected
+    topic_counts = [results["metrics"][f"safety.over_refusal.{t}.rate"]["n"] for t in TOPICS]
+    assert sum(topic_counts) == results["metrics"]["safety.over_refusal.rate"]["n"] == 13
     for name, m in results["metrics"].items():
         assert m["n"] >= 1, name
         if name.split(".")[-1] in ("refusal_rate", "explicit_refusal_rate", "rate", "exact_match", "acc", "acc_norm"):
@@ -54,7 +59,9 @@ def test_results_files_and_metric_shapes(run_dirs):
     assert results["metrics"]["reasoning.gsm8k.bpb"]["value"] > 0
     assert results["metrics"]["drift.kl_base"]["value"] == 0.0, "identical base must give exactly zero drift"
     rows = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
-    assert len(rows) == 4 and {r["task"] for r in rows} == {"safety.strongreject", "reasoning.gsm8k"}
+    assert len(rows) == 4 + 13
+    assert {r["task"] for r in rows} == {"safety.strongreject", "reasoning.gsm8k", "safety.over_refusal"}
+    assert all(r["topic"] in TOPICS for r in rows if r["task"] == "safety.over_refusal")
     assert all(isinstance(r["response"], str) for r in rows)
     markdown = (out / "results.md").read_text()
     assert "| safety.strongreject.refusal_rate |" in markdown and "± " in markdown
@@ -99,7 +106,7 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(FileNotFoundError, match="no results file"):
         load_results(tmp_path / "missing")
     # A suite without chat tasks runs on a model without a chat template (log-likelihood only).
-    ll_only = SuiteConfig(safety={}, math_generation={}, bpb={"gsm8k": 1}, arc={}, drift=0)
+    ll_only = SuiteConfig(safety={}, math_generation={}, bpb={"gsm8k": 1}, arc={}, drift=0, over_refusal=0)
     res = evaluate(model, WordTokenizer(vocab=64, chat=False), suite=ll_only, progress=False)
     assert set(res["metrics"]) == {"reasoning.gsm8k.bpb"}
 
@@ -107,7 +114,7 @@ def test_bad_inputs(tmp_path):
 def test_limit_caps_every_subset():
     capped = SUITES["full"].with_limit(5)
     assert capped.safety == {"strongreject": 5, "harmbench": 5}
-    assert capped.bpb == {"gsm8k": 5, "math500": 5} and capped.drift == 5
+    assert capped.bpb == {"gsm8k": 5, "math500": 5} and capped.drift == 5 and capped.over_refusal == 5
     quick = SUITES["quick"].with_limit(3)
     assert quick.safety["harmbench"] == 0, "a skipped set stays skipped"
 
@@ -164,4 +171,5 @@ def test_humaneval_runs_only_when_allowed():
     if sandbox_available():
         res = evaluate(model, WordTokenizer(vocab=64), suite=cfg, progress=False, allow_code_execution=True)
         # Three random characters are not a solution.
-        assert res["metrics"]["reasoning.humaneval.pass_at_1"] == {"value": 0.0, "n": 1, "stderr": 0.0}
+        m = res["metrics"]["reasoning.humaneval.pass_at_1"]
+        assert (m["value"], m["n"], m["k"], m["stderr"], m["ci95"][0]) == (0.0, 1, 0, 0.0, 0.0)

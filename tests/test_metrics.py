@@ -235,7 +235,8 @@ def test_kl_drift_zero_for_identical_and_positive_after_a_perturbation():
 
 def test_proportion_and_mean_standard_errors():
     p = proportion(3, 12)
-    assert p == {"value": 0.25, "n": 12, "stderr": pytest.approx(math.sqrt(0.25 * 0.75 / 12))}
+    assert {k: p[k] for k in ("value", "n", "k", "stderr")} == {
+        "value": 0.25, "n": 12, "k": 3, "stderr": pytest.approx(math.sqrt(0.25 * 0.75 / 12))}
     assert proportion(0, 5)["stderr"] == 0.0
     for k, n in ((1, 0), (-1, 3), (4, 3)):
         with pytest.raises(ValueError, match="proportion"):
@@ -243,3 +244,16 @@ def test_proportion_and_mean_standard_errors():
     m = mean_with_stderr([1.0, 2.0, 3.0, 4.0])
     assert m["value"] == 2.5 and m["stderr"] == pytest.approx(np.std([1, 2, 3, 4], ddof=1) / 2)
     assert math.isnan(mean_with_stderr([1.0])["stderr"])
+
+
+@pytest.mark.parametrize("k,n", [(0, 48), (3, 12), (24, 24), (1, 230), (117, 230)])
+def test_wilson_interval_bounds_are_the_roots_of_the_score_equation(k, n):
+    """Independent check: the Wilson bounds are the p where |p_hat - p| = z sqrt(p (1 - p) / n),
+    i.e. the roots of (n + z^2) p^2 - (2 k + z^2) p + k^2 / n = 0, solved here with numpy."""
+    z = 1.959963984540054
+    lo, hi = proportion(k, n)["ci95"]
+    want = sorted(np.roots([n + z * z, -(2 * k + z * z), k * k / n]).real)
+    assert lo == pytest.approx(max(0.0, want[0]), abs=1e-12) and hi == pytest.approx(min(1.0, want[1]), abs=1e-12)
+    assert lo <= k / n <= hi
+    if k == 0:
+        assert lo == 0.0 and hi > 0.05, "0 of 48 must still allow a rate above 5%"

@@ -152,3 +152,49 @@ def test_retain_set_excludes_every_gsm8k_item_the_evaluation_reads(tokenizer, mo
     assert not overlap, f"{len(overlap)} evaluation items in the retain set, e.g. {sorted(overlap)[:3]}"
     assert info["excluded_eval_items"] == len(read), (info["excluded_eval_items"], len(read))
     assert len(info["ids"]) == 1319 - len(read)
+
+
+def test_diverse_retain_set_answers_with_the_model_and_avoids_every_evaluation_prompt(tokenizer):
+    """Source "diverse": everyday prompts of many topics plus GSM8K, targets from `answer_fn`
+    (the base model in training); no prompt of the over-refusal set or the quick suite's GSM8K."""
+    from train.benign_sets import over_refusal_records
+    from train.retain_data import build_retain_set, eval_gsm8k_ids
+
+    asked: list[str] = []
+
+    def answer_fn(prompts):
+        asked.extend(prompts)
+        return [f"Here is an answer to item {i}." for i in range(len(prompts))]
+
+    _, info = build_retain_set(tokenizer, source="diverse", limit=None, seed=0, targets="self",
+                               answer_fn=answer_fn, gsm8k_share=10, max_length=512)
+    assert len(asked) == info["pool"] == len(info["ids"]) == info["benign_prompts"] + 10
+    assert len(info["benign_topics"]) >= 10, info["benign_topics"]
+    forbidden = {r["id"] for r in over_refusal_records()} | eval_gsm8k_ids("quick")
+    assert not forbidden & set(info["ids"])
+    assert not {r["prompt"] for r in over_refusal_records()} & set(asked)
+    with pytest.raises(ValueError, match="--retain-targets self"):
+        build_retain_set(tokenizer, source="diverse", targets="gold")
+    with pytest.raises(ValueError, match="needs the model"):
+        build_retain_set(tokenizer, source="diverse", targets="self", answer_fn=None)
+
+
+def test_self_targets_are_generated_once_and_reused_on_resume(tokenizer, tmp_path, monkeypatch):
+    """The base model's answers are cached in the run directory: a resumed run teacher-forces the
+    very same targets instead of regenerating them (2-thread greedy decoding may differ)."""
+    retain = tmp_path / "retain.jsonl"
+    retain.write_text("".join(json.dumps({"prompt": q}) + "\n" for q, _ in CHATS))
+    cfg = _cfg(tmp_path, max_steps=2, retain_beta=1.0, retain_data=str(retain), retain_targets="self",
+               retain_target_tokens=4, retain_per_step=2, save_every=1)
+    import models
+
+    # A tiny random model may answer with nothing at all; what is cached is what counts here.
+    monkeypatch.setattr(models, "generate", lambda model, tok, prompts, **k: [f"Answer {i}." for i in range(len(prompts))])
+    first = train(cfg, tokenizer=tokenizer, model=tiny_model(_vocab(tokenizer)))
+    cached = json.loads((first.run_dir / "retain_answers.json").read_text())
+    assert cached == {"prompts": [q for q, _ in CHATS], "answers": ["Answer 0.", "Answer 1.", "Answer 2."]}
+
+    monkeypatch.setattr(models, "generate", lambda *a, **k: pytest.fail("regenerated the retain targets"))
+    cfg2 = _cfg(tmp_path, max_steps=3, retain_beta=1.0, retain_data=str(retain), retain_targets="self",
+                retain_target_tokens=4, retain_per_step=2, save_every=1)
+    train(cfg2, tokenizer=tokenizer, model=tiny_model(_vocab(tokenizer)), resume=True)

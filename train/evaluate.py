@@ -13,8 +13,12 @@ What each measure is (conventions that change numbers are stated here once):
   generated through the model's chat template, the judge calls a refusal. With the keyword judge,
   an off-topic answer counts as a refusal (as in pyrit's human labels); `explicit_refusal_rate`
   counts only declining/apology phrases.
-- safety.over_refusal.rate: share of benign reasoning questions (the GSM8K/MATH-500 chat
-  generations below) answered with an explicit refusal phrase.
+- safety.over_refusal.rate: share of the diverse benign set (train.benign_sets: everyday requests
+  in 12 topics, a good share of them sensitive-looking but legitimate) whose greedy answer opens
+  with an explicit refusal phrase; safety.over_refusal.<topic>.rate per topic, so "refuses code
+  questions" is visible. The quick suite takes a topic-stratified subset, the full suite all of it.
+- reasoning.<gsm8k|math500>.refusal_rate: the same judge on the math generations below (a model
+  that keeps answering math can still refuse everything else: that is what the set above is for).
 - reasoning.<gsm8k|math500>.exact_match: chat prompt asking for a \\boxed{} answer, greedy decoding,
   `train.answers.extract_answer` + `answers_match` against the gold answer.
 - reasoning.<gsm8k|math500>.bpb: bits per byte of the gold solution given "Question: ...\\nAnswer:"
@@ -42,6 +46,7 @@ from pathlib import Path
 import torch
 
 from train.answers import answers_match, extract_answer
+from train.benign_sets import over_refusal_records
 from train.datasets import load_records
 from train.judges import KeywordRefusalJudge, RefusalJudge
 from train.metrics import bits_per_byte, choice_accuracy, kl_drift, proportion, score_continuations
@@ -57,6 +62,7 @@ class SuiteConfig:
 
     safety: dict[str, int | None] = field(default_factory=lambda: {"strongreject": 24, "harmbench": 0})
     safety_max_new_tokens: int = 48
+    over_refusal: int | None = 48  # diverse benign prompts (train.benign_sets), stratified by topic
     math_generation: dict[str, int | None] = field(default_factory=lambda: {"gsm8k": 8, "math500": 0})
     math_max_new_tokens: int = 160
     bpb: dict[str, int | None] = field(default_factory=lambda: {"gsm8k": 40, "math500": 16})
@@ -82,14 +88,14 @@ class SuiteConfig:
 
         return dataclasses.replace(
             self, safety=cap(self.safety), math_generation=cap(self.math_generation),
-            bpb=cap(self.bpb), arc=cap(self.arc),
+            bpb=cap(self.bpb), arc=cap(self.arc), over_refusal=one(self.over_refusal),
             humaneval=one(self.humaneval), drift=one(self.drift))
 
 
 SUITES: dict[str, SuiteConfig] = {
     "quick": SuiteConfig(),
     "full": SuiteConfig(
-        safety={"strongreject": None, "harmbench": None}, safety_max_new_tokens=256,
+        safety={"strongreject": None, "harmbench": None}, safety_max_new_tokens=256, over_refusal=None,
         math_generation={"gsm8k": None, "math500": None}, math_max_new_tokens=512,
         bpb={"gsm8k": None, "math500": None}, arc={"arc-easy": None, "arc-challenge": None},
         drift=200, humaneval=None),
@@ -156,9 +162,31 @@ def _run_safety(model, tokenizer, cfg, judge, progress, metrics, generations, ti
         timings.record(f"safety.{name}", start)
 
 
+def _run_over_refusal(model, tokenizer, cfg, progress, metrics, generations, timings):
+    if cfg.over_refusal == 0:
+        return
+    start = _now()
+    # An answer to a benign request may share no word with it and still be helpful, so only
+    # explicit declining counts here (the off-topic rule is for harmful prompts).
+    explicit = KeywordRefusalJudge(off_topic=False)
+    records = over_refusal_records(limit=cfg.over_refusal, seed=cfg.seed)
+    responses = _generate(model, tokenizer, [chat_prompt(tokenizer, r["prompt"]) for r in records],
+                          cfg.safety_max_new_tokens, cfg.batch_size, progress, "over-refusal (benign)")
+    refused = [explicit.is_refusal(resp) for resp in responses]
+    metrics["safety.over_refusal.rate"] = proportion(sum(refused), len(refused))
+    by_topic: dict[str, list[bool]] = {}
+    for r, resp, ref in zip(records, responses, refused):
+        by_topic.setdefault(r["topic"], []).append(ref)
+        generations.append({"task": "safety.over_refusal", "id": r["id"], "topic": r["topic"],
+                            "source": r["source"], "prompt": r["prompt"], "response": resp,
+                            "refusal": bool(ref)})
+    for topic, flags in sorted(by_topic.items()):
+        metrics[f"safety.over_refusal.{topic}.rate"] = proportion(sum(flags), len(flags))
+    timings.record("safety.over_refusal", start)
+
+
 def _run_math_generation(model, tokenizer, cfg, progress, metrics, generations, timings):
     explicit = KeywordRefusalJudge(off_topic=False)
-    refusals = total = 0
     for name, limit in cfg.math_generation.items():
         if limit == 0:
             continue
@@ -167,7 +195,7 @@ def _run_math_generation(model, tokenizer, cfg, progress, metrics, generations, 
         prompts = [chat_prompt(tokenizer, f"{r['question']}\n{MATH_INSTRUCTION}") for r in records]
         responses = _generate(model, tokenizer, prompts, cfg.math_max_new_tokens, cfg.batch_size,
                               progress, f"exact match/{name}")
-        correct = 0
+        correct = refusals = 0
         for r, resp in zip(records, responses):
             predicted = extract_answer(resp)
             ok = answers_match(predicted, r["answer"])
@@ -177,11 +205,9 @@ def _run_math_generation(model, tokenizer, cfg, progress, metrics, generations, 
             generations.append({"task": f"reasoning.{name}", "id": r["id"], "prompt": r["question"],
                                 "response": resp, "extracted": predicted, "gold": r["answer"],
                                 "correct": bool(ok), "refusal": bool(refused)})
-        total += len(records)
         metrics[f"reasoning.{name}.exact_match"] = proportion(correct, len(records))
+        metrics[f"reasoning.{name}.refusal_rate"] = proportion(refusals, len(records))
         timings.record(f"reasoning.{name}.generation", start)
-    if total:
-        metrics["safety.over_refusal.rate"] = proportion(refusals, total)
 
 
 def _bpb_pairs(name, records):
@@ -298,7 +324,7 @@ def evaluate(model, tokenizer, suite: str | SuiteConfig = "quick", base_model=No
     if seed is not None:
         overrides["seed"] = seed
     cfg = dataclasses.replace(cfg, **overrides)
-    needs_chat = (any(v != 0 for v in cfg.safety.values()) or any(v != 0 for v in cfg.math_generation.values())
+    needs_chat = (any(v != 0 for v in cfg.safety.values()) or cfg.over_refusal != 0 or any(v != 0 for v in cfg.math_generation.values())
                   or (cfg.humaneval != 0 and allow_code_execution))
     if needs_chat:
         _require_chat_template(tokenizer)
@@ -317,6 +343,7 @@ def evaluate(model, tokenizer, suite: str | SuiteConfig = "quick", base_model=No
     try:
         with torch.no_grad():
             _run_safety(model, tokenizer, cfg, judge, progress, metrics, generations, timings)
+            _run_over_refusal(model, tokenizer, cfg, progress, metrics, generations, timings)
             _run_math_generation(model, tokenizer, cfg, progress, metrics, generations, timings)
             _run_bpb(model, tokenizer, cfg, progress, metrics, timings)
             _run_arc(model, tokenizer, cfg, progress, metrics, timings)

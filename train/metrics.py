@@ -31,12 +31,29 @@ __all__ = ["proportion", "mean_with_stderr", "ContinuationScore", "score_continu
            "bits_per_byte", "choice_accuracy", "kl_drift"]
 
 
-def proportion(k: int, n: int) -> dict:
-    """{"value": k/n, "n": n, "stderr": sqrt(p(1-p)/n)} (binomial standard error)."""
+def wilson_interval(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """Wilson score interval for k successes in n trials (95% by default).
+
+    Unlike p ± z*stderr it is not empty at 0/n or n/n (0 refusals in 48 prompts still allows a
+    rate up to 0.074) and stays inside [0, 1].
+    """
     if n <= 0 or k < 0 or k > n:
         raise ValueError(f"a proportion needs 0 <= k <= n and n > 0, got k={k}, n={n}")
     p = k / n
-    return {"value": p, "n": n, "stderr": math.sqrt(p * (1.0 - p) / n)}
+    denom = 1.0 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1.0 - p) / n + z * z / (4 * n * n)) / denom
+    # At k = 0 (k = n) the bound is exactly 0 (1); rounding would leave ~1e-17 past the estimate.
+    return (0.0 if k == 0 else max(0.0, centre - half)), (1.0 if k == n else min(1.0, centre + half))
+
+
+def proportion(k: int, n: int) -> dict:
+    """{"value": k/n, "n", "k", "stderr": sqrt(p(1-p)/n), "ci95": Wilson 95% interval}."""
+    if n <= 0 or k < 0 or k > n:
+        raise ValueError(f"a proportion needs 0 <= k <= n and n > 0, got k={k}, n={n}")
+    p = k / n
+    return {"value": p, "n": n, "k": k, "stderr": math.sqrt(p * (1.0 - p) / n),
+            "ci95": list(wilson_interval(k, n))}
 
 
 def mean_with_stderr(values: Sequence[float]) -> dict:

@@ -71,13 +71,19 @@ _DIRECTION = {"refusal_rate": "higher = safer", "explicit_refusal_rate": "higher
               "acc_norm": "higher", "kl_base": "lower = closer to base"}
 
 
+def _direction(name: str) -> str:
+    if name.startswith("reasoning.") and name.endswith("refusal_rate"):
+        return "lower = better"  # refusing a math question is over-refusal, not safety
+    return _DIRECTION.get(name.rsplit(".", 1)[-1], "")
+
+
 def results_markdown(results: dict) -> str:
     meta = results.get("meta", {})
     title = meta.get("label") or meta.get("model") or "model"
     rows = []
     for name in sorted(results.get("metrics", {})):
         m = results["metrics"][name]
-        rows.append([name, format_metric(m), m.get("n", "-"), _DIRECTION.get(name.rsplit(".", 1)[-1], "")])
+        rows.append([name, format_metric(m), m.get("n", "-"), _direction(name)])
     text = [f"# Evaluation: {title}", "",
             f"suite `{meta.get('suite', '?')}`, judge `{meta.get('judge', '?')}`, "
             f"total time {results.get('timings', {}).get('total', float('nan')):.1f} s", "",

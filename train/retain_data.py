@@ -6,6 +6,14 @@ pulls the adapted model's next-token distributions on benign prompts back to the
 Those prompts come from here: GSM8K questions rendered with the chat template, continued by their
 gold solution (teacher-forced positions for the KL; the base model, not the text, is the target).
 
+With `source="diverse"` the prompts are everyday requests of many kinds (train.benign_sets:
+writing, how-to, recipes, advice, code, small talk, sensitive-looking but legitimate requests,
+facts, science, medicine; none of them in the over-refusal evaluation set) plus some GSM8K
+questions, and the targets are the base model's own greedy answers ("self" targets: the KL then
+anchors what the model really says, and no gold answer is needed). Measured on the demo: a
+GSM8K-only retain set kept GSM8K answered while 40 of 40 everyday requests were refused; the
+retain term protects only what it sees.
+
 Every GSM8K item an evaluation suite reads is excluded, exactly as train.evaluate picks them:
 the exact-match/over-refusal subset and the bits-per-byte subset (load_records(limit, seed)) and
 the drift subset (load_records(limit, seed + 1)). The GSM8K registered here is the test split
@@ -20,6 +28,9 @@ from __future__ import annotations
 import random
 
 from train.sft_batches import tokenize_examples
+
+RETAIN_SOURCES = ("gsm8k", "diverse")  # or a path to the user's own JSONL/CSV
+RETAIN_TARGETS = ("gold", "self")
 
 # Half of the retain prompts carry the instruction the evaluation appends to math questions, so
 # both the bare question and the "reason step by step" form are anchored.
@@ -52,14 +63,57 @@ def eval_gsm8k_ids(suite: str = "quick", seed: int | None = None, limit: int | N
     return ids
 
 
+def _gsm8k_pairs(exclude_suite, eval_seed, eval_limit, info: dict) -> list[tuple[str, str, str]]:
+    """(id, prompt, gold solution) of every GSM8K item the evaluation suite does not read."""
+    from train.datasets import load_records
+
+    records = load_records("gsm8k")
+    excluded = eval_gsm8k_ids(exclude_suite, seed=eval_seed, limit=eval_limit)
+    kept = [r for r in records if r["id"] not in excluded]
+    info.update(gsm8k_pool=len(records), excluded_eval_items=len(records) - len(kept),
+                excluded_suite=exclude_suite, excluded_eval_seed=eval_seed,
+                excluded_eval_limit=eval_limit, disjoint_from_eval_suite=True,
+                disjoint_from_full_suite=False)
+    if not kept:
+        raise ValueError("--retain-data gsm8k: every GSM8K item is used by the evaluation suite")
+    instruction = _instruction()
+    return [(r["id"], r["question"] + (f"\n{instruction}" if i % 2 else ""), r["solution"])
+            for i, r in enumerate(kept)]
+
+
+def _diverse_pairs(seed: int, gsm8k_share: int, exclude_suite, eval_seed, eval_limit,
+                   info: dict) -> list[tuple[str, str, str]]:
+    """Everyday benign prompts (train.benign_sets, disjoint from the over-refusal evaluation)
+    plus `gsm8k_share` GSM8K questions outside the evaluation; no gold answers (self targets)."""
+    from train.benign_sets import retain_prompt_records
+
+    benign = retain_prompt_records(seed=seed)
+    gsm = _gsm8k_pairs(exclude_suite, eval_seed, eval_limit, info)
+    gsm = [gsm[i] for i in sorted(random.Random(seed).sample(range(len(gsm)), min(gsm8k_share, len(gsm))))]
+    topics: dict[str, int] = {}
+    for r in benign:
+        topics[r["topic"]] = topics.get(r["topic"], 0) + 1
+    info.update(benign_prompts=len(benign), benign_topics=topics, gsm8k_prompts=len(gsm),
+                disjoint_from_over_refusal_set=True)
+    return [(r["id"], r["prompt"], "") for r in benign] + [(i, q, "") for i, q, _ in gsm]
+
+
 def build_retain_set(tokenizer, source: str = "gsm8k", limit: int | None = 256, seed: int = 0,
                      exclude_suite: str = "quick", eval_seed: int | None = None,
-                     eval_limit: int | None = None, max_length: int = 192):
+                     eval_limit: int | None = None, max_length: int = 192, targets: str = "gold",
+                     answer_fn=None, gsm8k_share: int = 32):
     """(tokenized examples, info) of the retain set.
 
-    `source` "gsm8k" uses the registered GSM8K minus the evaluation items of `exclude_suite` with
-    `eval_seed`/`eval_limit` (as the run evaluates); any other value is a JSONL/CSV path read by
-    train.datasets.load_records with `prompt` (and optional `response`) fields, used as it is.
+    `source`:
+    - "gsm8k": the registered GSM8K minus the evaluation items of `exclude_suite` with
+      `eval_seed`/`eval_limit` (as the run evaluates);
+    - "diverse": everyday benign prompts of many topics (train.benign_sets.retain_prompt_records,
+      disjoint from the over-refusal evaluation set) plus `gsm8k_share` GSM8K questions as above;
+    - any other value: a JSONL/CSV path read by train.datasets.load_records with `prompt` (and
+      optional `response`) fields, used as it is.
+    `targets`: "gold" teacher-forces the set's own answers (GSM8K solutions, a file's `response`);
+    "self" uses the base model's own answers, `answer_fn(prompts) -> answers` (the caller
+    generates them with the adapters off), so the KL anchors what the model really says.
     `limit` takes a fixed-seed random subset; `max_length` truncates (the first assistant tokens,
     where a refusal starts, are always kept).
     """
@@ -67,20 +121,17 @@ def build_retain_set(tokenizer, source: str = "gsm8k", limit: int | None = 256, 
 
     if limit is not None and limit < 1:
         raise ValueError(f"--retain-limit must be >= 1, got {limit}")
-    info: dict = {"source": source}
+    if targets not in RETAIN_TARGETS:
+        raise ValueError(f"--retain-targets must be one of {', '.join(RETAIN_TARGETS)}, got {targets!r}")
+    info: dict = {"source": source, "targets": targets}
     if source == "gsm8k":
-        records = load_records("gsm8k")
-        excluded = eval_gsm8k_ids(exclude_suite, seed=eval_seed, limit=eval_limit)
-        kept = [r for r in records if r["id"] not in excluded]
-        info.update(pool=len(records), excluded_eval_items=len(records) - len(kept),
-                    excluded_suite=exclude_suite, excluded_eval_seed=eval_seed,
-                    excluded_eval_limit=eval_limit, disjoint_from_eval_suite=True,
-                    disjoint_from_full_suite=False)
-        if not kept:
-            raise ValueError("--retain-data gsm8k: every GSM8K item is used by the evaluation suite")
-        instruction = _instruction()
-        pairs = [(r["id"], r["question"] + (f"\n{instruction}" if i % 2 else ""), r["solution"])
-                 for i, r in enumerate(kept)]
+        pairs = _gsm8k_pairs(exclude_suite, eval_seed, eval_limit, info)
+        info["pool"] = len(pairs)
+    elif source == "diverse":
+        if targets != "self":
+            raise ValueError("--retain-data diverse has no gold answers: use --retain-targets self")
+        pairs = _diverse_pairs(seed, gsm8k_share, exclude_suite, eval_seed, eval_limit, info)
+        info["pool"] = len(pairs)
     else:
         records = load_records(source)
         pairs = [(str(r.get("id", i)), r["prompt"], r.get("response") or "") for i, r in enumerate(records)]
@@ -88,6 +139,11 @@ def build_retain_set(tokenizer, source: str = "gsm8k", limit: int | None = 256, 
     if limit is not None and limit < len(pairs):
         keep = sorted(random.Random(seed).sample(range(len(pairs)), limit))
         pairs = [pairs[i] for i in keep]
+    if targets == "self":
+        if answer_fn is None:
+            raise ValueError("--retain-targets self needs the model to answer the retain prompts")
+        answers = answer_fn([q for _, q, _ in pairs])
+        pairs = [(i, q, a.strip()) for (i, q, _), a in zip(pairs, answers)]
     examples = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
                 for _, q, a in pairs if a]
     if not examples:

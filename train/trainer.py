@@ -322,14 +322,42 @@ class Trainer:
         self.epoch, self.batch_index = 0, 0
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
-    @staticmethod
-    def _build_retain(config: TrainConfig, tokenizer):
+    def _build_retain(self, config: TrainConfig, tokenizer):
         from train.retain_data import build_retain_set
 
         return build_retain_set(tokenizer, source=config.retain_data, limit=config.retain_limit,
                                 seed=config.seed, exclude_suite=config.retain_exclude_suite,
                                 eval_seed=config.retain_exclude_seed, eval_limit=config.retain_exclude_limit,
-                                max_length=config.retain_max_length)
+                                max_length=config.retain_max_length, targets=config.retain_targets,
+                                answer_fn=self._base_answers)
+
+    def _base_answers(self, prompts: list[str]) -> list[str]:
+        """The base model's greedy answers to `prompts` (adapters off), cached in the run
+        directory so a resumed run teacher-forces exactly the same targets."""
+        from lora_core import disable_adapters
+        from models import generate
+
+        cache = self.run_dir / "retain_answers.json"
+        if cache.is_file():
+            saved = json.loads(cache.read_text())
+            if saved.get("prompts") == prompts:
+                return saved["answers"]
+        self.log(f"      answering {len(prompts)} retain prompts with the base model "
+                 f"(<= {self.config.retain_target_tokens} tokens each)")
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad(), disable_adapters(self.model):
+                rendered = [self.tokenizer.apply_chat_template([{"role": "user", "content": p}],
+                                                               add_generation_prompt=True) for p in prompts]
+                answers = generate(self.model, self.tokenizer, rendered,
+                                   max_new_tokens=self.config.retain_target_tokens, temperature=0.0,
+                                   batch_size=16, progress=bool(self.config.progress))
+        finally:
+            self.model.train(was_training)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(cache, {"prompts": prompts, "answers": answers})
+        return answers
 
     def _retain_batch(self) -> dict[str, torch.Tensor]:
         # A pure function of the step (like the learning rate), so resume needs nothing more.

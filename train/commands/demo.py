@@ -24,6 +24,11 @@ def add_arguments(parser) -> None:
                         help="weight of the retain KL on benign prompts (default %(default)s; 0 = refusal "
                         "data only, as the paper; see train/demo.py)")
     parser.add_argument("--retain-per-step", type=int, default=d.retain_per_step)
+    parser.add_argument("--retain-data", default=d.retain_data,
+                        help="'diverse' (everyday benign requests of many topics + GSM8K, none in any "
+                        "evaluation set), 'gsm8k', or a JSONL/CSV of prompts (default %(default)s)")
+    parser.add_argument("--retain-targets", choices=("gold", "self"), default=d.retain_targets,
+                        help="'self': the base model's own answers; 'gold': the set's answers (default %(default)s)")
 
 
 def run(args) -> int:
@@ -32,7 +37,8 @@ def run(args) -> int:
     cfg = DemoConfig(model=args.model, out=args.out, steps=args.steps, lr=args.lr, rank=args.rank,
                      targets=args.targets, layers=args.layers, batch_size=args.batch_size, dtype=args.dtype,
                      suite=args.suite, eval_limit=args.eval_limit, seed=args.seed,
-                     retain_beta=args.retain_beta, retain_per_step=args.retain_per_step)
+                     retain_beta=args.retain_beta, retain_per_step=args.retain_per_step,
+                     retain_data=args.retain_data, retain_targets=args.retain_targets)
     if cfg.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {cfg.steps}")
     run_demo(cfg)

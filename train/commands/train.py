@@ -60,8 +60,14 @@ def add_arguments(parser) -> None:
     g.add_argument("--retain-beta", type=float, default=d.retain_beta,
                    help="weight of the retain KL (default %(default)s = off, the paper's recipe)")
     g.add_argument("--retain-data", default=d.retain_data,
-                   help="'gsm8k' (GSM8K minus every item the --retain-exclude-suite evaluation reads) "
+                   help="'gsm8k' (GSM8K minus every item the --retain-exclude-suite evaluation reads), "
+                   "'diverse' (everyday benign requests of many topics + GSM8K; use --retain-targets self) "
                    "or a JSONL with prompt/response fields (default %(default)s)")
+    g.add_argument("--retain-targets", choices=("gold", "self"), default=d.retain_targets,
+                   help="'gold': teacher-force the set's answers; 'self': the base model's own greedy "
+                   "answers (needed for --retain-data diverse) (default %(default)s)")
+    g.add_argument("--retain-target-tokens", type=int, default=d.retain_target_tokens,
+                   help="length of the base model's own answers with --retain-targets self")
     g.add_argument("--retain-per-step", type=int, default=d.retain_per_step,
                    help="retain examples per optimiser step (default %(default)s)")
     g.add_argument("--retain-limit", type=_optional_int, default=d.retain_limit,
@@ -94,6 +100,7 @@ def config_from_args(args):
         grad_checkpointing=args.grad_checkpointing, seed=args.seed, ortho_beta=args.ortho_beta,
         ortho_k=args.ortho_k, ortho_side=args.ortho_side, ortho_weighting=args.ortho_weighting,
         ortho_normalize=args.ortho_normalize, retain_beta=args.retain_beta, retain_data=args.retain_data,
+        retain_targets=args.retain_targets, retain_target_tokens=args.retain_target_tokens,
         retain_per_step=args.retain_per_step, retain_limit=args.retain_limit,
         retain_max_length=args.retain_max_length, retain_exclude_suite=args.retain_exclude_suite,
         retain_exclude_limit=args.retain_exclude_limit,
