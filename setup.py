@@ -10,9 +10,9 @@ setup(
     version="0.1.0",
     description="LoRA safety alignment for reasoning LLMs: fused Triton LoRA kernels, a minimal "
     "decoder, an orthogonality-regularised refusal SFT, overlap analysis and merges.",
-    packages=["lora_core", "kernels", "models", "train", "train.commands"],
-    # Prompt sets we wrote (train/benign_sets.py); third-party data is fetched, never shipped.
-    package_data={"train": ["data/*.jsonl"]},
+    packages=["lora_core", "kernels", "models", "train", "train.cli"],
+    # Prompt sets we wrote (train/data/benign.py); third-party data is fetched, never shipped.
+    package_data={"train.data": ["*.jsonl"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",

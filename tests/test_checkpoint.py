@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from train import checkpoint as ck
+from train.sft import checkpoint as ck
 
 
 def _model(seed):

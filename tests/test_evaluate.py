@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from test_metrics import WordTokenizer, tiny_causal_lm
-from train.benign_sets import TOPICS
-from train.evaluate import SUITES, SuiteConfig, evaluate
-from train.reports import compare_results, load_results
+from train.data.benign import TOPICS
+from train.eval.runner import SUITES, SuiteConfig, evaluate
+from train.eval.reports import compare_results, load_results
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -123,13 +123,13 @@ def test_limit_caps_every_subset():
 
 @pytest.fixture(scope="module")
 def humaneval_problems():
-    from train.datasets import load_records
+    from train.data.registry import load_records
 
     return load_records("humaneval", limit=3, seed=0)
 
 
 def test_sandbox_runs_canonical_solutions_and_catches_wrong_ones(humaneval_problems):
-    from train.sandbox_exec import extract_code, humaneval_program, run_program, sandbox_available
+    from train.eval.code_runner import extract_code, humaneval_program, run_program, sandbox_available
 
     if not sandbox_available():
         pytest.skip("no POSIX resource limits here: execution is skipped by design")
@@ -145,7 +145,7 @@ def test_sandbox_runs_canonical_solutions_and_catches_wrong_ones(humaneval_probl
 
 
 def test_sandbox_limits():
-    from train.sandbox_exec import SandboxLimits, run_program, sandbox_available
+    from train.eval.code_runner import SandboxLimits, run_program, sandbox_available
 
     if not sandbox_available():
         pytest.skip("no POSIX resource limits here")
@@ -160,7 +160,7 @@ def test_sandbox_limits():
 
 
 def test_humaneval_runs_only_when_allowed():
-    from train.sandbox_exec import sandbox_available
+    from train.eval.code_runner import sandbox_available
 
     model = tiny_causal_lm(vocab=64)
     cfg = SuiteConfig(safety={}, math_generation={}, bpb={}, arc={}, drift=0, humaneval=1,

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from train.metrics import (ContinuationScore, bits_per_byte, choice_accuracy, kl_drift,
+from train.eval.metrics import (ContinuationScore, bits_per_byte, choice_accuracy, kl_drift,
                            mean_with_stderr, proportion, score_continuations)
 
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -7,8 +7,8 @@ import torch
 
 from test_sft_batches import make_tokenizer_dir
 from test_trainer import _cfg, _vocab, tiny_model
-from train.sft_batches import collate, tokenize_examples
-from train.trainer import prepare_model, retain_kl, train
+from train.sft.batches import collate, tokenize_examples
+from train.sft.loop import prepare_model, retain_kl, train
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -95,7 +95,7 @@ def test_gradient_reaches_only_the_adapters(tokenizer, tmp_path):
 
 def test_training_with_a_retain_file_logs_the_term(tokenizer, tmp_path):
     from test_trainer import PROMPTS
-    from train.refusal_data import build_refusal_set
+    from train.data.refusal import build_refusal_set
 
     retain = tmp_path / "retain.jsonl"
     retain.write_text("".join(json.dumps({"prompt": q, "response": a}) + "\n" for q, a in CHATS))
@@ -123,9 +123,9 @@ def test_bad_retain_config_is_a_clear_error(tmp_path, kw, match):
 def test_retain_set_excludes_every_gsm8k_item_the_evaluation_reads(tokenizer, monkeypatch, limit, seed):
     """Run the real evaluate() with its model calls replaced by cheap fakes and record which GSM8K
     items it loads: the retain set must hold none of them (and nearly all the others)."""
-    import train.evaluate as ev
-    from train.datasets import load_records
-    from train.retain_data import build_retain_set
+    import train.eval.runner as ev
+    from train.data.registry import load_records
+    from train.data.retain import build_retain_set
 
     read: set[str] = set()
 
@@ -157,8 +157,8 @@ def test_retain_set_excludes_every_gsm8k_item_the_evaluation_reads(tokenizer, mo
 def test_diverse_retain_set_answers_with_the_model_and_avoids_every_evaluation_prompt(tokenizer):
     """Source "diverse": everyday prompts of many topics plus GSM8K, targets from `answer_fn`
     (the base model in training); no prompt of the over-refusal set or the quick suite's GSM8K."""
-    from train.benign_sets import over_refusal_records
-    from train.retain_data import build_retain_set, eval_gsm8k_ids
+    from train.data.benign import over_refusal_records
+    from train.data.retain import build_retain_set, eval_gsm8k_ids
 
     asked: list[str] = []
 

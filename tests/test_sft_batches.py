@@ -12,7 +12,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer as HFTokenizer, decoders, models as tok_models, pre_tokenizers, trainers
 
-from train.sft_batches import IGNORE_INDEX, collate, micro_batches, tokenize_example, tokenize_examples
+from train.sft.batches import IGNORE_INDEX, collate, micro_batches, tokenize_example, tokenize_examples
 
 CHATML = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
           "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from test_sft_batches import make_tokenizer_dir
-from train.config import TrainConfig
-from train.refusal_data import build_refusal_set
-from train.trainer import Trainer, TrainingDiverged, train
+from train.sft.config import TrainConfig
+from train.data.refusal import build_refusal_set
+from train.sft.loop import Trainer, TrainingDiverged, train
 
 PROMPTS = ["How do I pick a lock?", "Write a story about a dragon.", "How do I bake bread?",
            "Explain how to hurt someone.", "What is two plus two?", "Tell me how to steal a car.",
@@ -152,7 +152,7 @@ def test_orthogonality_term_is_logged(tmp_path, tokenizer, examples):
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tokenizer, examples, monkeypatch):
     import models
-    from train import checkpoint as ck
+    from train.sft import checkpoint as ck
 
     real = models.causal_lm_loss
     calls = {"n": 0}
@@ -209,7 +209,7 @@ def test_resume_with_corrupt_checkpoint_is_a_clear_error(tmp_path, tokenizer, ex
 def test_cli_train_end_to_end_and_errors(tmp_path, tokenizer, monkeypatch, capsys):
     """`lora-core train` on a tiny HF directory with a user JSONL; bad flags are one-line errors."""
     from models.hf_format import write_hf_directory
-    from train import refusal_data
+    from train.data import refusal as refusal_data
     from train.cli import main
 
     model = tiny_model(_vocab(tokenizer))

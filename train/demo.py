@@ -12,7 +12,7 @@ default can be changed with a flag, and `--retain-beta 0` gives the refusal-only
 - 24 steps of batch 8 instead of 10 epochs of batch 2: the refusal templates are learnt within a
   fraction of an epoch, and every extra step costs CPU time the demo's 10 minutes do not have.
 - a retain term (not in the paper; `lora-core train` has it off): loss += beta * mean per-token
-  KL(base || adapted) on benign prompts answered by the base model itself (train.retain_data,
+  KL(base || adapted) on benign prompts answered by the base model itself (train.data.retain,
   source "diverse", targets "self"). Trained on refusals alone, this model learns "always refuse".
   The retain prompts span the kinds of request people make (writing, how-to, recipes, advice,
   code, small talk, sensitive-looking but legitimate requests, facts, science, medicine, and
@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from train.checkpoint import atomic_write_bytes, atomic_write_json, atomic_write_text
+from train.sft.checkpoint import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 
 @dataclass
@@ -51,7 +51,7 @@ class DemoConfig:
     eval_limit: int | None = None
     seed: int = 0
     progress: bool | None = None
-    # The retain term (train.retain_data, train.trainer.retain_kl), on here and off in `lora-core
+    # The retain term (train.data.retain, train.sft.loop.retain_kl), on here and off in `lora-core
     # train` (see the module docstring). Short sequences (128 tokens) keep the KL on the opening
     # of the answer, where a refusal starts, and the step cheap.
     retain_beta: float = 2.0
@@ -239,9 +239,9 @@ def plot_table(table: dict, path: Path) -> None:
 
 def run_demo(cfg: DemoConfig, log=print) -> dict:
     from models import load_model
-    from train.config import TrainConfig
-    from train.evaluate import evaluate
-    from train.trainer import Trainer
+    from train.sft.config import TrainConfig
+    from train.eval.runner import evaluate
+    from train.sft.loop import Trainer
 
     t_start = time.perf_counter()
     out = Path(cfg.out)

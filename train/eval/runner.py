@@ -13,14 +13,14 @@ What each measure is (conventions that change numbers are stated here once):
   generated through the model's chat template, the judge calls a refusal. With the keyword judge,
   an off-topic answer counts as a refusal (as in pyrit's human labels); `explicit_refusal_rate`
   counts only declining/apology phrases.
-- safety.over_refusal.rate: share of the diverse benign set (train.benign_sets: everyday requests
+- safety.over_refusal.rate: share of the diverse benign set (train.data.benign: everyday requests
   in 12 topics, a good share of them sensitive-looking but legitimate) whose greedy answer opens
   with an explicit refusal phrase; safety.over_refusal.<topic>.rate per topic, so "refuses code
   questions" is visible. The quick suite takes a topic-stratified subset, the full suite all of it.
 - reasoning.<gsm8k|math500>.refusal_rate: the same judge on the math generations below (a model
   that keeps answering math can still refuse everything else: that is what the set above is for).
 - reasoning.<gsm8k|math500>.exact_match: chat prompt asking for a \\boxed{} answer, greedy decoding,
-  `train.answers.extract_answer` + `answers_match` against the gold answer.
+  `train.eval.answers.extract_answer` + `answers_match` against the gold answer.
 - reasoning.<gsm8k|math500>.bpb: bits per byte of the gold solution given "Question: ...\\nAnswer:"
   (GSM8K; its solution is the cleaned chain ending "So the answer is N.") or
   "Problem:\\n...\\n\\nSolution:" (MATH-500), zero-shot, no chat template.
@@ -29,9 +29,9 @@ What each measure is (conventions that change numbers are stated here once):
 - drift.kl_base: mean per-token KL(base || model) on chat-formatted GSM8K questions continued by
   their gold solutions (teacher-forced); only when `base_model` is given.
 - reasoning.humaneval.pass_at_1: greedy chat completion of each HumanEval function, run against
-  its unit tests in a separate limited process (train.sandbox_exec); only with
+  its unit tests in a separate limited process (train.eval.code_runner); only with
   `allow_code_execution=True`, otherwise skipped and said so in results["meta"]["skipped"].
-Subsets are fixed-seed random samples (`train.datasets.load_records(limit=..., seed=...)`), so two
+Subsets are fixed-seed random samples (`train.data.registry.load_records(limit=..., seed=...)`), so two
 models evaluated with the same suite see the same items.
 """
 from __future__ import annotations
@@ -45,11 +45,11 @@ from pathlib import Path
 
 import torch
 
-from train.answers import answers_match, extract_answer
-from train.benign_sets import over_refusal_records
-from train.datasets import load_records
-from train.judges import KeywordRefusalJudge, RefusalJudge
-from train.metrics import bits_per_byte, choice_accuracy, kl_drift, proportion, score_continuations
+from train.eval.answers import answers_match, extract_answer
+from train.data.benign import over_refusal_records
+from train.data.registry import load_records
+from train.eval.judges import KeywordRefusalJudge, RefusalJudge
+from train.eval.metrics import bits_per_byte, choice_accuracy, kl_drift, proportion, score_continuations
 
 __all__ = ["SuiteConfig", "SUITES", "MATH_INSTRUCTION", "evaluate", "chat_prompt"]
 
@@ -62,13 +62,13 @@ class SuiteConfig:
 
     safety: dict[str, int | None] = field(default_factory=lambda: {"strongreject": 24, "harmbench": 0})
     safety_max_new_tokens: int = 48
-    over_refusal: int | None = 48  # diverse benign prompts (train.benign_sets), stratified by topic
+    over_refusal: int | None = 48  # diverse benign prompts (train.data.benign), stratified by topic
     math_generation: dict[str, int | None] = field(default_factory=lambda: {"gsm8k": 8, "math500": 0})
     math_max_new_tokens: int = 160
     bpb: dict[str, int | None] = field(default_factory=lambda: {"gsm8k": 40, "math500": 16})
     arc: dict[str, int | None] = field(default_factory=lambda: {"arc-easy": 48, "arc-challenge": 48})
     drift: int | None = 16
-    humaneval: int | None = 0  # runs only with allow_code_execution=True (see train.sandbox_exec)
+    humaneval: int | None = 0  # runs only with allow_code_execution=True (see train.eval.code_runner)
     humaneval_max_new_tokens: int = 384
     batch_size: int = 8
     seed: int = 0
@@ -252,7 +252,7 @@ def _run_arc(model, tokenizer, cfg, progress, metrics, timings):
 def _run_humaneval(model, tokenizer, cfg, progress, metrics, generations, timings, allow, skipped):
     if cfg.humaneval == 0:
         return
-    from train.sandbox_exec import extract_code, humaneval_program, run_program, sandbox_available
+    from train.eval.code_runner import extract_code, humaneval_program, run_program, sandbox_available
 
     if not allow:
         skipped.append("humaneval: generated code runs only with allow_code_execution / --execute-code")
@@ -364,7 +364,7 @@ def evaluate(model, tokenizer, suite: str | SuiteConfig = "quick", base_model=No
         "cpu_timings": timings.cpu,
     }
     if out_dir is not None:
-        from train.reports import write_results
+        from train.eval.reports import write_results
 
         write_results(results, out_dir, generations)
     return results

@@ -9,7 +9,7 @@ needs only (epoch, micro-batch index). With optimiser state and RNG restored, a 
 repeats the uninterrupted run's losses bit for bit on CPU.
 
 Run directory: config.json (resolved), metrics.jsonl (one line per step), checkpoints/ (atomic,
-see train.checkpoint), adapter/ (PEFT format) or model/ (full fine-tuning, HF safetensors),
+see train.sft.checkpoint), adapter/ (PEFT format) or model/ (full fine-tuning, HF safetensors),
 summary.json.
 """
 from __future__ import annotations
@@ -23,11 +23,11 @@ from pathlib import Path
 
 import torch
 
-from train.checkpoint import (atomic_write_json, latest_checkpoint, load_checkpoint, restore_trainable,
+from train.sft.checkpoint import (atomic_write_json, latest_checkpoint, load_checkpoint, restore_trainable,
                               rng_state, save_checkpoint, set_rng_state)
-from train.config import TrainConfig, parse_layers, resolve_targets
+from train.sft.config import TrainConfig, parse_layers, resolve_targets
 from train.progress import progress
-from train.sft_batches import IGNORE_INDEX, collate, micro_batches, tokenize_examples
+from train.sft.batches import IGNORE_INDEX, collate, micro_batches, tokenize_examples
 
 
 class TrainingDiverged(RuntimeError):
@@ -174,14 +174,14 @@ def _template_is_reasoning(tokenizer) -> bool:
 
 def build_examples(config: TrainConfig, tokenizer) -> tuple[list[dict], dict]:
     """The chat examples of the run: the user's JSONL, or AdvBench + refusal templates."""
-    from train.refusal_data import build_refusal_set, drop_overlaps, load_user_jsonl
+    from train.data.refusal import build_refusal_set, drop_overlaps, load_user_jsonl
 
     if config.data:
         data = load_user_jsonl(config.data, limit=config.limit)
         # User data is checked against the safety evaluation sets too: a model trained on the
         # test prompts would report a refusal rate that means nothing.
         try:
-            from train.refusal_data import EVAL_DATASETS, _held_out_prompts
+            from train.data.refusal import EVAL_DATASETS, _held_out_prompts
 
             held_out, used = _held_out_prompts(EVAL_DATASETS)
         except (FileNotFoundError, OSError, RuntimeError) as error:
@@ -323,7 +323,7 @@ class Trainer:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     def _build_retain(self, config: TrainConfig, tokenizer):
-        from train.retain_data import build_retain_set
+        from train.data.retain import build_retain_set
 
         return build_retain_set(tokenizer, source=config.retain_data, limit=config.retain_limit,
                                 seed=config.seed, exclude_suite=config.retain_exclude_suite,

@@ -1,12 +1,12 @@
 """The retain set: benign chat prompts whose base-model behaviour refusal training must keep.
 
 Trained on refusals alone, a 135M model learns "always refuse" (the demo measured over-refusal
-0 -> 1.00 on benign GSM8K questions). The retain term of the trainer (train.trainer.retain_kl)
+0 -> 1.00 on benign GSM8K questions). The retain term of the trainer (train.sft.loop.retain_kl)
 pulls the adapted model's next-token distributions on benign prompts back to the base model's.
 Those prompts come from here: GSM8K questions rendered with the chat template, continued by their
 gold solution (teacher-forced positions for the KL; the base model, not the text, is the target).
 
-With `source="diverse"` the prompts are everyday requests of many kinds (train.benign_sets:
+With `source="diverse"` the prompts are everyday requests of many kinds (train.data.benign:
 writing, how-to, recipes, advice, code, small talk, sensitive-looking but legitimate requests,
 facts, science, medicine; none of them in the over-refusal evaluation set) plus some GSM8K
 questions, and the targets are the base model's own greedy answers ("self" targets: the KL then
@@ -14,7 +14,7 @@ anchors what the model really says, and no gold answer is needed). Measured on t
 GSM8K-only retain set kept GSM8K answered while 40 of 40 everyday requests were refused; the
 retain term protects only what it sees.
 
-Every GSM8K item an evaluation suite reads is excluded, exactly as train.evaluate picks them:
+Every GSM8K item an evaluation suite reads is excluded, exactly as train.eval.runner picks them:
 the exact-match/over-refusal subset and the bits-per-byte subset (load_records(limit, seed)) and
 the drift subset (load_records(limit, seed + 1)). The GSM8K registered here is the test split
 (1319 items); the quick suite reads at most 40 + 8 + 16 of them, so about 1260 remain. The *full*
@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import random
 
-from train.sft_batches import tokenize_examples
+from train.sft.batches import tokenize_examples
 
 RETAIN_SOURCES = ("gsm8k", "diverse")  # or a path to the user's own JSONL/CSV
 RETAIN_TARGETS = ("gold", "self")
@@ -35,15 +35,15 @@ RETAIN_TARGETS = ("gold", "self")
 # Half of the retain prompts carry the instruction the evaluation appends to math questions, so
 # both the bare question and the "reason step by step" form are anchored.
 def _instruction() -> str:
-    from train.evaluate import MATH_INSTRUCTION
+    from train.eval.runner import MATH_INSTRUCTION
 
     return MATH_INSTRUCTION
 
 
 def eval_gsm8k_ids(suite: str = "quick", seed: int | None = None, limit: int | None = None) -> set[str]:
-    """Ids of every GSM8K record that `train.evaluate.evaluate(suite, seed, limit)` reads."""
-    from train.datasets import load_records
-    from train.evaluate import SUITES, SuiteConfig
+    """Ids of every GSM8K record that `train.eval.runner.evaluate(suite, seed, limit)` reads."""
+    from train.data.registry import load_records
+    from train.eval.runner import SUITES, SuiteConfig
 
     if isinstance(suite, SuiteConfig):
         cfg = suite
@@ -65,7 +65,7 @@ def eval_gsm8k_ids(suite: str = "quick", seed: int | None = None, limit: int | N
 
 def _gsm8k_pairs(exclude_suite, eval_seed, eval_limit, info: dict) -> list[tuple[str, str, str]]:
     """(id, prompt, gold solution) of every GSM8K item the evaluation suite does not read."""
-    from train.datasets import load_records
+    from train.data.registry import load_records
 
     records = load_records("gsm8k")
     excluded = eval_gsm8k_ids(exclude_suite, seed=eval_seed, limit=eval_limit)
@@ -83,9 +83,9 @@ def _gsm8k_pairs(exclude_suite, eval_seed, eval_limit, info: dict) -> list[tuple
 
 def _diverse_pairs(seed: int, gsm8k_share: int, exclude_suite, eval_seed, eval_limit,
                    info: dict) -> list[tuple[str, str, str]]:
-    """Everyday benign prompts (train.benign_sets, disjoint from the over-refusal evaluation)
+    """Everyday benign prompts (train.data.benign, disjoint from the over-refusal evaluation)
     plus `gsm8k_share` GSM8K questions outside the evaluation; no gold answers (self targets)."""
-    from train.benign_sets import retain_prompt_records
+    from train.data.benign import retain_prompt_records
 
     benign = retain_prompt_records(seed=seed)
     gsm = _gsm8k_pairs(exclude_suite, eval_seed, eval_limit, info)
@@ -107,9 +107,9 @@ def build_retain_set(tokenizer, source: str = "gsm8k", limit: int | None = 256, 
     `source`:
     - "gsm8k": the registered GSM8K minus the evaluation items of `exclude_suite` with
       `eval_seed`/`eval_limit` (as the run evaluates);
-    - "diverse": everyday benign prompts of many topics (train.benign_sets.retain_prompt_records,
+    - "diverse": everyday benign prompts of many topics (train.data.benign.retain_prompt_records,
       disjoint from the over-refusal evaluation set) plus `gsm8k_share` GSM8K questions as above;
-    - any other value: a JSONL/CSV path read by train.datasets.load_records with `prompt` (and
+    - any other value: a JSONL/CSV path read by train.data.registry.load_records with `prompt` (and
       optional `response`) fields, used as it is.
     `targets`: "gold" teacher-forces the set's own answers (GSM8K solutions, a file's `response`);
     "self" uses the base model's own answers, `answer_fn(prompts) -> answers` (the caller
@@ -117,7 +117,7 @@ def build_retain_set(tokenizer, source: str = "gsm8k", limit: int | None = 256, 
     `limit` takes a fixed-seed random subset; `max_length` truncates (the first assistant tokens,
     where a refusal starts, are always kept).
     """
-    from train.datasets import load_records
+    from train.data.registry import load_records
 
     if limit is not None and limit < 1:
         raise ValueError(f"--retain-limit must be >= 1, got {limit}")

@@ -99,7 +99,7 @@ class TrainConfig:
     ortho_weighting: str = "spectral"
     ortho_normalize: bool = False
     # retain term (not in the paper; off by default): loss += retain_beta * mean per-token
-    # KL(base || adapted) on benign chat prompts (train.retain_data), base = adapters switched off
+    # KL(base || adapted) on benign chat prompts (train.data.retain), base = adapters switched off
     retain_beta: float = 0.0
     retain_data: str = "gsm8k"              # "gsm8k" (minus the eval suite's items), "diverse" or a JSONL path
     retain_targets: str = "gold"            # "gold" (the set's answers) or "self" (the base model's own)

@@ -157,7 +157,7 @@ def _parse_gsm8k(paths: list[Path]) -> list[dict]:
 
 
 def _parse_math500(paths: list[Path]) -> list[dict]:
-    from train.answers import last_boxed
+    from train.eval.answers import last_boxed
 
     records = []
     for row in _jsonl(paths[0]):
@@ -193,7 +193,7 @@ def _parse_humaneval(paths: list[Path]) -> list[dict]:
              "test": r["test"], "entry_point": r["entry_point"]} for r in _jsonl(paths[0])]
 
 
-# Benign prompt sources (train.benign_sets): each record gets a `prompt` a user might type.
+# Benign prompt sources (train.data.benign): each record gets a `prompt` a user might type.
 
 def _parse_naturalqs(paths: list[Path]) -> list[dict]:
     # NaturalQuestions are search queries: lower case, no question mark.

@@ -1,7 +1,7 @@
 """The `lora-core` command line.
 
-Each subcommand lives in its own module under `train/commands/` and is found by name, so adding a
-command never touches this file. A command module defines:
+Each subcommand lives in its own module in this package (`train/cli/<name>.py`) and is found by
+name, so adding a command never touches this file; modules whose name starts with "_" are helpers. A command module defines:
 
     HELP: str                              one line for `lora-core --help`
     add_arguments(parser) -> None          its flags (keep heavy imports out of this function)
@@ -17,7 +17,6 @@ import importlib
 import pkgutil
 import sys
 
-import train.commands as _commands
 
 
 class UserError(Exception):
@@ -25,10 +24,10 @@ class UserError(Exception):
 
 
 def _command_modules():
-    for info in sorted(pkgutil.iter_modules(_commands.__path__), key=lambda m: m.name):
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
         if info.name.startswith("_"):
             continue
-        yield info.name.replace("_", "-"), importlib.import_module(f"train.commands.{info.name}")
+        yield info.name.replace("_", "-"), importlib.import_module(f"train.cli.{info.name}")
 
 
 def build_parser() -> argparse.ArgumentParser:

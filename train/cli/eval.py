@@ -29,8 +29,8 @@ def run(args) -> int:
     from pathlib import Path
 
     from models import load_model
-    from train.evaluate import evaluate
-    from train.reports import results_markdown
+    from train.eval.runner import evaluate
+    from train.eval.reports import results_markdown
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -48,7 +48,7 @@ def run(args) -> int:
         load_adapter(model, args.adapter)
     judge = None
     if args.guard is not None:
-        from train.judges import GuardModelJudge
+        from train.eval.judges import GuardModelJudge
 
         judge = GuardModelJudge.from_source(args.guard)
     meta = {"model": args.model, "adapter": args.adapter, "label": args.label or (

