@@ -24,6 +24,7 @@ setup(
         "tqdm",
         "gguf>=0.10",
         "matplotlib",
+        "pyyaml",
     ],
     extras_require={
         "test": [

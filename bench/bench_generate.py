@@ -13,11 +13,9 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models import generate, load_hf_directory  # noqa: E402
 from models.loading import resolve_source  # noqa: E402
+from lora_core.common.files import atomic_write_text  # noqa: E402
 
 QUESTIONS = [
     "What is the capital of France?", "Give me three tips for better sleep.", "Explain photosynthesis briefly.",
@@ -107,14 +106,6 @@ def _markdown(rows, meta) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m-instruct", help="HF directory, .gguf or registry name")
@@ -139,8 +130,8 @@ def main(argv=None) -> int:
                 transformers=transformers.__version__, threads=torch.get_num_threads(),
                 cpu=platform.processor() or platform.machine())
     out = Path(args.out_dir)
-    _write_atomic(out / "bench_generate.json", json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    _write_atomic(out / "bench_generate.md", _markdown(rows, meta))
+    atomic_write_text(out / "bench_generate.json", json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    atomic_write_text(out / "bench_generate.md", _markdown(rows, meta))
     print(f"wrote {out / 'bench_generate.json'} and {out / 'bench_generate.md'}")
     return 0
 

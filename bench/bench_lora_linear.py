@@ -17,20 +17,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
+from tqdm import tqdm  # tqdm.write keeps the bar intact
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kernels import lora_linear  # noqa: E402
+from lora_core.common.files import atomic_write_text  # noqa: E402
+from lora_core.common.progress import progress  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MODES = ("fwd", "bwd", "fwd+bwd")
@@ -137,14 +137,6 @@ def cases_from_args(args, device: str) -> list[Case]:
     return [Case(512, 576, 576, r, "fp32") for r in (1, 8, 16, 64)] + target
 
 
-def atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def markdown(rows: list[dict], device_name: str) -> str:
     lines = [f"LoRA linear benchmark on {device_name}; ratio = time / dense time, same run.", "",
              "| M | K=N | r | dtype | mode | dense ms | unfused ms | ours ms | unfused/dense "
@@ -195,7 +187,7 @@ def main(argv=None) -> int:
     modes = args.modes or (["fwd+bwd"] if args.quick else list(MODES))
     rows = []
     cases = cases_from_args(args, args.device)
-    for case in tqdm(cases, desc="cases", disable=not sys.stderr.isatty()):
+    for case in progress(cases, desc="cases"):
         steps = build(case, args.device, args.dropout, modes)
         ms = (time_cuda(steps) if args.device == "cuda"
               else time_cpu(steps, args.min_reps, args.budget))
@@ -216,8 +208,8 @@ def main(argv=None) -> int:
         meta = {"device": device_name, "torch": torch.__version__, "dropout": args.dropout,
                 "timer": "triton.testing.do_bench" if args.device == "cuda"
                 else "interleaved perf_counter medians"}
-        atomic_write(args.out, json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-        atomic_write(args.out.with_suffix(".md"), table)
+        atomic_write_text(args.out, json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+        atomic_write_text(args.out.with_suffix(".md"), table)
     return 0
 
 

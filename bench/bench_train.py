@@ -148,6 +148,7 @@ def main(argv=None) -> int:
         worker(args)
         return 0
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from lora_core.common.files import atomic_write_text
     if args.model_dir:
         model_dir = Path(args.model_dir)
     else:
@@ -167,12 +168,9 @@ def main(argv=None) -> int:
               f"{r['tokens_per_s_ratio']:6.2f}   {r['ours']['peak_rss_mb']:8.0f} {r['hf']['peak_rss_mb']:8.0f} "
               f"{r['peak_rss_ratio']:6.2f}")
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps({"setting": vars(args) | {"model_dir": str(model_dir)}, "rows": rows,
+    atomic_write_text(out, json.dumps({"setting": vars(args) | {"model_dir": str(model_dir)}, "rows": rows,
                                "targets": {"tokens_per_s_ratio": ">= 1.5", "peak_rss_ratio": "<= 0.7"}},
                               indent=2, default=str) + "\n")
-    os.replace(tmp, out)
     print(f"wrote {out}")
     return 0
 

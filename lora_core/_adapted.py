@@ -1,15 +1,17 @@
 """Find the LoRA-adapted modules of a model and their layer index / module type.
 
 Shared by the regulariser, the overlap analysis and the merge; the module list is the layer's own
-`lora_modules` (every LoRALinear, in module order).
+`lora_modules` (every LoRALinear, in module order). The layer index is LoRAConfig's rule
+(`lora_core.config.layer_index`), re-exported here so the analysis groups modules by the same
+block index that the `layers` filter selected them with.
 """
 from __future__ import annotations
 
-import re
-
 import torch.nn as nn
 
-_LAYER_RE = re.compile(r"\.layers\.(\d+)\.")
+from lora_core.config import layer_index
+
+__all__ = ["adapted_modules", "layer_index", "module_type"]
 
 
 def adapted_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -17,12 +19,6 @@ def adapted_modules(model: nn.Module) -> dict[str, nn.Module]:
     from lora_core.inject import lora_modules
 
     return dict(lora_modules(model))
-
-
-def layer_index(name: str) -> int | None:
-    """Layer index from a qualified name (r"\\.layers\\.(\\d+)\\."), None outside the layer stack."""
-    m = _LAYER_RE.search(name if name.endswith(".") else name + ".")
-    return int(m.group(1)) if m else None
 
 
 def module_type(name: str) -> str:

@@ -25,8 +25,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .atomic_io import read_json
-from .config import LoRAConfig
+from .common.files import read_json
+from .config import LoRAConfig, layer_index
 from .inject import inject_lora, linear_names, lora_modules, select_targets, summarize_names
 
 CONFIG_NAME = "adapter_config.json"
@@ -234,12 +234,6 @@ def config_from_peft(raw: dict, source: str = CONFIG_NAME) -> LoRAConfig:
         raise ValueError(f"{source}: {err}") from None
 
 
-def _peft_layer_index(name: str) -> int | None:
-    # PEFT's rule with layers_pattern="layers": the first "layers.<i>." at the start or after a dot.
-    m = re.match(r"(?:^|.*?\.)layers\.(\d+)\.", name)
-    return int(m.group(1)) if m else None
-
-
 def _peft_targets(model: nn.Module, adapted: list[str]) -> tuple[list[str] | str, list[int] | None]:
     """target_modules (+ layers_to_transform) that make PEFT select exactly `adapted` in this model.
 
@@ -248,18 +242,20 @@ def _peft_targets(model: nn.Module, adapted: list[str]) -> tuple[list[str] | str
     fullmatches exactly the adapted names.
     """
     candidates = set(linear_names(model)) | set(lora_modules(model)) | set(adapted)
+    # PEFT (layers_pattern="layers") also finds "layers.<i>." at the very start of a name, hence the ".".
+    index = {n: layer_index("." + n) for n in candidates}
     suffixes = sorted({n.rpartition(".")[2] for n in adapted})
     wanted = set(adapted)
 
     def select(layers: set[int] | None) -> set[str]:
         hits = {n for n in candidates if n in suffixes or any(n.endswith("." + s) for s in suffixes)}
         if layers is not None:
-            hits = {n for n in hits if _peft_layer_index(n) in layers}
+            hits = {n for n in hits if index[n] in layers}
         return hits
 
     if select(None) == wanted:
         return suffixes, None
-    idx = {_peft_layer_index(n) for n in adapted}
+    idx = {index[n] for n in adapted}
     if None not in idx and select(idx) == wanted:
         return suffixes, sorted(idx)
     return "(" + "|".join(re.escape(n) for n in sorted(adapted)) + ")", None

@@ -17,12 +17,17 @@ INIT_METHODS = ("default", "gaussian", "pissa", "milora")
 # The projections of a Llama/Qwen2 block, named as in HF; the paper's "all linear" setting.
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
-# A module's block index: the first ".layers.<i>." in its qualified name (project-wide contract).
+# A module's block index: the first ".layers.<i>." in its qualified name (project-wide contract;
+# `layer_index` is the only reader, and error messages collapse indices with this same pattern).
 LAYER_INDEX_RE = re.compile(r"\.layers\.(\d+)\.")
 
 
 def layer_index(name: str) -> int | None:
-    """Block index of a qualified module name, or None when it is not inside `.layers.<i>.`."""
+    """Block index of a qualified module name, or None when it is not inside `.layers.<i>.`.
+
+    A caller whose names may start at the layer stack ("layers.3.mlp...", PEFT's convention for
+    `layers_to_transform`) passes "." + name.
+    """
     match = LAYER_INDEX_RE.search(name)
     return int(match.group(1)) if match else None
 

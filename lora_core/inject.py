@@ -7,15 +7,13 @@ follows LoRAConfig (suffixes or a regex, optionally a set of block indices).
 from __future__ import annotations
 
 import contextlib
-import re
-import sys
 from typing import Iterator
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from .config import LoRAConfig, layer_index
+from .common.progress import progress as progress_bar
+from .config import LAYER_INDEX_RE, LoRAConfig, layer_index
 from .layer import LoRALinear
 
 # How many distinct (layer-collapsed) Linear names an error message lists before trimming.
@@ -38,7 +36,7 @@ def summarize_names(names: list[str], limit: int = _MAX_NAMES_IN_ERROR) -> str:
     groups: dict[str, list[int]] = {}
     for name in names:
         idx = layer_index(name)
-        key = name if idx is None else re.sub(r"\.layers\.\d+\.", ".layers.{}.", name, count=1)
+        key = name if idx is None else LAYER_INDEX_RE.sub(".layers.{}.", name, count=1)
         groups.setdefault(key, [])
         if idx is not None:
             groups[key].append(idx)
@@ -57,10 +55,13 @@ def summarize_names(names: list[str], limit: int = _MAX_NAMES_IN_ERROR) -> str:
 def select_targets(model: nn.Module, config: LoRAConfig, strict: bool = True) -> list[tuple[str, nn.Linear]]:
     """The (name, nn.Linear) pairs `config` selects; raises ValueError naming what does not match.
 
-    Refused: a config that matches no Linear; a target suffix or listed layer index that matches
-    nothing (a typo would otherwise silently train fewer modules; `strict=False` lets those pass, as
-    PEFT does, for configs read from adapter files); r > min(N, K) for SVD inits; a model that already
-    carries LoRA modules.
+    The one selection rule (injection, adapter loading and the trainer's up-front check all use it):
+    `config.matches`, i.e. suffix or regex targets plus the `layers` filter. Refused: a config that
+    matches no Linear; a target suffix or listed layer index that matches nothing (a typo would
+    otherwise silently train fewer modules); r > min(N, K) for a selected module; a model that
+    already carries LoRA modules. `strict=False` lets the unused suffixes / layers and a rank above
+    a layer's size pass, as PEFT does, for configs read from adapter files; SVD inits still need
+    r <= min(N, K), since they take r singular triplets of the weight.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
@@ -76,8 +77,8 @@ def select_targets(model: nn.Module, config: LoRAConfig, strict: bool = True) ->
     chosen = [n for n in seen if config.matches(n)]
     where = f"target_modules={config.target_modules!r}, layers={_fmt_layers(config.layers)}"
     if not chosen:
-        raise ValueError(f"LoRA config ({where}) matches no nn.Linear module; the model has: "
-                         f"{summarize_names(seen)}")
+        raise ValueError(f"LoRA config ({where}) matches no nn.Linear module; the model has "
+                         f"{_fmt_layer_count(seen)} and: {summarize_names(seen)}")
     if strict and isinstance(config.target_modules, list):
         unused = [t for t in config.target_modules if not any(n == t or n.endswith("." + t) for n in chosen)]
         if unused:
@@ -87,19 +88,26 @@ def select_targets(model: nn.Module, config: LoRAConfig, strict: bool = True) ->
         found = {layer_index(n) for n in chosen}
         missing = [i for i in config.layers if i not in found]
         if missing:
-            present = sorted({i for i in map(layer_index, seen) if i is not None})
-            have = f"{present[0]}-{present[-1]}" if present else "none"
             raise ValueError(f"LoRA layers {missing} have no module matching target_modules="
-                             f"{config.target_modules!r}; the model's layer indices: {have}")
+                             f"{config.target_modules!r}; the model's layer indices: {_fmt_indices(seen)}")
     if "" in chosen:
         raise ValueError("the model itself is an nn.Linear: wrap it in a module to inject LoRA")
     pairs = [(n, model.get_submodule(n)) for n in chosen]
-    if config.init in ("pissa", "milora"):
+    if strict or config.init in ("pissa", "milora"):
         for name, lin in pairs:
-            if config.r > min(lin.in_features, lin.out_features):
-                raise ValueError(f"init={config.init!r} needs r <= min(N, K), but {name} has weight shape "
-                                 f"{tuple(lin.weight.shape)} and r={config.r}")
+            _check_rank(name, lin, config)
     return pairs
+
+
+def _check_rank(name: str, linear: nn.Linear, config: LoRAConfig) -> None:
+    out, inp = linear.out_features, linear.in_features
+    if config.r <= min(out, inp):
+        return
+    msg = f"rank {config.r} is larger than layer {name} ({out}x{inp}) allows"
+    if config.init in ("pissa", "milora"):
+        msg += (f"; init={config.init!r} needs r <= min(N, K), but {name} has weight shape "
+                f"{tuple(linear.weight.shape)} and r={config.r}")
+    raise ValueError(msg)
 
 
 def inject_lora(model: nn.Module, config: LoRAConfig, *, strict: bool = True) -> list[str]:
@@ -112,7 +120,7 @@ def inject_lora(model: nn.Module, config: LoRAConfig, *, strict: bool = True) ->
     pairs = select_targets(model, config, strict=strict)
     replaced: dict[int, LoRALinear] = {}
     svd = config.init in ("pissa", "milora")
-    bar = tqdm(pairs, desc=f"LoRA init ({config.init})", disable=not (svd and sys.stderr.isatty()), leave=False)
+    bar = progress_bar(pairs, desc=f"LoRA init ({config.init})", enabled=None if svd else False)
     for name, linear in bar:
         new = replaced.get(id(linear))
         if new is None:
@@ -187,7 +195,9 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def merge_adapters(model: nn.Module) -> None:
-    """merge() on every LoRALinear (modules stay LoRALinear; see lora_core.merge_lora for export)."""
+    """merge() on every LoRALinear (modules stay LoRALinear; see lora_core.merge_lora for export).
+
+    Same arithmetic as merge_lora: both go through `merge_math.merged_weight`."""
     for m in lora_modules(model).values():
         m.merge()
 
@@ -196,6 +206,16 @@ def unmerge_adapters(model: nn.Module) -> None:
     """unmerge() on every LoRALinear."""
     for m in lora_modules(model).values():
         m.unmerge()
+
+
+def _fmt_indices(names: list[str]) -> str:
+    present = sorted({i for i in map(layer_index, names) if i is not None})
+    return f"{present[0]}-{present[-1]}" if present else "none"
+
+
+def _fmt_layer_count(names: list[str]) -> str:
+    count = len({i for i in map(layer_index, names) if i is not None})
+    return f"{count} layers (indices {_fmt_indices(names)})" if count else "no .layers.<i>. blocks"
 
 
 def _fmt_layers(layers) -> str:

@@ -5,9 +5,10 @@ adapted model without key remapping, and the adapter lives beside it as `lora_A`
 `lora_B` (N, r), PEFT's names. The forward goes through `kernels.lora_linear` (fused Triton on
 GPU, addmm path on CPU); merged or disabled adapters use a plain `F.linear`.
 
-merge()/unmerge() work in float32 and cast back once; unmerge recomputes the delta from A and B
-instead of storing a copy of W, so it restores W within two roundings in W's dtype:
-|W_restored - W| <= eps(dtype) * (|W| + |delta|) elementwise.
+merge()/unmerge() use `merge_math.merged_weight` (float32 sum, one cast back), the arithmetic every
+merge path shares; unmerge recomputes the delta from A and B instead of storing a copy of W, so it
+restores W within two roundings in W's dtype: |W_restored - W| <= eps(dtype) * (|W| + |delta|)
+elementwise.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from torch import nn
 import kernels
 from .config import LoRAConfig
 from .init import init_default_, init_gaussian_, svd_init
+from . import merge_math
 
 
 class LoRALinear(nn.Module):
@@ -110,14 +112,14 @@ class LoRALinear(nn.Module):
 
     def delta_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """scaling * B @ A, shape (N, K), computed in `dtype`."""
-        return self.scaling * (self.lora_B.to(dtype) @ self.lora_A.to(dtype))
+        return merge_math.delta_weight(self.lora_A, self.lora_B, self.scaling, dtype)
 
     @torch.no_grad()
     def merge(self) -> None:
         """Fold the adapter into `weight` (float32 add, one cast back). No-op when already merged."""
         if self.merged:
             return
-        self.weight.copy_((self.weight.float() + self.delta_weight(torch.float32)).to(self.weight.dtype))
+        self.weight.copy_(merge_math.merged_weight(self.weight, self.lora_A, self.lora_B, self.scaling))
         self.merged = True
 
     @torch.no_grad()
@@ -128,7 +130,8 @@ class LoRALinear(nn.Module):
         """
         if not self.merged:
             return
-        self.weight.copy_((self.weight.float() - self.delta_weight(torch.float32)).to(self.weight.dtype))
+        # -scaling negates the delta exactly, so this removes bit for bit what merge() added.
+        self.weight.copy_(merge_math.merged_weight(self.weight, self.lora_A, self.lora_B, -self.scaling))
         self.merged = False
 
     @torch.no_grad()
@@ -136,7 +139,7 @@ class LoRALinear(nn.Module):
         """A new nn.Linear holding W + scaling * B @ A (float32 add, one cast); self is unchanged."""
         w = self.weight
         if not self.merged:
-            w = (w.float() + self.delta_weight(torch.float32)).to(w.dtype)
+            w = merge_math.merged_weight(w, self.lora_A, self.lora_B, self.scaling)
         out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                         device=self.weight.device, dtype=self.weight.dtype)
         out.weight.copy_(w)

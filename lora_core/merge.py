@@ -1,15 +1,11 @@
 """Merge LoRA adapters into their base weights, optionally removing dW's principal-subspace part.
 
 Every adapted module becomes a plain `nn.Linear` whose weight is cast(W + dW'), with the sum done in
-float32 (or float64) and cast back to the weight's dtype once: adding a bf16 dW to a bf16 W rounds
-dW first and the sum again, so a merged bf16 model drifts further from the float32 result than one
-rounding of the exact sum does (tested).
+float32 (or float64) and cast back to the weight's dtype once (tested against a naive bf16 add).
+The arithmetic, including the column / row / both projections of dW onto the complement of W's
+top-k singular subspace, is `merge_math.merged_weight`, shared with `LoRALinear.merge`; this module
+adds the SVD bases (from the cache), the module swap and the report.
 
-Projection (the paper's post-hoc alternative to the regulariser; exact form inferred), with U_k, V_k
-the top-k singular vectors of the frozen W:
-    column: dW' = (I - U_k U_k^T) dW
-    row:    dW' = dW (I - V_k V_k^T)
-    both:   dW' = (I - U_k U_k^T) dW (I - V_k V_k^T)
 The report gives, per module, the share of ||dW||_F^2 removed (||dW - dW'||^2 / ||dW||^2; the
 projections are orthogonal so this equals 1 - ||dW'||^2 / ||dW||^2) and the rounding error of the
 final cast: max |W32 - cast(W32)| and ||W32 - cast(W32)||_F / ||W32||_F.
@@ -24,23 +20,10 @@ import torch
 import torch.nn as nn
 
 from lora_core._adapted import adapted_modules
+from lora_core.merge_math import PROJECTIONS, merged_weight, project_update
 from lora_core.svd_cache import DEFAULT_CACHE, SVDCache, check_k, check_svd_dtype
 
-PROJECTIONS = (None, "column", "row", "both")
-
-
-def project_update(dW: torch.Tensor, U: torch.Tensor | None, V: torch.Tensor | None, projection: str | None):
-    """dW with its component in span(U) (column), span(V) (row) or both removed; (N, K) in, (N, K) out."""
-    if projection is None:
-        return dW
-    if projection == "column":
-        return dW - U @ (U.T @ dW)
-    if projection == "row":
-        return dW - (dW @ V) @ V.T
-    if projection == "both":
-        left = dW - U @ (U.T @ dW)  # (I - U U^T) dW
-        return left - (left @ V) @ V.T
-    raise ValueError(f"unknown projection {projection!r}: expected one of None, 'column', 'row', 'both'")
+__all__ = ["MergeReport", "PROJECTIONS", "merge_lora", "project_update"]
 
 
 @dataclass
@@ -119,40 +102,28 @@ def merge_lora(
 
     report = MergeReport(projection=projection, k=k, dtype=str(dtype).replace("torch.", ""))
     for name, m in mods.items():
-        if getattr(m, "merged", False):
+        if m.merged:
             m.unmerge()  # contract: idempotent, restores the base weight in fp32
         W = m.weight.detach()
         with torch.no_grad():
-            if hasattr(m, "delta_weight"):
-                dW = m.delta_weight(dtype=dtype)
-            else:
-                dW = float(m.scaling) * (m.lora_B.detach().to(dtype) @ m.lora_A.detach().to(dtype))
-            dW = dW.to(device=W.device, dtype=dtype)
-            removed = None
+            U = V = None
             if projection is not None:
                 basis = cache.get(name, W, k, dtype).to(device=W.device, dtype=dtype)
-                new_dW = project_update(dW, basis.U, basis.V, projection)
-                total = float(dW.square().sum())
-                removed = float((dW - new_dW).square().sum()) / total if total > 0 else 0.0
-                dW = new_dW
-            merged = W.to(dtype) + dW  # (N, K) exact-ish sum in the wide dtype
-            out = merged.to(W.dtype)  # the one rounding
-            err = merged - out.to(dtype)
-            ref = float(merged.norm())
-            report.modules.append({
-                "name": name,
-                "shape": list(W.shape),
-                "dtype": str(W.dtype).replace("torch.", ""),
-                "k": k,
-                "removed_share": removed,
-                "cast_max_abs": float(err.abs().max()) if err.numel() else 0.0,
-                "cast_rel_fro": float(err.norm()) / ref if ref > 0 else 0.0,
-            })
-        bias = getattr(m, "bias", None)
-        linear = nn.Linear(W.shape[1], W.shape[0], bias=bias is not None, device="meta")
-        linear.weight = nn.Parameter(out, requires_grad=m.weight.requires_grad)
-        if bias is not None:
-            linear.bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
-        linear.train(m.training)
-        _set_submodule(model, name, linear)
+                U, V = basis.U, basis.V
+            record = {"name": name, "shape": list(W.shape), "dtype": str(W.dtype).replace("torch.", ""), "k": k}
+            out = merged_weight(W, m.lora_A.detach(), m.lora_B.detach(), m.scaling, projection=projection,
+                                U=U, V=V, dtype=dtype, stats=record)
+        report.modules.append(record)
+        _set_submodule(model, name, _as_linear(m, out))
     return report
+
+
+def _as_linear(m: nn.Module, weight: torch.Tensor) -> nn.Linear:
+    """A plain nn.Linear holding `weight` and a copy of m's bias, in m's train/eval mode."""
+    bias = m.bias
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    linear.weight = nn.Parameter(weight, requires_grad=m.weight.requires_grad)
+    if bias is not None:
+        linear.bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
+    linear.train(m.training)
+    return linear

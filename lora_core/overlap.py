@@ -19,13 +19,13 @@ a measured residual for large ones, as for W). Every record says which method ga
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 
 from lora_core._adapted import adapted_modules, layer_index, module_type
+from lora_core.common.progress import progress as progress_bar
 from lora_core.regularizer import SIDES, WEIGHTINGS, dense_overlap, lowrank_overlap
 from lora_core.svd_cache import DEFAULT_CACHE, SpectralBasis, SVDCache, check_k, check_svd_dtype, top_k_svd
 
@@ -193,10 +193,7 @@ class OverlapReport:
 
 
 def _progress(items, desc, progress):
-    from tqdm.auto import tqdm
-
-    disable = (not sys.stderr.isatty()) if progress is None else not progress
-    return tqdm(items, desc=desc, disable=disable)
+    return progress_bar(items, desc=desc, enabled=progress)
 
 
 def _check_k_request(k):

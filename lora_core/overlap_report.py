@@ -9,7 +9,7 @@ import json
 import math
 from pathlib import Path
 
-from lora_core.atomic_io import atomic_write_bytes
+from lora_core.common.files import atomic_write_bytes
 from lora_core.overlap import OverlapReport
 from lora_core.regularizer import SIDES
 

@@ -32,13 +32,13 @@ global k; here a per-module cap is computed and recorded in `self.k_per_module`)
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
 from lora_core._adapted import adapted_modules
+from lora_core.common.progress import progress as progress_bar
 from lora_core.svd_cache import DEFAULT_CACHE, SpectralBasis, SVDCache, check_k, check_svd_dtype
 
 SIDES = ("column", "row", "both")
@@ -179,11 +179,8 @@ class OrthogonalityRegularizer:
             found = {n: found[n] for n in modules}
         if not found:
             raise ValueError("the model has no LoRA-adapted modules: inject LoRA before building the regulariser")
-        from tqdm.auto import tqdm
-
-        disable = (not sys.stderr.isatty()) if progress is None else not progress
         self.entries: list[_Entry] = []
-        for name, module in tqdm(found.items(), desc="top-k SVD", disable=disable):
+        for name, module in progress_bar(list(found.items()), desc="top-k SVD", enabled=progress):
             if getattr(module, "merged", False):
                 raise ValueError(f"{name}: adapter is merged into the weight; unmerge before regularising")
             W = module.weight

@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from lora_core.common.files import atomic_write_via
 
 _SVD_DTYPES = (torch.float32, torch.float64)
 
@@ -189,16 +189,8 @@ class SVDCache:
                 {"id": i, "name": name, "shape": list(shape), "fingerprint": fp, "dtype": dtype,
                  "method": entry.method, "rel_residual": entry.rel_residual}
             )
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={"lora_core_svd_cache": json.dumps(index)})
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        return path
+        metadata = {"lora_core_svd_cache": json.dumps(index)}
+        return atomic_write_via(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
     def load(self, path) -> int:
         """Merge the entries of a file written by `save`; returns how many were read."""

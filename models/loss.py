@@ -1,16 +1,45 @@
-"""Next-token cross-entropy that never builds the full (B, T, V) float32 logits.
+"""Losses over next-token distributions that never build the full (B, T, V) float32 logits.
 
 With a 49k-152k vocabulary the logits dominate training memory: (8 x 2048 x 152k) fp32 is 10 GB.
-So the loss only projects positions that carry a label, in chunks of `chunk_size` rows, upcasts
+So a loss only projects positions that carry a label, in chunks of `chunk_size` rows, upcasts
 each chunk to float32 on its own, and wraps each chunk in activation checkpointing: backward
 recomputes the chunk's logits instead of keeping them, so at most one chunk of logits is alive in
 either direction. Gradients are those of the plain computation (tested).
+
+`chunked_row_sum` is that chunking, once; `causal_lm_loss` (cross-entropy) and the trainer's
+retain KL use it, and `token_kl` is the one KL formula (the evaluation's drift uses it too).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+
+def token_kl(logp_ref: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """KL(ref || model) per row of two log-probability tensors (..., V) -> (...), in nats.
+
+    exp(-inf) is 0 and 0 * finite stays 0, so tokens the reference rules out cost nothing.
+    """
+    return (logp_ref.exp() * (logp_ref - logp)).sum(-1)
+
+
+def chunked_row_sum(fn, rows: tuple[torch.Tensor, ...], chunk_size: int, checkpointed: bool,
+                    *context) -> torch.Tensor:
+    """sum_k fn(*context, *chunk_k) over chunks of `chunk_size` rows of every tensor in `rows`.
+
+    With `checkpointed`, each chunk runs under activation checkpointing, so its logits are
+    recomputed in backward instead of kept. `fn` returns a float32 scalar per chunk.
+    """
+    count = rows[0].shape[0]
+    total = rows[0].new_zeros((), dtype=torch.float32)
+    for start in range(0, count, chunk_size):
+        chunk = [r[start:start + chunk_size] for r in rows]
+        if checkpointed:
+            total = total + checkpoint(fn, *context, *chunk, use_reentrant=False)
+        else:
+            total = total + fn(*context, *chunk)
+    return total
 
 
 def _chunk_loss_sum(lm_head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -54,11 +83,4 @@ def causal_lm_loss(
         raise ValueError(f"labels outside [0, {vocab}) other than ignore_index={ignore_index}: "
                          f"min {int(y.min())}, max {int(y.max())}")
     needs_grad = torch.is_grad_enabled() and (h.requires_grad or model.lm_head.weight.requires_grad)
-    total = h.new_zeros((), dtype=torch.float32)
-    for start in range(0, count, chunk_size):
-        h_chunk, y_chunk = h[start:start + chunk_size], y[start:start + chunk_size]
-        if needs_grad:
-            total = total + checkpoint(_chunk_loss_sum, model.lm_head, h_chunk, y_chunk, use_reentrant=False)
-        else:
-            total = total + _chunk_loss_sum(model.lm_head, h_chunk, y_chunk)
-    return total / count
+    return chunked_row_sum(_chunk_loss_sum, (h, y), chunk_size, needs_grad, model.lm_head) / count

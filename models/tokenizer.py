@@ -17,7 +17,7 @@ from typing import Any
 
 from tokenizers import Tokenizer as _HFTokenizer
 
-from lora_core.atomic_io import read_json
+from lora_core.common.files import read_json
 
 from .chat_template import render_chat_template
 

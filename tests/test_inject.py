@@ -220,3 +220,47 @@ def test_merge_all_matches_adapter_output(toy):
         ym = toy(x)
     err = (ym - y).abs().max().item()
     assert err < 1e-5 * y.abs().max().item(), f"merged logits differ from adapter logits by {err:.3e}"
+
+
+def test_layer_index_is_the_one_rule():
+    from lora_core import layer_index
+    from lora_core._adapted import layer_index as adapted_layer_index
+
+    assert adapted_layer_index is layer_index
+    assert layer_index("model.layers.12.mlp.up_proj") == 12
+    assert layer_index("model.layers.3.layers.7.q_proj") == 3  # the first block index wins
+    assert layer_index("model.layers.2.mlp.up_proj.weight") == 2
+    assert layer_index("lm_head") is None and layer_index("model.layers.x.q_proj") is None
+    # Names starting at the stack (PEFT's convention) need the leading "." their callers add.
+    assert layer_index("layers.4.q_proj") is None and layer_index(".layers.4.q_proj") == 4
+
+
+def test_select_targets_regex_errors_name_targets_layers_and_model(toy):
+    from lora_core import select_targets
+
+    regex = r"model\.layers\.[02]\.self_attn\.q_proj"
+    with pytest.raises(ValueError) as err:
+        select_targets(toy, LoRAConfig(target_modules=regex, layers=[1]))
+    msg = str(err.value)
+    assert "matches no nn.Linear" in msg and repr(regex) in msg and "layers=[1]" in msg, msg
+    assert "4 layers (indices 0-3)" in msg and "model.layers.{0-3}.self_attn.q_proj" in msg, msg
+    with pytest.raises(ValueError, match=r"layers \[3\] have no module matching target_modules=.*indices: 0-3"):
+        select_targets(toy, LoRAConfig(target_modules=regex, layers=[0, 3]))
+    pairs = select_targets(toy, LoRAConfig(target_modules=regex, layers=[2]))
+    assert [n for n, _ in pairs] == ["model.layers.2.self_attn.q_proj"]
+    assert pairs[0][1] is toy.model.layers[2].self_attn.q_proj
+    assert not lora_modules(toy), "select_targets must not change the model"
+
+
+def test_select_targets_refuses_rank_above_layer_size(toy):
+    from lora_core import select_targets
+
+    for targets in (["up_proj"], r"model\.layers\.1\.mlp\.up_proj"):
+        with pytest.raises(ValueError, match=r"rank 17 is larger than layer model\.layers\.\d\.mlp\.up_proj "
+                                             r"\(24x16\) allows"):
+            select_targets(toy, LoRAConfig(r=17, target_modules=targets))
+    assert len(select_targets(toy, LoRAConfig(r=16, target_modules=["up_proj"]))) == L
+    # Adapter files (strict=False) may carry such a rank, as PEFT allows; SVD inits never can.
+    assert len(select_targets(toy, LoRAConfig(r=17, target_modules=["up_proj"]), strict=False)) == L
+    with pytest.raises(ValueError, match="rank 17 is larger than layer"):
+        select_targets(toy, LoRAConfig(r=17, target_modules=["up_proj"], init="pissa"), strict=False)

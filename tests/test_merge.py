@@ -4,6 +4,7 @@ References: the adapter model's own outputs (merged outputs must match to float3
 fp64 projector applied literally, a float32 merge for the bf16 rounding check, and `transformers`
 loading the exported directory independently.
 """
+import copy
 import json
 
 import pytest
@@ -127,6 +128,44 @@ def test_bad_inputs_are_named_and_leave_the_model_unchanged():
     assert len(lora_modules(model)) == 4  # nothing was merged by the refused calls
     with pytest.raises(ValueError, match="no LoRA-adapted modules"):
         merge_lora(nn.Linear(2, 2))
+
+
+def test_every_merge_path_writes_the_same_weight():
+    from lora_core import merge_adapters, merged_weight
+
+    module_model = toy(torch.bfloat16, seed=4)
+    layer_model, export_model = copy.deepcopy(module_model), copy.deepcopy(module_model)
+    mods = lora_modules(layer_model)
+    want = {n: merged_weight(m.weight, m.lora_A, m.lora_B, m.scaling) for n, m in mods.items()}
+    merge_adapters(layer_model)
+    merge_lora(export_model)
+    for n, m in lora_modules(module_model).items():
+        assert torch.equal(m.to_linear().weight, want[n]), n
+        assert torch.equal(layer_model.get_submodule(n).weight, want[n]), n
+        assert torch.equal(export_model.get_submodule(n).weight, want[n]), n
+
+
+def test_merged_weight_unmerge_bound_and_stats():
+    from lora_core import merged_weight
+
+    g = torch.Generator().manual_seed(6)
+    W = (torch.randn(24, 16, generator=g) * 0.3).to(torch.bfloat16)
+    A, B = torch.randn(3, 16, generator=g), torch.randn(24, 3, generator=g) * 0.2
+    stats = {}
+    merged = merged_weight(W, A, B, 2.0, stats=stats)
+    assert merged.dtype == torch.bfloat16 and stats["removed_share"] is None and stats["cast_max_abs"] > 0
+    back = merged_weight(merged, A, B, -2.0)
+    delta = 2.0 * (B @ A)
+    bound = torch.finfo(torch.bfloat16).eps * (W.float().abs() + delta.abs())
+    assert bool(((back.float() - W.float()).abs() <= bound).all())
+    U = torch.linalg.svd(W.double())[0][:, :4]
+    stats = {}
+    merged_weight(W.double(), A, B, 2.0, projection="column", U=U, dtype=F64, stats=stats)
+    delta = 2.0 * (B.double() @ A.double())
+    removed = float((U @ (U.T @ delta)).square().sum() / delta.square().sum())
+    assert stats["removed_share"] == pytest.approx(removed, abs=1e-12) and stats["cast_max_abs"] == 0.0
+    with pytest.raises(ValueError, match="unknown projection 'left'"):
+        merged_weight(W, A, B, 2.0, projection="left")
 
 
 # ---- CLI end to end on a tiny HF-format directory -------------------------------------------------

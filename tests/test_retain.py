@@ -8,7 +8,9 @@ import torch
 from test_sft_batches import make_tokenizer_dir
 from test_trainer import _cfg, _vocab, tiny_model
 from train.sft.batches import collate, tokenize_examples
-from train.sft.loop import prepare_model, retain_kl, train
+from train.sft.loop import train
+from train.sft.losses import retain_kl
+from train.sft.model_prep import prepare_model
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -186,15 +188,15 @@ def test_self_targets_are_generated_once_and_reused_on_resume(tokenizer, tmp_pat
     retain.write_text("".join(json.dumps({"prompt": q}) + "\n" for q, _ in CHATS))
     cfg = _cfg(tmp_path, max_steps=2, retain_beta=1.0, retain_data=str(retain), retain_targets="self",
                retain_target_tokens=4, retain_per_step=2, save_every=1)
-    import models
+    from train.sft import retain_term
 
     # A tiny random model may answer with nothing at all; what is cached is what counts here.
-    monkeypatch.setattr(models, "generate", lambda model, tok, prompts, **k: [f"Answer {i}." for i in range(len(prompts))])
+    monkeypatch.setattr(retain_term, "generate", lambda model, tok, prompts, **k: [f"Answer {i}." for i in range(len(prompts))])
     first = train(cfg, tokenizer=tokenizer, model=tiny_model(_vocab(tokenizer)))
     cached = json.loads((first.run_dir / "retain_answers.json").read_text())
     assert cached == {"prompts": [q for q, _ in CHATS], "answers": ["Answer 0.", "Answer 1.", "Answer 2."]}
 
-    monkeypatch.setattr(models, "generate", lambda *a, **k: pytest.fail("regenerated the retain targets"))
+    monkeypatch.setattr(retain_term, "generate", lambda *a, **k: pytest.fail("regenerated the retain targets"))
     cfg2 = _cfg(tmp_path, max_steps=3, retain_beta=1.0, retain_data=str(retain), retain_targets="self",
                 retain_target_tokens=4, retain_per_step=2, save_every=1)
     train(cfg2, tokenizer=tokenizer, model=tiny_model(_vocab(tokenizer)), resume=True)

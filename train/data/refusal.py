@@ -143,7 +143,7 @@ def drop_overlaps(prompts: list[str], held_out: list[str], threshold: float = 0.
     return kept, dropped
 
 
-def _held_out_prompts(eval_datasets) -> tuple[list[str], list[str]]:
+def held_out_prompts(eval_datasets) -> tuple[list[str], list[str]]:
     from train.data.registry import load_records
 
     prompts, used = [], []
@@ -165,7 +165,7 @@ def build_refusal_set(source: str = "advbench", limit: int | None = None, seed: 
 
         prompts = [prompt_of(r) for r in load_records(source)]
     if held_out is None:
-        held_out, used = _held_out_prompts(eval_datasets)
+        held_out, used = held_out_prompts(eval_datasets)
     else:
         used = ["<given>"]
     total = len(prompts)

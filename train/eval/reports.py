@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from lora_core.atomic_io import atomic_write_bytes, read_json
+from lora_core.common.files import atomic_write_bytes, read_json
 
 __all__ = ["write_text", "write_json", "write_jsonl", "markdown_table", "results_markdown",
            "write_results", "load_results", "compare_markdown", "scatter_plot", "compare_results",

@@ -135,7 +135,7 @@ def _require_chat_template(tokenizer) -> None:
 def _generate(model, tokenizer, prompts, max_new_tokens, batch_size, progress, desc):
     from models import generate
 
-    if progress:
+    if progress is not False:
         print(f"lora-core eval: {desc} ({len(prompts)} prompts, <= {max_new_tokens} new tokens)",
               file=sys.stderr)
     return generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=0.0,
@@ -224,7 +224,7 @@ def _run_bpb(model, tokenizer, cfg, progress, metrics, timings):
         records = load_records(name, limit=limit, seed=cfg.seed)
         contexts, continuations = _bpb_pairs(name, records)
         scores = score_continuations(model, tokenizer, contexts, continuations, cfg.batch_size,
-                                     progress_bar=None if progress else False, desc=f"BPB/{name}")
+                                     progress_bar=False if progress is False else None, desc=f"BPB/{name}")
         metrics[f"reasoning.{name}.bpb"] = bits_per_byte(scores)
         timings.record(f"reasoning.{name}.bpb", start)
 
@@ -238,7 +238,7 @@ def _run_arc(model, tokenizer, cfg, progress, metrics, timings):
         contexts = [r["query"] for r in records for _ in r["choices"]]
         continuations = [" " + c for r in records for c in r["choices"]]
         flat = score_continuations(model, tokenizer, contexts, continuations, cfg.batch_size * 2,
-                                   progress_bar=None if progress else False, desc=f"log-likelihood/{name}")
+                                   progress_bar=False if progress is False else None, desc=f"log-likelihood/{name}")
         grouped, pos = [], 0
         for r in records:
             grouped.append(flat[pos:pos + len(r["choices"])])
@@ -287,12 +287,12 @@ def _run_drift(model, base_model, tokenizer, cfg, progress, metrics, timings):
     # The chat template already opens the sequence with its own special tokens.
     metrics["drift.kl_base"] = kl_drift(base_model, model, tokenizer, contexts, continuations,
                                         cfg.batch_size, add_special_tokens=False,
-                                        progress_bar=None if progress else False)
+                                        progress_bar=False if progress is False else None)
     timings.record("drift", start)
 
 
 def evaluate(model, tokenizer, suite: str | SuiteConfig = "quick", base_model=None,
-             out_dir: str | Path | None = None, progress: bool = True,
+             out_dir: str | Path | None = None, progress: bool | None = True,
              max_new_tokens: int | None = None, batch_size: int | None = None,
              limit: int | None = None, judge: RefusalJudge | None = None, seed: int | None = None,
              meta: dict | None = None, allow_code_execution: bool = False) -> dict:

@@ -12,30 +12,21 @@ would pick. The checksums catch files damaged afterwards.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from lora_core.atomic_io import atomic_write_bytes, atomic_write_json, atomic_write_text  # noqa: F401 (re-exported)
+from lora_core.common.files import atomic_directory, atomic_write_json, atomic_write_text
+from models.fetch import sha256_of
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def rng_state() -> dict:
@@ -70,24 +61,14 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, stat
                     keep: int = 2) -> Path:
     """Write checkpoint `step` atomically and point LATEST at it; keep the newest `keep`."""
     ckpt_root = Path(run_dir) / "checkpoints"
-    ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step-{step:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step:06d}-", dir=ckpt_root))
-    try:
+    # The same step may be saved again (end of run on a save boundary): it is replaced whole.
+    with atomic_directory(final) as tmp:
         save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
         torch.save(state, tmp / "state.pt")
-        meta = {"step": step, "sha256": {name: _sha256(tmp / name)
+        meta = {"step": step, "sha256": {name: sha256_of(tmp / name)
                                          for name in ("trainable.safetensors", "state.pt")}}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        for name in ("trainable.safetensors", "state.pt", "meta.json"):
-            with open(tmp / name, "rb") as f:
-                os.fsync(f.fileno())
-        if final.exists():  # same step saved again (e.g. end of run on a save boundary)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     atomic_write_text(ckpt_root / "LATEST", final.name + "\n")
     steps = sorted(_list_steps(ckpt_root))
     for old in steps[:-keep] if keep > 0 else []:
@@ -131,7 +112,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         file = path / name
         if not file.is_file():
             raise ValueError(f"corrupt checkpoint {path}: {name} missing")
-        if _sha256(file) != expected:
+        if sha256_of(file) != expected:
             raise ValueError(f"corrupt checkpoint {file}: sha256 does not match meta.json")
     try:
         trainable = load_file(str(path / "trainable.safetensors"))

@@ -4,6 +4,11 @@ The paper (authors' code): AdamW, lr 5e-5, cosine schedule, no warm-up, weight d
 LoRA alpha 16, dropout 0.05, 10 epochs for LoRA and 5 for full fine-tuning. Those defaults are
 for 7B+ models; `lora-core demo` overrides a few for a 135M model on CPU and says why.
 The resolved config is written to the run directory as JSON, so a run can be read back and resumed.
+
+Each field also carries its command-line help, choices and --help group in its metadata: the flags
+of `lora-core train` are generated from it (train.cli._options), so a knob is written once, here.
+Choice lists come from the code that uses them (lora_core, train.data.retain) or, for the strings
+only the trainer compares, are defined below; validate() checks the same tuples the CLI offers.
 """
 from __future__ import annotations
 
@@ -11,6 +16,10 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from lora_core.config import INIT_METHODS
+from lora_core.regularizer import SIDES, WEIGHTINGS
+from train.data.retain import RETAIN_TARGETS
 
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MLP = ["gate_proj", "up_proj", "down_proj"]
@@ -59,115 +68,146 @@ def parse_layers(spec: str | list[int] | None) -> list[int] | None:
     return sorted(set(layers))
 
 
+def _bad(name: str, why: str):
+    # Errors name the flag, since most configs come from the command line.
+    raise ValueError(f"--{name.replace('_', '-')}: {why}")
+
+
+def _check_declared(f: dataclasses.Field, value) -> None:
+    """The checks a field's metadata declares: its choices and its least value."""
+    choices, least = f.metadata.get("choices"), f.metadata.get("min")
+    if choices is not None and value not in choices:
+        _bad(f.name, f"expected one of {'|'.join(choices)}, got {value!r}")
+    if least is not None and value is not None and value < least:
+        _bad(f.name, f"must be >= {least}, got {value}")
+
+
+# Choice lists with no other home: the trainer (train.sft.*) compares these strings directly.
+METHODS = ("lora", "full")
+SCHEDULERS = ("cosine", "linear", "constant")
+DTYPES = ("float32", "bfloat16")
+
+
+def _group(title: str):
+    """A field factory for one `lora-core train --help` group: `_lora(8, help="...")`.
+
+    The metadata (help, choices, flags, cli) is read by train.cli._options to make the flag, and
+    by TrainConfig.validate ("choices", and "min": the least value allowed, None always passing).
+    """
+    def option(default, **metadata):
+        return field(default=default, metadata={"group": title, **metadata})
+    return option
+
+
+_data = _group("model and data")
+_lora = _group("LoRA")
+_optim = _group("optimisation (paper defaults)")
+_ortho = _group("orthogonality regulariser (loss += beta * R)")
+_retain = _group("retain term (not in the paper; off by default): loss += beta * mean KL(base || adapted) "
+                 "on benign prompts, base = the same model with its adapters off")
+_run = _group("run directory")
+_INTERNAL = {"cli": False}  # set by code (the demo, the trainer), not by a flag
+
+
 @dataclass
 class TrainConfig:
-    # what to train
-    model: str = "smollm2-135m-instruct"
-    method: str = "lora"                    # lora | full
-    # data
-    data: str | None = None                 # user JSONL; None -> AdvBench prompts + refusal templates
-    dataset: str = "advbench"
-    limit: int | None = None
-    reasoning_line: bool | None = None      # None: on when the chat template knows <think>
-    max_length: int = 512
+    # what to train, on what
+    model: str = _data("smollm2-135m-instruct", help="registry name, HF directory or .gguf (default %(default)s)")
+    method: str = _data("lora", choices=METHODS,
+                        help="lora: the paper's method; full: full fine-tuning, its baseline (default %(default)s)")
+    data: str | None = _data(None, help="your JSONL: {prompt, response} or {messages} per line "
+                             "(default: AdvBench prompts + refusal templates)")
+    dataset: str = _data("advbench", help="registry data set of harmful prompts (default %(default)s)")
+    limit: int | None = _data(None, help="use at most this many examples")
+    reasoning_line: bool | None = _data(None, help="put '<think> one sentence </think>' before each refusal "
+                                        "(default: when the chat template uses <think>)")
+    max_length: int = _data(512, help="tokens per example; longer ones are cut (default %(default)s)")
     # LoRA
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.05
-    targets: str = "attn+mlp"
-    layers: str | None = None
-    use_rslora: bool = False
-    init: str = "default"
-    # optimisation
-    lr: float = 5e-5
-    weight_decay: float = 1e-4
-    scheduler: str = "cosine"               # cosine | linear | constant
-    warmup_steps: int = 0
-    epochs: float = 10.0
-    max_steps: int | None = None            # overrides epochs when set
-    batch_size: int = 2
-    grad_accum: int = 1
-    clip: float | None = 1.0                # max grad norm; None or 0 disables
-    dtype: str = "float32"                  # float32 | bfloat16 (LoRA: bf16 frozen base + fp32 adapters;
-                                            # full: autocast with fp32 master weights)
-    grad_checkpointing: bool = False
-    seed: int = 0
-    # orthogonality regulariser (paper): loss += beta * sum R
-    ortho_beta: float = 0.0
-    ortho_k: int = 16
-    ortho_side: str = "column"
-    ortho_weighting: str = "spectral"
-    ortho_normalize: bool = False
+    rank: int = _lora(8, flags=("--rank", "-r"), help="rank r of each adapter (default %(default)s)")
+    alpha: float = _lora(16.0, help="scale numerator: the update is alpha/r * B A (default %(default)s)")
+    dropout: float = _lora(0.05, help="dropout on the adapter input (default %(default)s)")
+    targets: str = _lora("attn+mlp",
+                         help=f"preset ({', '.join(TARGET_PRESETS)}) or comma-separated module names")
+    layers: str | None = _lora(None, help="layer range, e.g. 16-31 or 3,5,7 (default: all)")
+    use_rslora: bool = _lora(False, flags=("--rslora",), help="rank-stabilised scale alpha/sqrt(r)")
+    init: str = _lora("default", choices=INIT_METHODS,
+                     help="how A and B start; 'default': Kaiming A, B = 0 (lora_core.config.LoRAConfig)")
+    # optimisation (AdamW)
+    lr: float = _optim(5e-5, help="learning rate (default %(default)s)")
+    weight_decay: float = _optim(1e-4, help="AdamW weight decay (default %(default)s)")
+    scheduler: str = _optim("cosine", choices=SCHEDULERS, help="learning-rate schedule (default %(default)s)")
+    warmup_steps: int = _optim(0, min=0, help="linear warm-up steps (default %(default)s)")
+    epochs: float = _optim(10.0, help="passes over the data (default %(default)s)")
+    max_steps: int | None = _optim(None, min=1, help="optimiser steps (overrides --epochs)")
+    batch_size: int = _optim(2, min=1, help="examples per micro-batch (default %(default)s)")
+    grad_accum: int = _optim(1, min=1, help="micro-batches per optimiser step (default %(default)s)")
+    clip: float | None = _optim(1.0, help="max gradient norm, 0 = off")
+    dtype: str = _optim("float32", choices=DTYPES,
+                        help="bfloat16: LoRA keeps the frozen base in bf16 and the adapters in fp32; "
+                        "full fine-tuning uses autocast with fp32 master weights")
+    grad_checkpointing: bool = _optim(False, help="recompute activations in the backward pass (less memory)")
+    seed: int = _optim(0, help="random seed (default %(default)s)")
+    # orthogonality regulariser (paper): loss += beta * sum R (lora_core.regularizer)
+    ortho_beta: float = _ortho(0.0, min=0, help="weight beta (default %(default)s = off)")
+    ortho_k: int = _ortho(16, help="top-k singular directions of each frozen weight (default %(default)s)")
+    ortho_side: str = _ortho("column", choices=SIDES, help="subspace side (default %(default)s)")
+    ortho_weighting: str = _ortho("spectral", choices=WEIGHTINGS,
+                                  help="weight directions by singular value or not (default %(default)s)")
+    ortho_normalize: bool = _ortho(False, help="divide S by ||S||_2 and R by ||dW||_F^2")
     # retain term (not in the paper; off by default): loss += retain_beta * mean per-token
     # KL(base || adapted) on benign chat prompts (train.data.retain), base = adapters switched off
-    retain_beta: float = 0.0
-    retain_data: str = "gsm8k"              # "gsm8k" (minus the eval suite's items), "diverse" or a JSONL path
-    retain_targets: str = "gold"            # "gold" (the set's answers) or "self" (the base model's own)
-    retain_target_tokens: int = 64          # length of the base model's own answers ("self")
-    retain_per_step: int = 4                # retain examples per optimiser step
-    retain_limit: int | None = 256          # size of the retain pool (fixed-seed subset)
-    retain_max_length: int = 192
-    retain_exclude_suite: str = "quick"     # evaluation suite whose GSM8K items are excluded
-    retain_exclude_limit: int | None = None  # ... evaluated with this --limit (it changes the subsets)
-    retain_exclude_seed: int | None = None   # ... and this --seed (None: the suite's own seed)
+    retain_beta: float = _retain(0.0, min=0,
+                                 help="weight of the retain KL (default %(default)s = off, the paper's recipe)")
+    retain_data: str = _retain("gsm8k", help="'gsm8k' (GSM8K minus every item the --retain-exclude-suite "
+                               "evaluation reads), 'diverse' (everyday benign requests of many topics + GSM8K; "
+                               "use --retain-targets self) or a JSONL with prompt/response fields "
+                               "(default %(default)s)")
+    retain_targets: str = _retain("gold", choices=RETAIN_TARGETS,
+                                  help="'gold': teacher-force the set's answers; 'self': the base model's own "
+                                  "greedy answers (needed for --retain-data diverse) (default %(default)s)")
+    retain_target_tokens: int = _retain(64, min=1,
+                                        help="length of the base model's own answers with --retain-targets self")
+    retain_per_step: int = _retain(4, min=1, help="retain examples per optimiser step (default %(default)s)")
+    retain_limit: int | None = _retain(256, min=1, help="retain pool size, 'none' = all (default %(default)s)")
+    retain_max_length: int = _retain(192, help="tokens per retain example (default %(default)s)")
+    retain_exclude_suite: str = _retain("quick",
+                                        help="evaluation suite whose GSM8K items are kept out of the retain set")
+    retain_exclude_limit: int | None = _retain(
+        None, help="the --limit that suite will be run with (it changes which items it reads)")
+    retain_exclude_seed: int | None = _retain(
+        None, help="the --seed that suite will be run with (default: the suite's own)")
     # bookkeeping
-    out: str = "runs/train"
-    save_every: int = 50                    # optimiser steps between checkpoints; 0 = only at end
-    keep_checkpoints: int = 2
-    eval_every: int = 0                     # optimiser steps between quick evaluations; 0 = never
-    eval_suite: str = "quick"
-    log_every: int = 1
-    progress: bool | None = None            # None: bar only on a terminal
-    data_info: dict = field(default_factory=dict)  # filled by the trainer (provenance of the data)
+    out: str = _run("runs/train", help="run directory (default %(default)s)")
+    save_every: int = _run(50, help="optimiser steps between checkpoints; 0 = only at the end (default %(default)s)")
+    keep_checkpoints: int = _run(2, help="checkpoints kept on disk (default %(default)s)")
+    eval_every: int = _run(0, help="quick evaluation every N steps")
+    eval_suite: str = field(default="quick", metadata=_INTERNAL)
+    log_every: int = field(default=1, metadata=_INTERNAL)
+    progress: bool | None = field(default=None, metadata=_INTERNAL)  # None: bar only on a terminal
+    data_info: dict = field(default_factory=dict, metadata=_INTERNAL)  # provenance of the data
 
     def validate(self) -> "TrainConfig":
-        def bad(flag, why):
-            raise ValueError(f"--{flag}: {why}")
-        if self.method not in ("lora", "full"):
-            bad("method", f"expected 'lora' or 'full', got {self.method!r}")
-        if self.method == "lora" and self.rank < 1:
-            bad("rank", f"must be >= 1, got {self.rank}")
-        if self.lr <= 0:
-            bad("lr", f"must be positive, got {self.lr}")
-        if self.scheduler not in ("cosine", "linear", "constant"):
-            bad("scheduler", f"expected cosine|linear|constant, got {self.scheduler!r}")
-        if self.batch_size < 1:
-            bad("batch-size", f"must be >= 1, got {self.batch_size}")
-        if self.grad_accum < 1:
-            bad("grad-accum", f"must be >= 1, got {self.grad_accum}")
-        if self.max_steps is not None and self.max_steps < 1:
-            bad("max-steps", f"must be >= 1, got {self.max_steps}")
-        if self.max_steps is None and self.epochs <= 0:
-            bad("epochs", f"must be positive, got {self.epochs}")
-        if self.dtype not in ("float32", "bfloat16"):
-            bad("dtype", f"expected float32 or bfloat16, got {self.dtype!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            bad("dropout", f"must be in [0, 1), got {self.dropout}")
-        if self.ortho_beta < 0:
-            bad("ortho-beta", f"must be >= 0, got {self.ortho_beta}")
-        if self.ortho_beta > 0 and self.method != "lora":
-            bad("ortho-beta", "the orthogonality regulariser needs --method lora")
-        if self.ortho_side not in ("column", "row", "both"):
-            bad("ortho-side", f"expected column|row|both, got {self.ortho_side!r}")
-        if self.ortho_weighting not in ("spectral", "uniform"):
-            bad("ortho-weighting", f"expected spectral|uniform, got {self.ortho_weighting!r}")
-        if self.retain_beta < 0:
-            bad("retain-beta", f"must be >= 0, got {self.retain_beta}")
-        if self.retain_beta > 0 and self.method != "lora":
-            bad("retain-beta", "the retain term compares against the adapters switched off: needs --method lora")
-        if self.retain_targets not in ("gold", "self"):
-            bad("retain-targets", f"expected 'gold' or 'self', got {self.retain_targets!r}")
-        if self.retain_target_tokens < 1:
-            bad("retain-target-tokens", f"must be >= 1, got {self.retain_target_tokens}")
-        if self.retain_per_step < 1:
-            bad("retain-per-step", f"must be >= 1, got {self.retain_per_step}")
-        if self.retain_limit is not None and self.retain_limit < 1:
-            bad("retain-limit", f"must be >= 1, got {self.retain_limit}")
-        if self.warmup_steps < 0:
-            bad("warmup-steps", f"must be >= 0, got {self.warmup_steps}")
+        for f in dataclasses.fields(self):
+            _check_declared(f, getattr(self, f.name))
+        self._check_combinations()
         resolve_targets(self.targets)
         parse_layers(self.layers)
         return self
+
+    def _check_combinations(self) -> None:
+        """The checks that depend on another field, or that a choice list or a minimum cannot say."""
+        if self.method == "lora" and self.rank < 1:
+            _bad("rank", f"must be >= 1, got {self.rank}")
+        if self.lr <= 0:
+            _bad("lr", f"must be positive, got {self.lr}")
+        if self.max_steps is None and self.epochs <= 0:
+            _bad("epochs", f"must be positive, got {self.epochs}")
+        if not 0.0 <= self.dropout < 1.0:
+            _bad("dropout", f"must be in [0, 1), got {self.dropout}")
+        if self.ortho_beta > 0 and self.method != "lora":
+            _bad("ortho_beta", "the orthogonality regulariser needs --method lora")
+        if self.retain_beta > 0 and self.method != "lora":
+            _bad("retain_beta", "the retain term compares against the adapters switched off: needs --method lora")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

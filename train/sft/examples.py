@@ -1,0 +1,39 @@
+"""The chat examples a run trains on: the user's JSONL (checked against the evaluation sets)
+or AdvBench prompts with templated refusals."""
+from __future__ import annotations
+
+from train.data import refusal
+from train.sft.config import TrainConfig
+
+
+def _template_is_reasoning(tokenizer) -> bool:
+    template = getattr(tokenizer, "chat_template", None) or ""
+    return isinstance(template, str) and "<think>" in template
+
+
+def build_examples(config: TrainConfig, tokenizer) -> tuple[list[dict], dict]:
+    """The chat examples of the run: the user's JSONL, or AdvBench + refusal templates."""
+    if config.data:
+        data = refusal.load_user_jsonl(config.data, limit=config.limit)
+        # User data is checked against the safety evaluation sets too: a model trained on the
+        # test prompts would report a refusal rate that means nothing.
+        try:
+            held_out, used = refusal.held_out_prompts(refusal.EVAL_DATASETS)
+        except (FileNotFoundError, OSError, RuntimeError) as error:
+            data.info["disjoint_from_eval"] = f"not checked ({error})"
+            return data.examples, data.info
+        prompts = [next((m["content"] for m in reversed(e["messages"]) if m["role"] == "user"), "")
+                   for e in data.examples]
+        kept, _ = refusal.drop_overlaps(prompts, held_out)
+        kept_set = set(kept)
+        examples = [e for e, p in zip(data.examples, prompts) if p in kept_set]
+        if not examples:
+            raise ValueError(f"--data {config.data}: every example overlaps the evaluation sets {used}")
+        data.info.update(dropped_overlapping_eval=len(data.examples) - len(examples),
+                         held_out_eval_sets=used, disjoint_from_eval=True, examples=len(examples))
+        return examples, data.info
+    reasoning = config.reasoning_line
+    if reasoning is None:
+        reasoning = _template_is_reasoning(tokenizer)
+    data = refusal.build_refusal_set(config.dataset, limit=config.limit, seed=config.seed, reasoning=reasoning)
+    return data.examples, data.info

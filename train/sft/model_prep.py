@@ -1,0 +1,88 @@
+"""Getting a model ready to train: freeze and inject LoRA (or unfreeze all), dtypes,
+gradient checkpointing, and the optimiser's parameter groups."""
+from __future__ import annotations
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from lora_core import LoRAConfig, inject_lora, select_targets
+from train.sft.config import TrainConfig, parse_layers, resolve_targets
+
+
+def lora_config_of(config: TrainConfig) -> LoRAConfig:
+    return LoRAConfig(r=config.rank, alpha=config.alpha, dropout=config.dropout,
+                      target_modules=resolve_targets(config.targets), layers=parse_layers(config.layers),
+                      use_rslora=config.use_rslora, init=config.init)
+
+
+def _check_targets(model: torch.nn.Module, config: TrainConfig, lora_cfg: LoRAConfig) -> None:
+    """Clear errors before anything changes: lora_core's one selection rule, in flag terms."""
+    try:
+        select_targets(model, lora_cfg, strict=True)
+    except ValueError as error:
+        raise ValueError(f"--targets {config.targets!r} / --layers {config.layers!r} / --rank "
+                         f"{config.rank}: {error}") from None
+
+
+def prepare_model(model: torch.nn.Module, config: TrainConfig):
+    """Freeze/inject for the method; returns (trainable params, LoRAConfig or None)."""
+    if config.method == "lora":
+        lora_cfg = lora_config_of(config)
+        _check_targets(model, config, lora_cfg)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        if config.dtype == "bfloat16":
+            # The LoRA kernel wants x and the frozen weight in one dtype, so autocast (which hands
+            # it bf16 activations next to fp32 weights) does not fit: the frozen base is stored in
+            # bf16 instead, and the adapters stay fp32 (the kernel casts them per call, as peft's
+            # autocast_adapter_dtype does), so the optimiser updates fp32 master weights.
+            model.to(torch.bfloat16)
+        names = inject_lora(model, lora_cfg)
+        if not names:
+            raise ValueError(f"--targets {config.targets!r} matched no module")
+        if config.dtype == "bfloat16":
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.data = p.data.float()
+    else:
+        lora_cfg = None
+        for p in model.parameters():
+            p.requires_grad_(True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("nothing to train: no parameter requires a gradient")
+    if config.grad_checkpointing:
+        enable_gradient_checkpointing(model)
+    return params, lora_cfg
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute each decoder layer in backward instead of storing its activations."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None:
+        raise ValueError("--grad-checkpointing needs a model with model.layers")
+    for layer in layers:
+        if getattr(layer, "_lora_core_checkpointed", False):
+            continue
+        inner = layer.forward
+
+        def forward(*args, _inner=inner, **kwargs):
+            if not torch.is_grad_enabled():
+                return _inner(*args, **kwargs)
+            return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+
+        layer.forward = forward
+        layer._lora_core_checkpointed = True
+
+
+def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    # Biases and norm gains get no decay (as the HF Trainer the authors used): decaying a gain
+    # pulls it toward 0, which is not a prior anyone wants. LoRA A/B are all matrices: all decayed.
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": config.weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.999), eps=1e-8)

@@ -1,0 +1,63 @@
+"""The retain set of a run and its batches: built once (with the base model's own answers when
+the targets are "self", cached in the run directory), then one batch per optimiser step."""
+from __future__ import annotations
+
+import json
+
+import torch
+
+from lora_core import disable_adapters
+from models import generate
+from train.data.retain import build_retain_set
+from train.sft.batches import collate, micro_batches
+from lora_core.common.files import atomic_write_json
+from train.sft.config import TrainConfig
+
+
+class RetainTerm:
+    """Owns the tokenized retain examples of a run; `batch(step)` is a pure function of the step
+    (like the learning rate), so resume needs nothing more."""
+
+    def __init__(self, config: TrainConfig, model, tokenizer, run_dir, log=print):
+        self.config, self.model, self.tokenizer, self.run_dir, self.log = config, model, tokenizer, run_dir, log
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.examples, self.info = self._build(config, tokenizer)
+
+    def _build(self, config: TrainConfig, tokenizer):
+        return build_retain_set(tokenizer, source=config.retain_data, limit=config.retain_limit,
+                                seed=config.seed, exclude_suite=config.retain_exclude_suite,
+                                eval_seed=config.retain_exclude_seed, eval_limit=config.retain_exclude_limit,
+                                max_length=config.retain_max_length, targets=config.retain_targets,
+                                answer_fn=self._base_answers)
+
+    def _base_answers(self, prompts: list[str]) -> list[str]:
+        """The base model's greedy answers to `prompts` (adapters off), cached in the run
+        directory so a resumed run teacher-forces exactly the same targets."""
+        cache = self.run_dir / "retain_answers.json"
+        if cache.is_file():
+            saved = json.loads(cache.read_text())
+            if saved.get("prompts") == prompts:
+                return saved["answers"]
+        self.log(f"      answering {len(prompts)} retain prompts with the base model "
+                 f"(<= {self.config.retain_target_tokens} tokens each)")
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad(), disable_adapters(self.model):
+                rendered = [self.tokenizer.apply_chat_template([{"role": "user", "content": p}],
+                                                               add_generation_prompt=True) for p in prompts]
+                answers = generate(self.model, self.tokenizer, rendered,
+                                   max_new_tokens=self.config.retain_target_tokens, temperature=0.0,
+                                   batch_size=16, progress=bool(self.config.progress))
+        finally:
+            self.model.train(was_training)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(cache, {"prompts": prompts, "answers": answers})
+        return answers
+
+    def batch(self, step: int) -> dict[str, torch.Tensor]:
+        per = min(self.config.retain_per_step, len(self.examples))
+        n_batches = len(self.examples) // per
+        epoch, index = divmod(step, n_batches)
+        batches = micro_batches(n_batches * per, per, epoch, self.config.seed + 1)
+        return collate([self.examples[i] for i in batches[index]], self.pad_id)

@@ -1,0 +1,29 @@
+"""The learning-rate schedule and the run length, as pure functions of the step.
+
+A pure function of the step means resume needs only the step count: no scheduler state is saved.
+"""
+from __future__ import annotations
+
+import math
+
+from train.sft.config import TrainConfig
+
+
+def lr_at(step: int, config: TrainConfig, total_steps: int) -> float:
+    """Learning rate for optimiser step `step` (0-based): linear warm-up, then the schedule to 0."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    if config.scheduler == "constant":
+        return config.lr
+    span = max(1, total_steps - config.warmup_steps)
+    progress_frac = min(1.0, (step - config.warmup_steps) / span)
+    if config.scheduler == "linear":
+        return config.lr * (1.0 - progress_frac)
+    return config.lr * 0.5 * (1.0 + math.cos(math.pi * progress_frac))
+
+
+def total_steps_of(config: TrainConfig, n_examples: int) -> int:
+    if config.max_steps is not None:
+        return config.max_steps
+    micro_per_epoch = math.ceil(n_examples / config.batch_size)
+    return max(1, math.ceil(config.epochs * micro_per_epoch / config.grad_accum))
