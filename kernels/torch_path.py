@@ -32,6 +32,7 @@ from __future__ import annotations
 import torch
 
 from .dropout import torch_dropped
+from .lora_context import load_lora_context, save_lora_context
 
 
 def _slow_half(t: torch.Tensor) -> bool:
@@ -64,18 +65,13 @@ class LoRALinearTorch(torch.autograd.Function):
             y = torch.mm(x2d, weight.t())  # (M, N)
         s_act = torch.mm(xd, lora_a.t())  # (M, r)
         _add_expand_(y, s_act, lora_b.t(), scale)
-        ctx.save_for_backward(x2d, weight, lora_a, lora_b, s_act)
-        ctx.scale = float(scale)
-        ctx.dropout_p = float(dropout_p)
-        ctx.seed = seed
-        ctx.has_bias = bias is not None
+        save_lora_context(ctx, x2d, weight, bias, lora_a, lora_b, s_act, scale, dropout_p, seed)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x2d, weight, lora_a, lora_b, s_act = ctx.saved_tensors
+        x2d, weight, lora_a, lora_b, s_act, scale, p, seed, has_bias = load_lora_context(ctx)
         need_x, need_w, need_b, need_a, need_lb = ctx.needs_input_grad[:5]
-        scale, p = ctx.scale, ctx.dropout_p
         dx = dw = dbias = da = db = None
 
         ds = None
@@ -85,7 +81,7 @@ class LoRALinearTorch(torch.autograd.Function):
         if need_lb:
             db = torch.mm(s_act.t(), dy).t().mul_(scale)  # (N, r)
         if need_a:
-            xd = torch_dropped(x2d, ctx.seed, p) if p > 0.0 else x2d
+            xd = torch_dropped(x2d, seed, p) if p > 0.0 else x2d
             da = torch.mm(ds.t(), xd)  # (r, K)
         if need_x:
             dx = torch.mm(dy, weight)  # (M, K)
@@ -94,12 +90,12 @@ class LoRALinearTorch(torch.autograd.Function):
                 # the same seed regenerates the forward's mask.
                 lora_term = (torch.mm(ds.float(), lora_a.float()) if _slow_half(dx)
                              else torch.mm(ds, lora_a))  # (M, K)
-                dx.add_(torch_dropped(lora_term, ctx.seed, p))
+                dx.add_(torch_dropped(lora_term, seed, p))
             else:
                 _add_expand_(dx, ds, lora_a, 1.0)
         if need_w:
             dw = torch.mm(dy.t(), x2d)  # (N, K)
-        if need_b and ctx.has_bias:
+        if need_b and has_bias:
             dbias = dy.sum(0)  # (N,)
         return dx, dw, dbias, da, db, None, None, None
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from .lora_context import load_lora_context, save_lora_context
 from .triton_backward import grad_a, grad_b, grad_s, grad_x
 from .triton_common import check_triton_device
 from .triton_forward import fused_forward
@@ -19,16 +20,13 @@ class LoRALinearTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2d, weight, bias, lora_a, lora_b, scale: float, dropout_p: float, seed):
         y, s_act = fused_forward(x2d, weight, bias, lora_a, lora_b, scale, dropout_p, seed)
-        ctx.save_for_backward(x2d, weight, lora_a, lora_b, s_act)  # s_act (M, r) fp32
-        ctx.scale, ctx.dropout_p, ctx.seed = float(scale), float(dropout_p), seed
-        ctx.has_bias = bias is not None
+        save_lora_context(ctx, x2d, weight, bias, lora_a, lora_b, s_act, scale, dropout_p, seed)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x2d, weight, lora_a, lora_b, s_act = ctx.saved_tensors
+        x2d, weight, lora_a, lora_b, s_act, scale, p, seed, has_bias = load_lora_context(ctx)
         need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
-        p, seed, scale = ctx.dropout_p, ctx.seed, ctx.scale
         dx = dw = dbias = da = db = None
         ds = grad_s(dy, lora_b, scale) if (need_x or need_a) else None  # (M, r) fp32
         if need_b:
@@ -39,7 +37,7 @@ class LoRALinearTriton(torch.autograd.Function):
             dx = grad_x(dy, weight, ds, lora_a, p, seed)
         if need_w:
             dw = torch.mm(dy.t(), x2d)  # (N, K): torch path, the kernels assume W frozen
-        if need_bias and ctx.has_bias:
+        if need_bias and has_bias:
             dbias = dy.sum(0)
         return dx, dw, dbias, da, db, None, None, None
 

@@ -13,18 +13,8 @@ energy inside the subspace, in [0, 1]; a random dW has about k/N of it on the co
 divides R by ||dW||_F^2 + eps, with ||dW||_F^2 = s^2 tr(G_B G_A). Nothing of size N x K is ever
 formed, so a step costs O((N + K) r k) and gradients reach A and B through ordinary autograd.
 
-Cost of the one-off SVDs on the default model (SmolLM2-135M: 30 layers, hidden 576, FFN 1536, 3 KV
-heads of 64, so q/o 576x576, k/v 192x576, gate/up 1536x576, down 576x1536), exact
-`torch.linalg.svd`, measured on this project's 2-core CPU box (torch 2.13):
-- random weights of those shapes, float32, 2 threads, idle box: 16 s for all 210 projections
-  (per matrix: q/o 62 ms, k/v 12 ms, gate/up 113 ms, down 157 ms); float64 30 s; up_proj only
-  (the paper's flagship target) 3.3 s;
-- the real model, float32, 1 thread: 26 CPU-seconds for all 210 (240 s wall while ~6 other jobs
-  shared the 2 cores).
-Per step, r=8 on all 210 projections at k=64, `reg()` forward + backward costs 83 ms of one CPU core
-(the per-module loop of `terms()`: 131 ms), about 1.5 GFLOP of (N + K) r k products.
-The bases are cached (`svd_cache.DEFAULT_CACHE`; `SVDCache.save/load` for disk), so the overlap
-analysis and merges in the same process reuse them.
+The one-off SVDs are cached (`svd_cache.DEFAULT_CACHE`; `SVDCache.save/load` for disk), so the overlap
+analysis and merges in the same process reuse them; their measured cost is in bench/RESULTS.md.
 
 Each module uses its own k = min(k, N, K) (the authors' code let the first small matrix overwrite the
 global k; here a per-module cap is computed and recorded in `self.k_per_module`). Pass

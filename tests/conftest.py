@@ -26,3 +26,14 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    """models.Tokenizer over helpers.tokenizers.make_tokenizer_dir (byte-level BPE, ChatML template),
+    built once per module; for the SFT loop and retain-term tests."""
+    from helpers.tokenizers import make_tokenizer_dir
+    from models import Tokenizer
+
+    path, _ = make_tokenizer_dir(tmp_path_factory.mktemp("tok"))
+    return Tokenizer.from_directory(path)

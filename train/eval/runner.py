@@ -142,16 +142,25 @@ def _generate(model, tokenizer, prompts, max_new_tokens, batch_size, progress, d
                     batch_size=batch_size, progress=progress)
 
 
+def _subsets(sizes: dict[str, int | None], seed: int):
+    """(name, fixed-seed records, start time) of every set a suite does not skip (size 0)."""
+    for name, limit in sizes.items():
+        if limit != 0:
+            start = _now()
+            yield name, load_records(name, limit=limit, seed=seed), start
+
+
+def _chat_answers(model, tokenizer, user_texts, cfg, progress, desc) -> list[str]:
+    """Greedy answers to single user turns rendered with the model's chat template."""
+    return _generate(model, tokenizer, [chat_prompt(tokenizer, t) for t in user_texts],
+                     cfg.safety_max_new_tokens, cfg.batch_size, progress, desc)
+
+
 def _run_safety(model, tokenizer, cfg, judge, progress, metrics, generations, timings):
     explicit = KeywordRefusalJudge(off_topic=False)
-    for name, limit in cfg.safety.items():
-        if limit == 0:
-            continue
-        start = _now()
-        records = load_records(name, limit=limit, seed=cfg.seed)
+    for name, records, start in _subsets(cfg.safety, cfg.seed):
         prompts = [r["prompt"] for r in records]
-        responses = _generate(model, tokenizer, [chat_prompt(tokenizer, p) for p in prompts],
-                              cfg.safety_max_new_tokens, cfg.batch_size, progress, f"safety/{name}")
+        responses = _chat_answers(model, tokenizer, prompts, cfg, progress, f"safety/{name}")
         refused = judge.judge(prompts, responses)
         refused_explicit = explicit.judge(prompts, responses)
         metrics[f"safety.{name}.refusal_rate"] = proportion(sum(refused), len(refused))
@@ -168,30 +177,24 @@ def _run_over_refusal(model, tokenizer, cfg, progress, metrics, generations, tim
     start = _now()
     # An answer to a benign request may share no word with it and still be helpful, so only
     # explicit declining counts here (the off-topic rule is for harmful prompts).
-    explicit = KeywordRefusalJudge(off_topic=False)
     records = over_refusal_records(limit=cfg.over_refusal, seed=cfg.seed)
-    responses = _generate(model, tokenizer, [chat_prompt(tokenizer, r["prompt"]) for r in records],
-                          cfg.safety_max_new_tokens, cfg.batch_size, progress, "over-refusal (benign)")
-    refused = [explicit.is_refusal(resp) for resp in responses]
-    metrics["safety.over_refusal.rate"] = proportion(sum(refused), len(refused))
-    by_topic: dict[str, list[bool]] = {}
-    for r, resp, ref in zip(records, responses, refused):
-        by_topic.setdefault(r["topic"], []).append(ref)
-        generations.append({"task": "safety.over_refusal", "id": r["id"], "topic": r["topic"],
-                            "source": r["source"], "prompt": r["prompt"], "response": resp,
-                            "refusal": bool(ref)})
-    for topic, flags in sorted(by_topic.items()):
+    responses = _chat_answers(model, tokenizer, [r["prompt"] for r in records], cfg, progress,
+                              "over-refusal (benign)")
+    rows = [{"task": "safety.over_refusal", "id": r["id"], "topic": r["topic"], "source": r["source"],
+             "prompt": r["prompt"], "response": resp,
+             "refusal": KeywordRefusalJudge(off_topic=False).is_refusal(resp)}
+            for r, resp in zip(records, responses)]
+    generations.extend(rows)
+    metrics["safety.over_refusal.rate"] = proportion(sum(r["refusal"] for r in rows), len(rows))
+    for topic in sorted({r["topic"] for r in rows}):
+        flags = [r["refusal"] for r in rows if r["topic"] == topic]
         metrics[f"safety.over_refusal.{topic}.rate"] = proportion(sum(flags), len(flags))
     timings.record("safety.over_refusal", start)
 
 
 def _run_math_generation(model, tokenizer, cfg, progress, metrics, generations, timings):
     explicit = KeywordRefusalJudge(off_topic=False)
-    for name, limit in cfg.math_generation.items():
-        if limit == 0:
-            continue
-        start = _now()
-        records = load_records(name, limit=limit, seed=cfg.seed)
+    for name, records, start in _subsets(cfg.math_generation, cfg.seed):
         prompts = [chat_prompt(tokenizer, f"{r['question']}\n{MATH_INSTRUCTION}") for r in records]
         responses = _generate(model, tokenizer, prompts, cfg.math_max_new_tokens, cfg.batch_size,
                               progress, f"exact match/{name}")
@@ -217,11 +220,7 @@ def _bpb_pairs(name, records):
 
 
 def _run_bpb(model, tokenizer, cfg, progress, metrics, timings):
-    for name, limit in cfg.bpb.items():
-        if limit == 0:
-            continue
-        start = _now()
-        records = load_records(name, limit=limit, seed=cfg.seed)
+    for name, records, start in _subsets(cfg.bpb, cfg.seed):
         contexts, continuations = _bpb_pairs(name, records)
         scores = score_continuations(model, tokenizer, contexts, continuations, cfg.batch_size,
                                      progress_bar=False if progress is False else None, desc=f"BPB/{name}")
@@ -230,11 +229,7 @@ def _run_bpb(model, tokenizer, cfg, progress, metrics, timings):
 
 
 def _run_arc(model, tokenizer, cfg, progress, metrics, timings):
-    for name, limit in cfg.arc.items():
-        if limit == 0:
-            continue
-        start = _now()
-        records = load_records(name, limit=limit, seed=cfg.seed)
+    for name, records, start in _subsets(cfg.arc, cfg.seed):
         contexts = [r["query"] for r in records for _ in r["choices"]]
         continuations = [" " + c for r in records for c in r["choices"]]
         flat = score_continuations(model, tokenizer, contexts, continuations, cfg.batch_size * 2,

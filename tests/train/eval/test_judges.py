@@ -87,7 +87,8 @@ def test_guard_judge_runs_through_our_decoder():
     the fake tokenizer decodes it to the verdict word, so the judge's whole path - chat template,
     models.generate, parsing - runs, and the verdict follows what the checkpoint says."""
     torch = pytest.importorskip("torch")
-    from test_metrics import WordTokenizer, tiny_causal_lm
+    from helpers.tiny_models import tiny_causal_lm
+    from helpers.tokenizers import WordTokenizer
 
     _guard_checks(torch, WordTokenizer, tiny_causal_lm)
 

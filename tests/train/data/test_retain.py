@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from test_sft_batches import make_tokenizer_dir
-from test_trainer import _cfg, _vocab, tiny_model
+from helpers.tiny_models import tiny_model
+from helpers.training import PROMPTS, model_vocab, train_config
 from train.sft.batches import collate, tokenize_examples
 from train.sft.loop import train
 from train.sft.losses import retain_kl
@@ -14,14 +14,6 @@ from train.sft.model_prep import prepare_model
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    from models import Tokenizer
-
-    path, _ = make_tokenizer_dir(tmp_path_factory.mktemp("tok"))
-    return Tokenizer.from_directory(path)
 
 
 CHATS = [("What is two plus two?", "Two plus two is four."),
@@ -37,8 +29,8 @@ def _batch(tokenizer):
 
 
 def _lora_model(tokenizer, tmp_path):
-    model = tiny_model(_vocab(tokenizer))
-    prepare_model(model, _cfg(tmp_path, dropout=0.0))
+    model = tiny_model(model_vocab(tokenizer))
+    prepare_model(model, train_config(tmp_path, dropout=0.0))
     return model
 
 
@@ -96,14 +88,13 @@ def test_gradient_reaches_only_the_adapters(tokenizer, tmp_path):
 
 
 def test_training_with_a_retain_file_logs_the_term(tokenizer, tmp_path):
-    from test_trainer import PROMPTS
     from train.data.refusal import build_refusal_set
 
     retain = tmp_path / "retain.jsonl"
     retain.write_text("".join(json.dumps({"prompt": q, "response": a}) + "\n" for q, a in CHATS))
     examples = build_refusal_set(prompts=PROMPTS, held_out=[], seed=0).examples
-    result = train(_cfg(tmp_path, max_steps=3, retain_beta=1.0, retain_data=str(retain), retain_per_step=2),
-                   model=tiny_model(_vocab(tokenizer)), tokenizer=tokenizer, examples=examples,
+    result = train(train_config(tmp_path, max_steps=3, retain_beta=1.0, retain_data=str(retain), retain_per_step=2),
+                   model=tiny_model(model_vocab(tokenizer)), tokenizer=tokenizer, examples=examples,
                    log=lambda *a: None)
     kls = [m["retain_kl"] for m in result.metrics]
     assert kls[0] == 0.0 and kls[-1] > 0.0, f"retain KL per step {kls}: expected 0 at init, then > 0"
@@ -118,7 +109,7 @@ def test_training_with_a_retain_file_logs_the_term(tokenizer, tmp_path):
 ])
 def test_bad_retain_config_is_a_clear_error(tmp_path, kw, match):
     with pytest.raises(ValueError, match=match):
-        _cfg(tmp_path, **kw).validate()
+        train_config(tmp_path, **kw).validate()
 
 
 @pytest.mark.parametrize("limit, seed", [(None, 0), (5, 3)])
@@ -186,17 +177,17 @@ def test_self_targets_are_generated_once_and_reused_on_resume(tokenizer, tmp_pat
     very same targets instead of regenerating them (2-thread greedy decoding may differ)."""
     retain = tmp_path / "retain.jsonl"
     retain.write_text("".join(json.dumps({"prompt": q}) + "\n" for q, _ in CHATS))
-    cfg = _cfg(tmp_path, max_steps=2, retain_beta=1.0, retain_data=str(retain), retain_targets="self",
+    cfg = train_config(tmp_path, max_steps=2, retain_beta=1.0, retain_data=str(retain), retain_targets="self",
                retain_target_tokens=4, retain_per_step=2, save_every=1)
     from train.sft import retain_term
 
     # A tiny random model may answer with nothing at all; what is cached is what counts here.
     monkeypatch.setattr(retain_term, "generate", lambda model, tok, prompts, **k: [f"Answer {i}." for i in range(len(prompts))])
-    first = train(cfg, tokenizer=tokenizer, model=tiny_model(_vocab(tokenizer)))
+    first = train(cfg, tokenizer=tokenizer, model=tiny_model(model_vocab(tokenizer)))
     cached = json.loads((first.run_dir / "retain_answers.json").read_text())
     assert cached == {"prompts": [q for q, _ in CHATS], "answers": ["Answer 0.", "Answer 1.", "Answer 2."]}
 
     monkeypatch.setattr(retain_term, "generate", lambda *a, **k: pytest.fail("regenerated the retain targets"))
-    cfg2 = _cfg(tmp_path, max_steps=3, retain_beta=1.0, retain_data=str(retain), retain_targets="self",
+    cfg2 = train_config(tmp_path, max_steps=3, retain_beta=1.0, retain_data=str(retain), retain_targets="self",
                 retain_target_tokens=4, retain_per_step=2, save_every=1)
-    train(cfg2, tokenizer=tokenizer, model=tiny_model(_vocab(tokenizer)), resume=True)
+    train(cfg2, tokenizer=tokenizer, model=tiny_model(model_vocab(tokenizer)), resume=True)

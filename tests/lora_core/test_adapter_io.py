@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from helpers.toy_lora import D, F, Toy, ids, randomize_adapters
 from lora_core import LoRAConfig, inject_lora, load_adapter, lora_modules, save_adapter
 from lora_core.adapter_io import CONFIG_NAME, WEIGHTS_NAME
-from test_inject import D, F, Toy, ids, randomize_adapters
 
 
 def fresh_copy(model_state):

@@ -2,8 +2,6 @@
 `transformers` on the same tiny weights, bits per byte against a hand (float64 numpy) computation
 on a known string, choice accuracy on constructed scores, KL drift exactly zero for identical
 models and positive after one weight changes, binomial standard errors.
-
-Also home of the tiny model and fake tokenizer that test_judges.py and test_evaluate.py import.
 """
 import copy
 import math
@@ -12,66 +10,12 @@ import numpy as np
 import pytest
 import torch
 
+from helpers.tiny_models import HF_CONFIG, tiny_causal_lm
+from helpers.tokenizers import WordTokenizer
 from train.eval.metrics import (ContinuationScore, bits_per_byte, choice_accuracy, kl_drift,
                            mean_with_stderr, proportion, score_continuations)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-HF_CONFIG = dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                 rms_norm_eps=1e-5, rope_theta=10000.0)
-
-
-def tiny_causal_lm(vocab: int = 64, tie: bool = True, seed: int = 0):
-    from models import CausalLM, ModelConfig
-
-    torch.manual_seed(seed)
-    model = CausalLM(ModelConfig.from_hf_dict({**HF_CONFIG, "vocab_size": vocab, "tie_word_embeddings": tie}))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0.0, 0.3)  # strong enough that different inputs give clearly different logits
-    return model.eval()
-
-
-class WordTokenizer:
-    """Char-level fake tokenizer. Ids: 0 = `first_word`, 1 = pad, 2 = eos, 3.. = characters.
-
-    `decode` spells id 0 as `first_word`, so a model that always emits id 0 "says" that word;
-    `apply_chat_template` renders turns as <role>text</role> and records what it rendered.
-    """
-
-    def __init__(self, vocab: int = 64, first_word: str = "safe", chat: bool = True):
-        self.vocab, self.first_word, self.chat = vocab, first_word, chat
-        self.pad_token_id, self.bos_token_id, self.eos_token_id = 1, None, 2
-        self.eos_token_ids = {2}
-        self.special_tokens = {}
-        self.rendered: list[str] = []
-
-    @property
-    def has_chat_template(self) -> bool:
-        return self.chat
-
-    def encode(self, text, add_special_tokens=False):
-        return [3 + ord(c) % (self.vocab - 3) for c in text]
-
-    def decode(self, ids, skip_special_tokens=True):
-        parts = []
-        for i in ids:
-            if i == 0:
-                parts.append(self.first_word + " ")
-            elif i >= 3:
-                parts.append(chr(ord("a") + (i - 3) % 26))
-        return "".join(parts)
-
-    def apply_chat_template(self, messages, add_generation_prompt=True, **kwargs):
-        if not self.chat:
-            raise ValueError("no chat template")
-        text = "".join(f"<{m['role']}>{m['content']}</{m['role']}>" for m in messages)
-        text += "<assistant>" if add_generation_prompt else ""
-        self.rendered.append(text)
-        return text
 
 
 # ------------------------------------------------------------------------- log-likelihood vs HF
