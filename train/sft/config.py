@@ -167,6 +167,8 @@ class TrainConfig:
                                   "greedy answers (needed for --retain-data diverse) (default %(default)s)")
     retain_target_tokens: int = _retain(64, min=1,
                                         help="length of the base model's own answers with --retain-targets self")
+    retain_in_sft: bool = _retain(False, help="also train on the retain prompts with cross-entropy on the base "
+                                  "model's own answers, mixed into the SFT data (needs --retain-targets self)")
     retain_per_step: int = _retain(4, min=1, help="retain examples per optimiser step (default %(default)s)")
     retain_limit: int | None = _retain(256, min=1, help="retain pool size, 'none' = all (default %(default)s)")
     retain_max_length: int = _retain(192, help="tokens per retain example (default %(default)s)")
@@ -206,6 +208,9 @@ class TrainConfig:
             _bad("dropout", f"must be in [0, 1), got {self.dropout}")
         if self.ortho_beta > 0 and self.method != "lora":
             _bad("ortho_beta", "the orthogonality regulariser needs --method lora")
+        if self.retain_in_sft and (self.retain_beta <= 0 or self.retain_targets != "self"):
+            _bad("retain_in_sft", "mixes the base model's own answers into the SFT data: needs "
+                 "--retain-beta > 0 and --retain-targets self")
         if self.retain_beta > 0 and self.method != "lora":
             _bad("retain_beta", "the retain term compares against the adapters switched off: needs --method lora")
 

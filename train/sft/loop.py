@@ -64,19 +64,26 @@ class Trainer:
         self.run_dir = Path(config.out)
         if examples is None:
             examples, data_info = build_examples(config, tokenizer)
-        self.tokenized, token_stats = tokenize_examples(tokenizer, examples, config.max_length)
-        config.data_info = {**(data_info or {}), **token_stats}
         self.params, self.lora_cfg = prepare_model(model, config)
+        self.retain = None
+        data_info = dict(data_info or {})
+        if config.retain_beta > 0:
+            self.retain = RetainTerm(config, model, tokenizer, self.run_dir, log=log)
+            data_info["retain"] = self.retain.info
+            if config.retain_in_sft:
+                # Benign requests answered as the base model answers them, beside the refusals:
+                # the SFT data itself then shows what not to refuse.
+                benign = self.retain.chat_examples()
+                examples = list(examples) + benign
+                data_info["benign_sft_examples"] = len(benign)
+        self.tokenized, token_stats = tokenize_examples(tokenizer, examples, config.max_length)
+        config.data_info = {**data_info, **token_stats}
         self.trainable_count = sum(p.numel() for p in self.params)
         self.regularizer = None
         if config.ortho_beta > 0:
             self.regularizer = OrthogonalityRegularizer(model, config.ortho_k, side=config.ortho_side,
                                                         weighting=config.ortho_weighting,
                                                         normalize=config.ortho_normalize)
-        self.retain = None
-        if config.retain_beta > 0:
-            self.retain = RetainTerm(config, model, tokenizer, self.run_dir, log=log)
-            config.data_info = {**config.data_info, "retain": self.retain.info}
         self.optimizer = build_optimizer(model, config)
         self.total_steps = total_steps_of(config, len(self.tokenized))
         self.evaluate_fn = evaluate_fn

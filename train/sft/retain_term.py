@@ -21,6 +21,7 @@ class RetainTerm:
     def __init__(self, config: TrainConfig, model, tokenizer, run_dir, log=print):
         self.config, self.model, self.tokenizer, self.run_dir, self.log = config, model, tokenizer, run_dir, log
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.answered: list[tuple[str, str]] = []  # (prompt, the base model's answer), "self" targets
         self.examples, self.info = self._build(config, tokenizer)
 
     def _build(self, config: TrainConfig, tokenizer):
@@ -37,6 +38,7 @@ class RetainTerm:
         if cache.is_file():
             saved = json.loads(cache.read_text())
             if saved.get("prompts") == prompts:
+                self.answered = list(zip(prompts, saved["answers"]))
                 return saved["answers"]
         self.log(f"      answering {len(prompts)} retain prompts with the base model "
                  f"(<= {self.config.retain_target_tokens} tokens each)")
@@ -53,7 +55,13 @@ class RetainTerm:
             self.model.train(was_training)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(cache, {"prompts": prompts, "answers": answers})
+        self.answered = list(zip(prompts, answers))
         return answers
+
+    def chat_examples(self) -> list[dict]:
+        """The retain prompts with the base model's own answers, as SFT chat examples."""
+        return [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": a.strip()}]}
+                for p, a in self.answered if a.strip()]
 
     def batch(self, step: int) -> dict[str, torch.Tensor]:
         per = min(self.config.retain_per_step, len(self.examples))

@@ -24,7 +24,7 @@ TRAIN_FLAGS = {
     "--lr", "--weight-decay", "--scheduler", "--warmup-steps", "--epochs", "--max-steps", "--batch-size",
     "--grad-accum", "--clip", "--dtype", "--grad-checkpointing", "--seed", "--ortho-beta", "--ortho-k",
     "--ortho-side", "--ortho-weighting", "--ortho-normalize", "--retain-beta", "--retain-data",
-    "--retain-targets", "--retain-target-tokens", "--retain-per-step", "--retain-limit",
+    "--retain-targets", "--retain-target-tokens", "--retain-in-sft", "--retain-per-step", "--retain-limit",
     "--retain-max-length", "--retain-exclude-suite", "--retain-exclude-limit", "--retain-exclude-seed",
     "--out", "--resume", "--save-every", "--keep-checkpoints", "--eval-every",
 }

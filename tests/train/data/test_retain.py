@@ -178,7 +178,7 @@ def test_self_targets_are_generated_once_and_reused_on_resume(tokenizer, tmp_pat
     retain = tmp_path / "retain.jsonl"
     retain.write_text("".join(json.dumps({"prompt": q}) + "\n" for q, _ in CHATS))
     cfg = train_config(tmp_path, max_steps=2, retain_beta=1.0, retain_data=str(retain), retain_targets="self",
-               retain_target_tokens=4, retain_per_step=2, save_every=1)
+                       retain_target_tokens=4, retain_per_step=2, save_every=1)
     from train.sft import retain_term
 
     # A tiny random model may answer with nothing at all; what is cached is what counts here.
@@ -189,5 +189,32 @@ def test_self_targets_are_generated_once_and_reused_on_resume(tokenizer, tmp_pat
 
     monkeypatch.setattr(retain_term, "generate", lambda *a, **k: pytest.fail("regenerated the retain targets"))
     cfg2 = train_config(tmp_path, max_steps=3, retain_beta=1.0, retain_data=str(retain), retain_targets="self",
-                retain_target_tokens=4, retain_per_step=2, save_every=1)
+                        retain_target_tokens=4, retain_per_step=2, save_every=1)
     train(cfg2, tokenizer=tokenizer, model=tiny_model(model_vocab(tokenizer)), resume=True)
+
+
+def test_retain_in_sft_mixes_the_base_answers_into_the_training_data(tokenizer, tmp_path, monkeypatch):
+    """--retain-in-sft: every retain prompt the base model answered becomes one more SFT example
+    (cross-entropy on that answer); the refusal examples stay as they were."""
+    from train.sft import retain_term
+    from train.sft.loop import Trainer
+
+    retain = tmp_path / "retain.jsonl"
+    retain.write_text("".join(json.dumps({"prompt": q}) + "\n" for q, _ in CHATS))
+    monkeypatch.setattr(retain_term, "generate", lambda model, tok, prompts, **k: [f"Sure {i}." for i in range(len(prompts))])
+    refusals = [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": "I can't help."}]}
+                for p in PROMPTS]
+    kw = dict(max_steps=1, retain_beta=1.0, retain_data=str(retain), retain_targets="self", retain_per_step=2)
+    plain = Trainer(train_config(tmp_path / "a", **kw), tiny_model(model_vocab(tokenizer)), tokenizer,
+                    examples=refusals, log=lambda *a: None)
+    mixed = Trainer(train_config(tmp_path / "b", retain_in_sft=True, **kw), tiny_model(model_vocab(tokenizer)),
+                    tokenizer, examples=refusals, log=lambda *a: None)
+    assert len(mixed.tokenized) == len(plain.tokenized) + len(CHATS)
+    assert mixed.config.data_info["benign_sft_examples"] == len(CHATS)
+    answers = [e["messages"][-1]["content"] for e in mixed.retain.chat_examples()]
+    assert answers == [f"Sure {i}." for i in range(len(CHATS))]
+    extra = mixed.tokenized[-len(CHATS):]
+    assert [sum(label != -100 for label in t.labels) for t in extra] != [0] * len(CHATS)
+    for bad in (dict(retain_in_sft=True), dict(retain_in_sft=True, retain_beta=1.0, retain_targets="gold")):
+        with pytest.raises(ValueError, match="--retain-in-sft"):
+            train_config(tmp_path, **bad).validate()
