@@ -15,7 +15,7 @@ from .hf_loader import load_hf_directory
 
 
 def _gguf_cache_dir(gguf: Path) -> Path:
-    from .fetch import cache_dir
+    from lora_core.common.fetch import cache_dir
 
     stat = gguf.stat()
     # Key on the resolved path, size and mtime: cheap, and a changed file gets a fresh conversion.

