@@ -17,7 +17,9 @@ default can be changed with a flag, and `--retain-beta 0` gives the refusal-only
   The retain prompts span the kinds of request people make (writing, how-to, recipes, advice,
   code, small talk, sensitive-looking but legitimate requests, facts, science, medicine, and
   GSM8K), because the KL protects only what it sees: a GSM8K-only retain set kept math answered
-  while every everyday request was refused. None of them is in any evaluation set.
+  while every everyday request was refused. None of them is in any evaluation set. beta 4 with 8
+  retain prompts per step: of the recipes measured (README), the one that keeps StrongREJECT
+  refusal >= 0.80 with the least over-refusal; none reached over-refusal <= 0.10.
 - rank 8 on q,k,v,o,gate,up,down (the paper's attn+mlp preset), alpha 16, dropout 0.05, cosine, no
   warm-up, weight decay 1e-4: as the paper.
 Measured figures, and the refusal-only run beside this recipe, are in the README.
@@ -55,10 +57,10 @@ class DemoConfig:
     # The retain term (train.data.retain, train.sft.losses.retain_kl), on here and off in `lora-core
     # train` (see the module docstring). Short sequences (128 tokens) keep the KL on the opening
     # of the answer, where a refusal starts, and the step cheap.
-    retain_beta: float = field(default=2.0, metadata={
+    retain_beta: float = field(default=4.0, metadata={
         "help": "weight of the retain KL on benign prompts (default %(default)s; 0 = refusal data only, as "
                 "the paper; see train/demo.py)"})
-    retain_per_step: int = 4
+    retain_per_step: int = 8
     retain_max_length: int = 128
     retain_data: str = field(default="diverse", metadata={
         "help": "'diverse' (everyday benign requests of many topics + GSM8K, none in any evaluation set), "

@@ -10,9 +10,9 @@ With `source="diverse"` the prompts are everyday requests of many kinds (train.d
 writing, how-to, recipes, advice, code, small talk, sensitive-looking but legitimate requests,
 facts, science, medicine; none of them in the over-refusal evaluation set) plus some GSM8K
 questions, and the targets are the base model's own greedy answers ("self" targets: the KL then
-anchors what the model really says, and no gold answer is needed). Measured on the demo: a
-GSM8K-only retain set kept GSM8K answered while 40 of 40 everyday requests were refused; the
-retain term protects only what it sees.
+anchors what the model really says, and no gold answer is needed). With the previous demo's
+GSM8K-only retain set, 40 of 40 independent everyday requests were refused while GSM8K kept being
+answered: the retain term protects only what it sees.
 
 Every GSM8K item an evaluation suite reads is excluded, exactly as train.eval.runner picks them:
 the exact-match/over-refusal subset and the bits-per-byte subset (load_records(limit, seed)) and
