@@ -3,14 +3,16 @@
 The library never imports `transformers` or `peft`: they are independent references used by
 the tests only, so they live in the `test` extra.
 """
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="lora-core",
     version="0.1.0",
     description="LoRA safety alignment for reasoning LLMs: fused Triton LoRA kernels, a minimal "
     "decoder, an orthogonality-regularised refusal SFT, overlap analysis and merges.",
-    packages=["lora_core", "kernels", "models", "train", "train.cli"],
+    # Every subpackage of the four layers (lora_core.common, train.data, ...), never tests/ or bench/.
+    packages=find_packages(include=["lora_core", "lora_core.*", "kernels", "kernels.*", "models", "models.*",
+                                    "train", "train.*"]),
     # Prompt sets we wrote (train/data/benign.py); third-party data is fetched, never shipped.
     package_data={"train.data": ["*.jsonl"]},
     python_requires=">=3.10",
