@@ -15,8 +15,6 @@ import json
 import math
 import os
 import re
-import shutil
-import uuid
 import warnings
 from pathlib import Path
 
@@ -25,7 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .common.files import read_json
+from .common.files import atomic_directory, atomic_write_text, atomic_write_via, read_json
 from .config import LoRAConfig, layer_index
 from .inject import inject_lora, linear_names, lora_modules, select_targets, summarize_names
 
@@ -265,30 +263,17 @@ def _write_dir(out: Path, peft_config: dict, tensors: dict[str, torch.Tensor]) -
     """Write both files; never leave a half-written directory or file behind."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"save_adapter: {out} exists and is not a directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
     config_text = json.dumps(peft_config, indent=2, sort_keys=True) + "\n"
+
+    def write_weights(path: Path) -> None:
+        save_file(tensors, str(path), metadata={"format": "pt"})
+
     if not out.exists():
-        tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        try:
-            save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        with atomic_directory(out) as tmp:
+            write_weights(tmp / WEIGHTS_NAME)
             (tmp / CONFIG_NAME).write_text(config_text)
-            os.replace(tmp, out)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp)
         return out
-    # The directory exists (maybe a run directory with other files): replace our two files, each
-    # written to a temp name in the same directory first.
-    tag = uuid.uuid4().hex[:8]
-    tmp_w, tmp_c = out / f".{WEIGHTS_NAME}.tmp-{tag}", out / f".{CONFIG_NAME}.tmp-{tag}"
-    try:
-        save_file(tensors, str(tmp_w), metadata={"format": "pt"})
-        tmp_c.write_text(config_text)
-        os.replace(tmp_w, out / WEIGHTS_NAME)
-        os.replace(tmp_c, out / CONFIG_NAME)
-    finally:
-        for t in (tmp_w, tmp_c):
-            if t.exists():
-                t.unlink()
+    # The directory exists (maybe a run directory with other files): replace our two files only.
+    atomic_write_via(out / WEIGHTS_NAME, write_weights)
+    atomic_write_text(out / CONFIG_NAME, config_text)
     return out
