@@ -60,6 +60,9 @@ class Trainer:
     def __init__(self, config: TrainConfig, model, tokenizer, examples: list[dict] | None = None,
                  data_info: dict | None = None, evaluate_fn=None, log=print):
         self.config = config.validate()
+        # LoRA initialisation and dropout masks draw from torch's RNG: --seed must fix them, or two
+        # identical commands train different adapters (a resume restores the RNG state it saved).
+        torch.manual_seed(config.seed)
         self.model, self.tokenizer, self.log = model, tokenizer, log
         self.run_dir = Path(config.out)
         if examples is None:
@@ -274,7 +277,9 @@ def train(config: TrainConfig, resume: bool = False, model=None, tokenizer=None,
         on_disk = json.loads(saved.read_text())
         on_disk.pop("total_steps", None)
         on_disk.pop("trainable_params", None)
-        keep = {k: getattr(config, k) for k in ("progress",)}
+        # The run is the one --out names, wherever it was first written: a copied or moved run
+        # resumes where it is, never into the path stored in its config.json.
+        keep = {k: getattr(config, k) for k in ("progress", "out")}
         config = TrainConfig.from_dict({**on_disk, **keep})
     config.validate()
     if model is None:

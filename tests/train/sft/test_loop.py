@@ -218,3 +218,35 @@ def test_grad_checkpointing_and_bf16_follow_the_fp32_run(tmp_path, tokenizer, ex
     # couple of layers drifts by a few eps at most.
     err = max(abs(a - b) / abs(a) for a, b in zip(ref, bf16))
     assert err < 3e-2, f"bf16 losses {bf16} too far from fp32 {ref} (max rel err {err:.2e})"
+
+
+def test_the_seed_makes_a_run_repeatable(tmp_path, tokenizer, examples):
+    """Same --seed, same adapter and losses bit for bit (LoRA init and dropout included);
+    another seed, another adapter."""
+    def run(name, seed):
+        torch.manual_seed(1000 + len(name))  # whatever the caller's RNG state, --seed decides
+        result = train(train_config(tmp_path / name, max_steps=3, dropout=0.1, seed=seed),
+                       model=tiny_model(model_vocab(tokenizer)), tokenizer=tokenizer, examples=examples,
+                       log=lambda *a: None)
+        from safetensors.torch import load_file
+        return result.losses, load_file(str(result.output_path / "adapter_model.safetensors"))
+
+    (loss_a, w_a), (loss_b, w_b), (loss_c, w_c) = run("a", 0), run("bb", 0), run("ccc", 1)
+    assert loss_a == loss_b and all(torch.equal(w_a[k], w_b[k]) for k in w_a)
+    assert loss_c != loss_a and any(not torch.equal(w_a[k], w_c[k]) for k in w_a)
+
+
+def test_resume_continues_the_run_named_by_out_even_after_a_move(tmp_path, tokenizer, examples):
+    """A moved run resumes where it now is; the path stored in its config.json is not used."""
+    import shutil
+
+    cfg = dict(max_steps=4, save_every=2)
+    first = train(train_config(tmp_path / "orig", **cfg), model=tiny_model(model_vocab(tokenizer)),
+                  tokenizer=tokenizer, examples=examples, log=lambda *a: None)
+    assert first.run_dir == tmp_path / "orig" / "run"
+    shutil.move(str(tmp_path / "orig"), tmp_path / "moved")
+    resumed = train(train_config(tmp_path / "moved", **cfg), resume=True, model=tiny_model(model_vocab(tokenizer)),
+                    tokenizer=tokenizer, examples=examples, log=lambda *a: None)
+    assert resumed.run_dir == tmp_path / "moved" / "run" and resumed.output_path.is_dir()
+    assert str(resumed.output_path).startswith(str(tmp_path / "moved"))
+    assert not (tmp_path / "orig").exists(), "resume recreated the old path"
