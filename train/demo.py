@@ -26,7 +26,6 @@ Measured figures, and the refusal-only run beside this recipe, are in the README
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field

@@ -13,7 +13,6 @@ would pick. The checksums catch files damaged afterwards.
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
@@ -23,7 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from lora_core.common.files import atomic_directory, atomic_write_json, atomic_write_text
+from lora_core.common.files import atomic_directory, atomic_write_text
 from lora_core.common.fetch import sha256_of
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")

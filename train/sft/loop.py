@@ -25,8 +25,8 @@ import torch
 
 from lora_core import OrthogonalityRegularizer
 from lora_core.common.files import atomic_write_json, atomic_write_text
-from models import causal_lm_loss, load_model
 from lora_core.common.progress import progress
+from models import causal_lm_loss, load_model
 from train.sft.batches import IGNORE_INDEX, collate, micro_batches, tokenize_examples
 from train.sft.checkpoint import (latest_checkpoint, load_checkpoint, restore_trainable, rng_state,
                                   save_checkpoint, set_rng_state)
