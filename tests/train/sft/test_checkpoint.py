@@ -51,7 +51,7 @@ def test_failure_mid_write_keeps_previous(tmp_path, monkeypatch, fail_at):
     def boom(*args, **kwargs):
         raise OSError(f"injected failure in {fail_at}")
     if fail_at == "os.replace":
-        monkeypatch.setattr(ck.os, "replace", boom)
+        monkeypatch.setattr(os, "replace", boom)  # the one os.replace every atomic write goes through
     elif fail_at == "torch.save":
         monkeypatch.setattr(ck.torch, "save", boom)
     else:
@@ -65,7 +65,7 @@ def test_failure_mid_write_keeps_previous(tmp_path, monkeypatch, fail_at):
     assert loaded.step == 1
     for name, t in good.items():
         assert torch.equal(loaded.trainable[name], t), name
-    leftovers = [p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".tmp")]
+    leftovers = [p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")]
     assert not leftovers, f"temp directories left behind: {leftovers}"
 
 
@@ -79,7 +79,7 @@ def test_pointer_replaced_only_after_complete(tmp_path, monkeypatch):
         if str(dst).endswith("LATEST"):
             raise OSError("injected failure replacing LATEST")
         return real(src, dst)
-    monkeypatch.setattr(ck.os, "replace", replace)
+    monkeypatch.setattr(os, "replace", replace)
     with pytest.raises(OSError, match="LATEST"):
         ck.save_checkpoint(tmp_path, 2, m, _state(2))
     monkeypatch.undo()
@@ -118,7 +118,7 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path, damage):
 def test_atomic_write_text_failure_keeps_old(tmp_path, monkeypatch):
     f = tmp_path / "config.json"
     ck.atomic_write_text(f, "old")
-    monkeypatch.setattr(ck.os, "replace", lambda *a: (_ for _ in ()).throw(OSError("injected")))
+    monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(OSError("injected")))
     with pytest.raises(OSError):
         ck.atomic_write_text(f, "new")
     monkeypatch.undo()
