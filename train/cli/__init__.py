@@ -52,8 +52,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return int(args._run(args) or 0)
-    except (UserError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as error:
+    except (UserError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError,
+            FileExistsError) as error:
         print(f"lora-core {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        # Every write is atomic, so what is on disk is the last complete file or checkpoint.
+        print(f"lora-core {args.command}: interrupted; files already written are complete "
+              "(a training run continues with --resume)", file=sys.stderr)
+        return 130
+    except OSError as error:  # a full disk or a vanished folder, mid-write: name it, no traceback
+        print(f"lora-core {args.command}: error: {error.strerror or error} "
+              f"({error.filename or 'while writing'})", file=sys.stderr)
         return 2
 
 

@@ -37,6 +37,7 @@ def run(args) -> int:
         raise ValueError(f"--out {out} exists and is not a directory")
     if args.adapter is not None and not Path(args.adapter).is_dir():
         raise FileNotFoundError(f"--adapter {args.adapter} is not a directory")
+    _check_writable(out)
     model, tokenizer = load_model(args.model)
     base_model = None
     if args.adapter is not None:
@@ -60,3 +61,14 @@ def run(args) -> int:
     print(results_markdown(results))
     print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'generations.jsonl'}")
     return 0
+
+
+def _check_writable(out) -> None:
+    """Fail before an evaluation of minutes, not after it: the results must have somewhere to go."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".lora-core-write-probe"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise ValueError(f"--out {out} is not writable ({error.strerror or error}); choose another folder") from None
