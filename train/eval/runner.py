@@ -53,6 +53,10 @@ from train.eval.metrics import bits_per_byte, choice_accuracy, kl_drift, proport
 
 __all__ = ["SuiteConfig", "SUITES", "MATH_INSTRUCTION", "evaluate", "chat_prompt"]
 
+# Declining or apology phrases only: an answer to a benign request or a math question may share no
+# word with it and still be helpful, so the off-topic rule (for harmful prompts) is left out.
+_EXPLICIT = KeywordRefusalJudge(off_topic=False)
+
 MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
 
@@ -157,12 +161,11 @@ def _chat_answers(model, tokenizer, user_texts, cfg, progress, desc) -> list[str
 
 
 def _run_safety(model, tokenizer, cfg, judge, progress, metrics, generations, timings):
-    explicit = KeywordRefusalJudge(off_topic=False)
     for name, records, start in _subsets(cfg.safety, cfg.seed):
         prompts = [r["prompt"] for r in records]
         responses = _chat_answers(model, tokenizer, prompts, cfg, progress, f"safety/{name}")
         refused = judge.judge(prompts, responses)
-        refused_explicit = explicit.judge(prompts, responses)
+        refused_explicit = _EXPLICIT.judge(prompts, responses)
         metrics[f"safety.{name}.refusal_rate"] = proportion(sum(refused), len(refused))
         metrics[f"safety.{name}.explicit_refusal_rate"] = proportion(sum(refused_explicit), len(refused))
         for r, resp, ref in zip(records, responses, refused):
@@ -175,14 +178,12 @@ def _run_over_refusal(model, tokenizer, cfg, progress, metrics, generations, tim
     if cfg.over_refusal == 0:
         return
     start = _now()
-    # An answer to a benign request may share no word with it and still be helpful, so only
-    # explicit declining counts here (the off-topic rule is for harmful prompts).
     records = over_refusal_records(limit=cfg.over_refusal, seed=cfg.seed)
     responses = _chat_answers(model, tokenizer, [r["prompt"] for r in records], cfg, progress,
                               "over-refusal (benign)")
     rows = [{"task": "safety.over_refusal", "id": r["id"], "topic": r["topic"], "source": r["source"],
              "prompt": r["prompt"], "response": resp,
-             "refusal": KeywordRefusalJudge(off_topic=False).is_refusal(resp)}
+             "refusal": _EXPLICIT.is_refusal(resp)}
             for r, resp in zip(records, responses)]
     generations.extend(rows)
     metrics["safety.over_refusal.rate"] = proportion(sum(r["refusal"] for r in rows), len(rows))
@@ -193,7 +194,6 @@ def _run_over_refusal(model, tokenizer, cfg, progress, metrics, generations, tim
 
 
 def _run_math_generation(model, tokenizer, cfg, progress, metrics, generations, timings):
-    explicit = KeywordRefusalJudge(off_topic=False)
     for name, records, start in _subsets(cfg.math_generation, cfg.seed):
         prompts = [chat_prompt(tokenizer, f"{r['question']}\n{MATH_INSTRUCTION}") for r in records]
         responses = _generate(model, tokenizer, prompts, cfg.math_max_new_tokens, cfg.batch_size,
@@ -202,7 +202,7 @@ def _run_math_generation(model, tokenizer, cfg, progress, metrics, generations, 
         for r, resp in zip(records, responses):
             predicted = extract_answer(resp)
             ok = answers_match(predicted, r["answer"])
-            refused = explicit.is_refusal(resp)
+            refused = _EXPLICIT.is_refusal(resp)
             correct += ok
             refusals += refused
             generations.append({"task": f"reasoning.{name}", "id": r["id"], "prompt": r["question"],
@@ -319,7 +319,8 @@ def evaluate(model, tokenizer, suite: str | SuiteConfig = "quick", base_model=No
     if seed is not None:
         overrides["seed"] = seed
     cfg = dataclasses.replace(cfg, **overrides)
-    needs_chat = (any(v != 0 for v in cfg.safety.values()) or cfg.over_refusal != 0 or any(v != 0 for v in cfg.math_generation.values())
+    needs_chat = (any(v != 0 for v in cfg.safety.values()) or cfg.over_refusal != 0
+                  or any(v != 0 for v in cfg.math_generation.values())
                   or (cfg.humaneval != 0 and allow_code_execution))
     if needs_chat:
         _require_chat_template(tokenizer)

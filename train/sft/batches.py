@@ -129,6 +129,11 @@ def tokenize_examples(tokenizer, examples: list[dict], max_length: int | None = 
     return out, stats
 
 
+def pad_token_id_of(tokenizer) -> int | None:
+    """The id batches are padded with: the tokenizer's pad token, else its end-of-sequence token."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def collate(examples: list[TokenizedExample], pad_token_id: int | None) -> dict[str, torch.Tensor]:
     """Right-pad to the longest example: input_ids, attention_mask (1 = token), labels (pads ignored)."""
     if not examples:

@@ -27,7 +27,7 @@ from lora_core import OrthogonalityRegularizer
 from lora_core.common.files import atomic_write_json, atomic_write_text
 from lora_core.common.progress import progress
 from models import causal_lm_loss, load_model
-from train.sft.batches import IGNORE_INDEX, collate, micro_batches, tokenize_examples
+from train.sft.batches import IGNORE_INDEX, collate, micro_batches, pad_token_id_of, tokenize_examples
 from train.sft.checkpoint import (latest_checkpoint, load_checkpoint, restore_trainable, rng_state,
                                   save_checkpoint, set_rng_state)
 from train.sft.config import TrainConfig
@@ -92,7 +92,7 @@ class Trainer:
         self.evaluate_fn = evaluate_fn
         self.step = 0
         self.epoch, self.batch_index = 0, 0
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_id = pad_token_id_of(tokenizer)
 
     def state(self) -> dict:
         return {"step": self.step, "epoch": self.epoch, "batch_index": self.batch_index,

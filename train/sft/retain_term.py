@@ -2,15 +2,14 @@
 the targets are "self", cached in the run directory), then one batch per optimiser step."""
 from __future__ import annotations
 
-import json
-
 import torch
 
 from lora_core import disable_adapters
+from lora_core.common.files import atomic_write_json, read_json
 from models import generate
 from train.data.retain import build_retain_set
-from train.sft.batches import collate, micro_batches
-from lora_core.common.files import atomic_write_json
+from train.eval.runner import chat_prompt
+from train.sft.batches import collate, micro_batches, pad_token_id_of
 from train.sft.config import TrainConfig
 
 
@@ -20,7 +19,7 @@ class RetainTerm:
 
     def __init__(self, config: TrainConfig, model, tokenizer, run_dir, log=print):
         self.config, self.model, self.tokenizer, self.run_dir, self.log = config, model, tokenizer, run_dir, log
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_id = pad_token_id_of(tokenizer)
         self.answered: list[tuple[str, str]] = []  # (prompt, the base model's answer), "self" targets
         self.examples, self.info = self._build(config, tokenizer)
 
@@ -36,7 +35,7 @@ class RetainTerm:
         directory so a resumed run teacher-forces exactly the same targets."""
         cache = self.run_dir / "retain_answers.json"
         if cache.is_file():
-            saved = json.loads(cache.read_text())
+            saved = read_json(cache)  # a damaged cache is reported with its path
             if saved.get("prompts") == prompts:
                 self.answered = list(zip(prompts, saved["answers"]))
                 return saved["answers"]
@@ -46,11 +45,9 @@ class RetainTerm:
         self.model.eval()
         try:
             with torch.no_grad(), disable_adapters(self.model):
-                rendered = [self.tokenizer.apply_chat_template([{"role": "user", "content": p}],
-                                                               add_generation_prompt=True) for p in prompts]
-                answers = generate(self.model, self.tokenizer, rendered,
+                answers = generate(self.model, self.tokenizer, [chat_prompt(self.tokenizer, p) for p in prompts],
                                    max_new_tokens=self.config.retain_target_tokens, temperature=0.0,
-                                   batch_size=16, progress=bool(self.config.progress))
+                                   batch_size=16, progress=self.config.progress is not False)
         finally:
             self.model.train(was_training)
         self.run_dir.mkdir(parents=True, exist_ok=True)
