@@ -252,6 +252,8 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
 
     t_start = time.perf_counter()
     out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a directory; choose another run directory")
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"--out {out} already exists and is not empty; choose another run directory")
     out.mkdir(parents=True, exist_ok=True)

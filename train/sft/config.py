@@ -211,6 +211,8 @@ class TrainConfig:
         if self.retain_in_sft and (self.retain_beta <= 0 or self.retain_targets != "self"):
             _bad("retain_in_sft", "mixes the base model's own answers into the SFT data: needs "
                  "--retain-beta > 0 and --retain-targets self")
+        if self.retain_beta > 0 and self.retain_data == "diverse" and self.retain_targets != "self":
+            _bad("retain_data", "diverse has no gold answers: use --retain-targets self")
         if self.retain_beta > 0 and self.method != "lora":
             _bad("retain_beta", "the retain term compares against the adapters switched off: needs --method lora")
 

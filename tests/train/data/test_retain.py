@@ -218,3 +218,6 @@ def test_retain_in_sft_mixes_the_base_answers_into_the_training_data(tokenizer, 
     for bad in (dict(retain_in_sft=True), dict(retain_in_sft=True, retain_beta=1.0, retain_targets="gold")):
         with pytest.raises(ValueError, match="--retain-in-sft"):
             train_config(tmp_path, **bad).validate()
+    # Caught by the config, before a model is loaded, not by the retain-set builder afterwards.
+    with pytest.raises(ValueError, match="--retain-data: diverse has no gold answers"):
+        train_config(tmp_path, retain_beta=1.0, retain_data="diverse", retain_targets="gold").validate()
