@@ -193,26 +193,76 @@ class SVDCache:
         return atomic_write_via(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
     def load(self, path) -> int:
-        """Merge the entries of a file written by `save`; returns how many were read."""
-        from safetensors import safe_open
+        """Merge the entries of a file written by `save`; returns how many were read.
+
+        The file is user-supplied (`--svd-cache`), so everything in it is checked before any entry
+        is merged: a damaged, truncated or foreign file is a ValueError naming it, and nothing of
+        it is kept.
+        """
+        from safetensors import SafetensorError, safe_open
 
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"SVD cache file not found: {path}")
-        with safe_open(str(path), framework="pt") as f:
-            meta = (f.metadata() or {}).get("lora_core_svd_cache")
-            if meta is None:
-                raise ValueError(f"{path} is not an SVD cache written by lora_core (no index metadata)")
-            index = json.loads(meta)
-            for item in index:
-                i = item["id"]
-                entry = SpectralBasis(
-                    f.get_tensor(f"{i}.U"), f.get_tensor(f"{i}.S"), f.get_tensor(f"{i}.V"),
-                    item["method"], float(item["rel_residual"]),
-                )
-                key = (item["name"], tuple(item["shape"]), item["fingerprint"], item["dtype"])
-                self._entries[key] = entry
+        fix = "delete it (it is rebuilt on the next run) or pass another --svd-cache file"
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = (f.metadata() or {}).get("lora_core_svd_cache")
+                if meta is None:
+                    raise ValueError(f"{path} is not an SVD cache written by lora_core (no index metadata)")
+                index = _parse_index(meta, path, fix)
+                names = set(f.keys())
+                entries = {}
+                for item in index:
+                    i = item["id"]
+                    for part in ("U", "S", "V"):
+                        if f"{i}.{part}" not in names:
+                            raise ValueError(f"SVD cache {path} is damaged (missing tensor '{i}.{part}'): {fix}")
+                    entry = SpectralBasis(f.get_tensor(f"{i}.U"), f.get_tensor(f"{i}.S"), f.get_tensor(f"{i}.V"),
+                                          item["method"], float(item["rel_residual"]))
+                    _check_entry(entry, item, path, fix)
+                    entries[(item["name"], tuple(item["shape"]), item["fingerprint"], item["dtype"])] = entry
+        except SafetensorError as error:
+            raise ValueError(f"SVD cache {path} is not a readable safetensors file ({error}): {fix}") from None
+        self._entries.update(entries)
         return len(index)
+
+
+_INDEX_FIELDS = {"id": int, "name": str, "shape": list, "fingerprint": str, "dtype": str, "method": str,
+                 "rel_residual": (int, float)}
+
+
+def _parse_index(meta: str, path: Path, fix: str) -> list[dict]:
+    try:
+        index = json.loads(meta)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"SVD cache {path}: its index is not valid JSON ({error}): {fix}") from None
+    ok = isinstance(index, list) and all(
+        isinstance(item, dict) and all(isinstance(item.get(k), t) and not isinstance(item.get(k), bool)
+                                       for k, t in _INDEX_FIELDS.items())
+        and len(item["shape"]) == 2 and all(isinstance(d, int) and d > 0 for d in item["shape"])
+        for item in index)
+    if not ok:
+        raise ValueError(f"SVD cache {path}: its index is not valid (a list of entries with fields "
+                         f"{', '.join(_INDEX_FIELDS)}): {fix}")
+    return index
+
+
+def _check_entry(entry: SpectralBasis, item: dict, path: Path, fix: str) -> None:
+    # A basis of the wrong shape would fail far from here (or silently broadcast); a NaN would
+    # turn every overlap figure and regulariser term into NaN.
+    n, k_in = item["shape"]
+    k = entry.S.shape[0] if entry.S.dim() == 1 else -1
+    if (entry.S.dim() != 1 or tuple(entry.U.shape) != (n, k) or tuple(entry.V.shape) != (k_in, k)
+            or not 1 <= k <= min(n, k_in)):
+        raise ValueError(f"SVD cache {path}: entry {item['id']} ({item['name']}) has shapes U "
+                         f"{tuple(entry.U.shape)}, S {tuple(entry.S.shape)}, V {tuple(entry.V.shape)} that do "
+                         f"not fit a {n}x{k_in} weight: {fix}")
+    for part in ("U", "S", "V"):
+        tensor = getattr(entry, part)
+        if not tensor.is_floating_point() or not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"SVD cache {path}: entry {item['id']} ({item['name']}) {part} holds NaN or inf "
+                             f"(or is not floating point): {fix}")
 
 
 # One process-wide cache, so the regulariser, the overlap analysis and a merge in the same run

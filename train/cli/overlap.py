@@ -63,8 +63,11 @@ def run(args) -> int:
         raise UserError(f"--out {out} exists and is not a directory")
     cache = SVDCache()
     cache_path = Path(args.svd_cache) if args.svd_cache else None
+    # Checked before any model loads: the cache is written back only after all the work.
+    if cache_path is not None and cache_path.exists() and not cache_path.is_file():
+        raise UserError(f"--svd-cache {cache_path} exists and is not a file")
     if cache_path is not None and cache_path.is_file():
-        cache.load(cache_path)
+        cache.load(cache_path)  # a damaged file is a ValueError naming it
     dtype = torch.float64 if args.svd_dtype == "float64" else torch.float32
 
     if args.adapter:
