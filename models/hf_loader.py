@@ -3,8 +3,9 @@
 The model is built on the meta device (no memory, no random init) and the checkpoint tensors are
 assigned in place (`load_state_dict(assign=True)`), so loading costs one copy of the weights.
 Every key is checked before anything is assigned: missing, unexpected and mis-shaped tensors, and
-safetensors files whose header is corrupt or whose data is shorter than the header promises, give
-an error naming the tensor and the file. Only safetensors is read: no pickle anywhere.
+safetensors files whose header is corrupt or whose data is shorter than the header promises, and
+tensors holding NaN or inf, give an error naming the tensor and the file. Only safetensors is
+read: no pickle anywhere.
 """
 from __future__ import annotations
 
@@ -110,6 +111,24 @@ def resolve_dtype(dtype, config: ModelConfig, device) -> torch.dtype:
     return dtype
 
 
+def _finite(stored: torch.Tensor, name: str, path: Path, device, dtype) -> torch.Tensor:
+    """`stored` moved to device/dtype, refused by name if it holds NaN or inf.
+
+    One isfinite pass per tensor at load: a single NaN in a norm turns every logit into NaN and
+    generation into an empty answer, far from the cause. The check runs on the converted tensor so a
+    value that only overflows the requested dtype (1e5 in float16) is caught as well.
+    """
+    tensor = stored.to(device=device, dtype=dtype)
+    if not tensor.is_floating_point() or bool(torch.isfinite(tensor).all()):
+        return tensor
+    if stored.is_floating_point() and bool(torch.isfinite(stored).all()):
+        raise ValueError(f"{path}: tensor {name!r} overflows {dtype} (values beyond its range); "
+                         f"load it in float32 or bfloat16")
+    bad = int((~torch.isfinite(stored)).sum())
+    raise ValueError(f"{path}: tensor {name!r} holds NaN or inf ({bad} of {stored.numel()} values); "
+                     f"the checkpoint is damaged")
+
+
 def load_weights(directory: str | Path, dtype=None, device="cpu") -> CausalLM:
     """Build CausalLM from `directory`'s config.json and safetensors; every key is checked."""
     directory = Path(directory)
@@ -146,7 +165,7 @@ def load_weights(directory: str | Path, dtype=None, device="cpu") -> CausalLM:
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 for name in header:
                     if name in source and source[name] == path:
-                        state[name] = f.get_tensor(name).to(device=device, dtype=dtype)
+                        state[name] = _finite(f.get_tensor(name), name, path, device, dtype)
         except (SafetensorError, OSError, RuntimeError) as error:
             raise ValueError(f"{path}: cannot read safetensors data ({error})") from error
 

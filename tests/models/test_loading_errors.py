@@ -155,3 +155,21 @@ def test_unknown_source_lists_registry(tmp_path):
 def test_missing_config(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_weights(tmp_path)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_weight_is_refused_by_name(tmp_path, bad):
+    def poison(state):
+        state["model.layers.1.post_attention_layernorm.weight"][3] = bad
+    path, _ = _write(tmp_path / "m", mutate=poison)
+    with pytest.raises(ValueError, match=r"'model\.layers\.1\.post_attention_layernorm\.weight'.*NaN or inf") as info:
+        load_weights(path)
+    assert str(path / "model.safetensors") in str(info.value)
+
+
+def test_overflow_in_the_requested_dtype_is_named(tmp_path):
+    # 1e5 is finite in float32 but beyond float16's range (65504): the load dtype makes it inf.
+    path, _ = _write(tmp_path / "m", mutate=lambda s: s["model.norm.weight"].__setitem__(0, 1e5))
+    load_weights(path)  # fine in the stored float32
+    with pytest.raises(ValueError, match=r"'model\.norm\.weight'.*overflows torch\.float16"):
+        load_weights(path, dtype=torch.float16)
