@@ -10,12 +10,16 @@ from __future__ import annotations
 import math
 import numbers
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 INIT_METHODS = ("default", "gaussian", "pissa", "milora")
 
 # The projections of a Llama/Qwen2 block, named as in HF; the paper's "all linear" setting.
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+# PEFT's shorthand for "every nn.Linear except the output head" (compared case-insensitively, as PEFT
+# does); the head is found by `inject.output_head_names`, since a name alone cannot tell it.
+ALL_LINEAR = "all-linear"
 
 # A module's block index: the first ".layers.<i>." in its qualified name (project-wide contract;
 # `layer_index` is the only reader, and error messages collapse indices with this same pattern).
@@ -41,8 +45,14 @@ class LoRAConfig:
         against the whole qualified name (PEFT's two conventions).
     layers: None for every block, else the block indices to adapt (list or range); a module's
         index comes from `layer_index`. Modules outside `.layers.<i>.` never match when set.
+        "all-linear" selects every nn.Linear except the output head (PEFT's shorthand).
     init: "default" (A Kaiming-uniform a=sqrt(5), B = 0), "gaussian" (A ~ N(0, 1/r^2), B = 0),
         "pissa" / "milora" (A, B from the top / bottom r singular triplets of W; W keeps the rest).
+    rank_pattern / alpha_pattern: per-module r / alpha, keyed by regexes matched as PEFT does
+        (`pattern_key`); the first key in order that matches wins, other modules keep r / alpha.
+    modules_to_save: names of modules (any type, e.g. "lm_head") that get a full trainable copy
+        instead of an adapter; a module is selected when its qualified name ends with an entry
+        (plain string suffix, PEFT's rule).
     """
 
     r: int = 8
@@ -52,6 +62,9 @@ class LoRAConfig:
     layers: list[int] | range | None = None
     use_rslora: bool = False
     init: str = "default"
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    modules_to_save: list[str] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, numbers.Integral) or self.r < 1:
@@ -71,6 +84,29 @@ class LoRAConfig:
             raise TypeError(f"LoRAConfig.use_rslora must be a bool, got {self.use_rslora!r}")
         self.target_modules = _check_targets(self.target_modules)
         self.layers = _check_layers(self.layers)
+        self.rank_pattern = _check_pattern("rank_pattern", self.rank_pattern, _check_rank_value)
+        self.alpha_pattern = _check_pattern("alpha_pattern", self.alpha_pattern, _check_alpha_value)
+        self.modules_to_save = _check_modules_to_save(self.modules_to_save)
+
+    @property
+    def all_linear(self) -> bool:
+        """Whether target_modules is PEFT's "all-linear" shorthand."""
+        return isinstance(self.target_modules, str) and self.target_modules.lower() == ALL_LINEAR
+
+    def for_module(self, name: str) -> "LoRAConfig":
+        """This config with r and alpha resolved for one module by rank_pattern / alpha_pattern
+        (patterns emptied), so a layer built from it carries that module's own rank and scaling."""
+        r_key = pattern_key(self.rank_pattern, name)
+        a_key = pattern_key(self.alpha_pattern, name)
+        if r_key is None and a_key is None and not self.rank_pattern and not self.alpha_pattern:
+            return self
+        return replace(self, r=self.r if r_key is None else self.rank_pattern[r_key],
+                       alpha=self.alpha if a_key is None else self.alpha_pattern[a_key],
+                       rank_pattern={}, alpha_pattern={})
+
+    def saves_module(self, name: str) -> bool:
+        """Whether the module with this qualified name is in modules_to_save (PEFT: plain endswith)."""
+        return bool(self.modules_to_save) and bool(name) and any(name.endswith(t) for t in self.modules_to_save)
 
     @property
     def scaling(self) -> float:
@@ -79,6 +115,8 @@ class LoRAConfig:
 
     def matches_target(self, name: str) -> bool:
         """Whether a qualified module name is selected by `target_modules` (layers ignored)."""
+        if self.all_linear:
+            return True  # the output head is excluded by select_targets, which sees the model
         if isinstance(self.target_modules, str):
             return re.fullmatch(self.target_modules, name) is not None
         return any(name == t or name.endswith("." + t) for t in self.target_modules)
@@ -95,10 +133,69 @@ class LoRAConfig:
         return self.matches_target(name) and self.matches_layer(name)
 
 
+def pattern_key(patterns: dict, name: str) -> str | None:
+    """The first key of `patterns` (in order) that selects the module `name`, else None.
+
+    PEFT's rule for rank_pattern / alpha_pattern: the key is a regex that must match a whole trailing
+    run of dot-separated components of the qualified name: "up_proj" and "layers.1.mlp.up_proj"
+    select "model.layers.1.mlp.up_proj", "proj" selects nothing.
+    """
+    for key in patterns:
+        if re.fullmatch(rf"(?:.*\.)?(?:{key})", name):
+            return key
+    return None
+
+
+def _check_rank_value(v) -> int:
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+        raise ValueError(f"must be an integer >= 1, got {v!r}")
+    return int(v)
+
+
+def _check_alpha_value(v) -> float:
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v <= 0:
+        raise ValueError(f"must be a finite number > 0, got {v!r}")
+    return float(v)
+
+
+def _check_pattern(what: str, patterns, check_value) -> dict:
+    if patterns is None:
+        return {}
+    if not isinstance(patterns, dict):
+        raise TypeError(f"LoRAConfig.{what} must be a dict of module-name pattern -> value, got {patterns!r}")
+    out = {}
+    for key, value in patterns.items():
+        if not isinstance(key, str) or not key:
+            raise ValueError(f"LoRAConfig.{what} key {key!r} is not a module-name pattern")
+        try:
+            re.compile(key)
+        except re.error as err:
+            raise ValueError(f"LoRAConfig.{what} key {key!r} does not compile as a regex: {err}") from None
+        try:
+            out[key] = check_value(value)
+        except ValueError as err:
+            raise ValueError(f"LoRAConfig.{what}[{key!r}] {err}") from None
+    return out
+
+
+def _check_modules_to_save(names) -> list[str] | None:
+    if names is None:
+        return None
+    if isinstance(names, str) or not isinstance(names, (list, tuple, set, frozenset)):
+        raise TypeError(f"LoRAConfig.modules_to_save must be None or a list of module names, got {names!r}")
+    names = sorted(names) if isinstance(names, (set, frozenset)) else list(names)
+    for n in names:
+        if not isinstance(n, str) or not n:
+            raise ValueError(f"LoRAConfig.modules_to_save entry {n!r} is not a module name")
+    return names or None
+
+
 def _check_targets(targets: list[str] | tuple[str, ...] | str) -> list[str] | str:
     if isinstance(targets, str):
         if not targets:
             raise ValueError("LoRAConfig.target_modules must not be an empty string")
+        if targets.lower() == ALL_LINEAR:
+            return targets
         try:
             re.compile(targets)
         except re.error as err:

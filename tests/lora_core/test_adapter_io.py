@@ -175,9 +175,9 @@ def test_corrupt_and_missing_files(saved, tmp_path):
 
 
 @pytest.mark.parametrize("field, value", [("use_dora", True), ("peft_type", "IA3"), ("bias", "all"),
-                                          ("rank_pattern", {"q_proj": 4}), ("init_lora_weights", "pissa"),
+                                          ("exclude_modules", ["q_proj"]), ("init_lora_weights", "pissa"),
                                           ("fan_in_fan_out", True), ("layers_pattern", "h"),
-                                          ("target_modules", "all-linear"), ("r", 0)])
+                                          ("rank_pattern", {"q_proj": 0}), ("r", 0)])
 def test_unsupported_config_options(saved, field, value):
     path, base = saved
     raw = json.loads((path / CONFIG_NAME).read_text())
