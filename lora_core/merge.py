@@ -11,6 +11,10 @@ projections are orthogonal so this equals 1 - ||dW'||^2 / ||dW||^2) and the roun
 final cast: max |W32 - cast(W32)| and ||W32 - cast(W32)||_F / ||W32||_F.
 
 All inputs are checked before any module is touched, so a refused call leaves the model unchanged.
+Safe mode (the default, PEFT's `safe_merge`) also refuses a merged weight with NaN/inf, e.g. a
+finite delta that overflows float16 in the final cast: it is checked before its module is swapped,
+and a refusal puts back the modules already swapped. The check is one pass over each weight,
+cheap beside the matmul that builds the delta.
 """
 from __future__ import annotations
 
@@ -78,12 +82,14 @@ def merge_lora(
     *,
     svd_dtype=torch.float32,
     cache: SVDCache | None = None,
+    safe: bool = True,
 ) -> MergeReport:
     """Merge every LoRA adapter of `model` in place; each adapted module becomes an `nn.Linear`.
 
     projection: None | "column" | "row" | "both"; k (required with a projection, 1 <= k <= min(N, K)
     for every adapted module). `svd_dtype` is also the dtype of the merge sum (float32 or float64).
-    Returns a `MergeReport` (per-module cast error and share of dW removed).
+    `safe`: refuse (ValueError naming the module) when a merged weight holds NaN/inf, leaving the
+    model as it was. Returns a `MergeReport` (per-module cast error and share of dW removed).
     """
     if projection not in PROJECTIONS:
         raise ValueError(f"unknown projection {projection!r}: expected one of None, 'column', 'row', 'both'")
@@ -101,6 +107,7 @@ def merge_lora(
             check_k(k, m.weight.shape, name)
 
     report = MergeReport(projection=projection, k=k, dtype=str(dtype).replace("torch.", ""))
+    swapped: list[tuple[str, nn.Module]] = []
     for name, m in mods.items():
         if m.merged:
             m.unmerge()  # contract: idempotent, restores the base weight in fp32
@@ -113,9 +120,26 @@ def merge_lora(
             record = {"name": name, "shape": list(W.shape), "dtype": str(W.dtype).replace("torch.", ""), "k": k}
             out = merged_weight(W, m.lora_A.detach(), m.lora_B.detach(), m.scaling, projection=projection,
                                 U=U, V=V, dtype=dtype, stats=record)
+        if safe and not bool(torch.isfinite(out).all()):
+            for done, original in reversed(swapped):
+                _set_submodule(model, done, original)
+            raise ValueError(_non_finite_message(name, m, out))
         report.modules.append(record)
         _set_submodule(model, name, _as_linear(m, out))
+        swapped.append((name, m))
     return report
+
+
+def _non_finite_message(name: str, m: nn.Module, out: torch.Tensor) -> str:
+    bad = int((~torch.isfinite(out)).sum())
+    if not bool(torch.isfinite(m.weight).all()):
+        why = "the base weight itself is not finite"
+    elif not (bool(torch.isfinite(m.lora_A).all()) and bool(torch.isfinite(m.lora_B).all())):
+        why = "the adapter holds NaN/inf"
+    else:
+        why = f"W + dW overflows {str(out.dtype).replace('torch.', '')} (export in a wider --dtype?)"
+    return (f"merge refused: the merged weight of {name} has {bad} NaN/inf value(s) ({why}); nothing was "
+            "changed or written")
 
 
 def _as_linear(m: nn.Module, weight: torch.Tensor) -> nn.Linear:

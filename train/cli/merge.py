@@ -4,7 +4,8 @@ Optionally removes the part of each update inside W's top-k singular subspace fi
 column|row|both --k K`, the paper's post-hoc alternative to the regulariser). The output directory
 (config.json, safetensors weights, sharded with an index when large, tokenizer files with the chat
 template, generation_config.json, merge_report.json/.md) is built in a temporary sibling and renamed
-into place, so a failed merge leaves nothing half-written. `transformers` and `models.load_model`
+into place, so a failed merge leaves nothing half-written. Every merged weight is checked to be
+finite before anything is written (`--unsafe` skips it). `transformers` and `models.load_model`
 both load it.
 """
 from __future__ import annotations
@@ -33,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--svd-dtype", choices=["float32", "float64"], default="float32",
                         help="dtype of the SVD and of the merge sum")
     parser.add_argument("--max-shard-gb", type=float, default=2.0, help="shard size of the safetensors files")
+    parser.add_argument("--unsafe", action="store_true",
+                        help="skip the check that every merged weight is finite (on by default: one cheap pass "
+                             "per weight, before anything is written)")
 
 
 def run(args) -> int:
@@ -62,9 +66,9 @@ def run(args) -> int:
     config = json.loads((source / "config.json").read_text(encoding="utf-8"))
     dtype = getattr(torch, args.dtype) if args.dtype else None
     model, _ = load_hf_directory(source, dtype=dtype)
-    load_adapter(model, adapter)
+    load_adapter(model, adapter, base_model=str(args.model))  # warns when the file names another model
     svd_dtype = torch.float64 if args.svd_dtype == "float64" else torch.float32
-    report = merge_lora(model, projection=args.project, k=args.k, svd_dtype=svd_dtype)
+    report = merge_lora(model, projection=args.project, k=args.k, svd_dtype=svd_dtype, safe=not args.unsafe)
 
     tensors = {name: t.detach().contiguous() for name, t in model.state_dict().items()}
     if config.get("tie_word_embeddings"):
