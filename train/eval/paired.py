@@ -30,8 +30,9 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["Z95", "align_items", "bootstrap_difference", "mcnemar", "newcombe_paired_interval",
-           "newcombe_unpaired_interval", "normal_unpaired_interval", "paired_difference", "is_binary"]
+__all__ = ["Z95", "item_values", "align_items", "bootstrap_difference", "mcnemar",
+           "newcombe_paired_interval", "newcombe_unpaired_interval", "square_and_add_interval",
+           "normal_unpaired_interval", "paired_difference", "is_binary"]
 
 Z95 = 1.959963984540054  # the 0.975 quantile of the standard normal
 
@@ -45,18 +46,27 @@ def _wilson(k: int, n: int) -> tuple[float, float]:
     return wilson_interval(k, n, Z95)
 
 
-def _check_run(ids: Sequence, values: Sequence, run: str) -> dict[str, float]:
+def _short(value) -> str:
+    # A value that is a long string or list would otherwise turn a one-line error into a page.
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def item_values(ids: Sequence, values: Sequence, where: str) -> dict[str, float]:
+    """{id: value} of one run's per-item results; errors start with `where` (e.g. the file)."""
+    if not isinstance(ids, (list, tuple)) or not isinstance(values, (list, tuple, np.ndarray)):
+        raise ValueError(f"{where}: item ids and values must be lists")
     if len(ids) != len(values):
-        raise ValueError(f"run {run}: {len(ids)} item ids but {len(values)} values")
+        raise ValueError(f"{where}: {len(ids)} item ids but {len(values)} values")
     by_id: dict[str, float] = {}
     for i, (item, value) in enumerate(zip(ids, values)):
         if not isinstance(item, str):
-            raise ValueError(f"run {run}: item id #{i} is {item!r}, not a string")
+            raise ValueError(f"{where}: item id #{i} is {_short(item)}, not a string")
         if item in by_id:
-            raise ValueError(f"run {run}: item id {item!r} appears twice, so it cannot be paired")
+            raise ValueError(f"{where}: item id {_short(item)} appears twice, so it cannot be paired")
         if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
                 or not math.isfinite(value):
-            raise ValueError(f"run {run}: item {item!r} has value {value!r}, not a finite number")
+            raise ValueError(f"{where}: item {_short(item)} has value {_short(value)}, not a finite number")
         by_id[item] = float(value)
     return by_id
 
@@ -67,7 +77,7 @@ def align_items(ids_a: Sequence[str], values_a: Sequence[float], ids_b: Sequence
 
     Refuses duplicate ids, non-finite values and runs that share no item.
     """
-    a, b = _check_run(ids_a, values_a, "A"), _check_run(ids_b, values_b, "B")
+    a, b = item_values(ids_a, values_a, "run A"), item_values(ids_b, values_b, "run B")
     shared = [item for item in a if item in b]
     if not shared:
         raise ValueError(f"the two runs share no item ids (A has {len(a)}, B has {len(b)}): "
@@ -169,14 +179,20 @@ def newcombe_paired_interval(e: int, f: int, g: int, h: int) -> tuple[float, flo
     return d - math.sqrt(max(below, 0.0)), d + math.sqrt(max(above, 0.0))
 
 
+def square_and_add_interval(value_a: float, ci_a: Sequence[float], value_b: float,
+                            ci_b: Sequence[float]) -> tuple[float, float]:
+    """Interval for value_b - value_a from two independent estimates' own intervals (Newcombe's
+    square-and-add, also called MOVER): each side adds the distances to the limits in quadrature."""
+    (la, ua), (lb, ub) = ci_a, ci_b
+    d = value_b - value_a
+    return (d - math.sqrt((value_b - lb) ** 2 + (ua - value_a) ** 2),
+            d + math.sqrt((ub - value_b) ** 2 + (value_a - la) ** 2))
+
+
 def newcombe_unpaired_interval(k_a: int, n_a: int, k_b: int, n_b: int) -> tuple[float, float]:
     """95% interval for k_b/n_b - k_a/n_a from independent samples: Newcombe (1998, Stat. Med.
     17:873-890) method 10, the square-and-add of the two Wilson intervals."""
-    la, ua = _wilson(k_a, n_a)
-    lb, ub = _wilson(k_b, n_b)
-    pa, pb = k_a / n_a, k_b / n_b
-    d = pb - pa
-    return d - math.sqrt((pb - lb) ** 2 + (ua - pa) ** 2), d + math.sqrt((ub - pb) ** 2 + (pa - la) ** 2)
+    return square_and_add_interval(k_a / n_a, _wilson(k_a, n_a), k_b / n_b, _wilson(k_b, n_b))
 
 
 def normal_unpaired_interval(value_a: float, se_a: float, value_b: float, se_b: float) -> tuple[float, float]:

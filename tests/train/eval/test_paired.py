@@ -133,7 +133,7 @@ def test_paired_difference_matches_items_by_id():
 
 
 @pytest.mark.parametrize("ids_a, values_a, ids_b, values_b, message", [
-    (["a", "b"], [1, 0], ["c", "d"], [1, 1], "share no item ids"),
+    (["a", "b"], [1, 0], ["c", "d"], [1, 1], "the two runs share no item ids"),
     (["a", "a"], [1, 0], ["a"], [1], "run A: item id 'a' appears twice"),
     (["a", "b"], [1], ["a"], [1], "run A: 2 item ids but 1 values"),
     (["a"], [1], ["a"], [float("nan")], "run B: item 'a' has value nan"),
@@ -141,7 +141,7 @@ def test_paired_difference_matches_items_by_id():
     ([3], [1], ["a"], [1], "run A: item id #0 is 3"),
 ])
 def test_bad_pairings_are_refused_by_name(ids_a, values_a, ids_b, values_b, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match="^" + message):
         paired_difference(ids_a, values_a, ids_b, values_b, resamples=10)
 
 
