@@ -160,8 +160,8 @@ def check_results(results, path: str | Path) -> None:
             if key in m and (isinstance(m[key], bool) or not isinstance(m[key], int) or m[key] < 0):
                 raise ValueError(f"{where}[{key!r}] is {_short(m[key])}, not a whole number")
         ci = m.get("ci95")
-        if ci is not None and not (isinstance(ci, list) and len(ci) == 2 and all(map(_is_number, ci))
-                                   and ci[0] <= ci[1]):
+        if ci not in (None, [None, None]) and not (isinstance(ci, list) and len(ci) == 2
+                                                   and all(map(_is_number, ci)) and ci[0] <= ci[1]):
             raise ValueError(f"{where}['ci95'] is {_short(ci)}, not [low, high]")
     from train.eval.paired import item_values
 
@@ -198,6 +198,12 @@ def _labels(results_list: Sequence[dict], paths: Sequence[str | Path] | None) ->
     return labels
 
 
+def _ci(m: dict) -> list[float] | None:
+    """A metric's 95% interval, or None (absent, or [null, null] where a NaN was written)."""
+    ci = m.get("ci95")
+    return ci if ci is not None and None not in ci else None
+
+
 def error_bar(m: dict | None) -> tuple[float, float] | None:
     """(below, above) distances of a metric's 95% interval from its value, for a plot: the Wilson
     interval of a rate when the file has one (never empty at 0 or 1), else ±1.96 standard errors."""
@@ -205,7 +211,7 @@ def error_bar(m: dict | None) -> tuple[float, float] | None:
 
     if not m or not _is_number(m.get("value")):
         return None
-    value, ci, se = m["value"], m.get("ci95"), m.get("stderr")
+    value, ci, se = m["value"], _ci(m), m.get("stderr")
     if ci is not None:
         return max(0.0, value - ci[0]), max(0.0, ci[1] - value)
     if _is_number(se):
@@ -222,9 +228,9 @@ def _unpaired(ref: dict, other: dict) -> dict:
            "difference": b - a if _is_number(a) and _is_number(b) else None, "method": "unpaired: no interval"}
     if out["difference"] is None:
         return out
-    if ref.get("ci95") is not None and other.get("ci95") is not None:
+    if _ci(ref) is not None and _ci(other) is not None:
         # With Wilson intervals this is Newcombe's hybrid score interval for independent rates.
-        out["ci95"] = list(square_and_add_interval(a, ref["ci95"], b, other["ci95"]))
+        out["ci95"] = list(square_and_add_interval(a, _ci(ref), b, _ci(other)))
         out["method"] = "unpaired: square-and-add of the 95% intervals"
     elif _is_number(ref.get("stderr")) and _is_number(other.get("stderr")):
         out["ci95"] = list(normal_unpaired_interval(a, ref["stderr"], b, other["stderr"]))

@@ -139,6 +139,8 @@ def test_error_bars_are_95_percent_intervals():
     mean = mean_with_stderr([1.0, 2.0, 4.0])
     assert error_bar(mean) == pytest.approx((Z95 * mean["stderr"],) * 2)
     assert error_bar({"value": 1.0, "n": 1, "stderr": None}) is None
+    # A NaN interval is written as [null, null]: no interval, not a crash.
+    assert error_bar({"value": 0.5, "n": 4, "stderr": 0.25, "ci95": [None, None]}) == pytest.approx((Z95 * 0.25,) * 2)
 
 
 def test_duplicate_labels_stay_unique(tmp_path):
