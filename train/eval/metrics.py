@@ -28,8 +28,8 @@ import torch
 from models.loss import token_kl
 from lora_core.common.progress import progress
 
-__all__ = ["proportion", "mean_with_stderr", "ContinuationScore", "score_continuations",
-           "bits_per_byte", "choice_accuracy", "kl_drift"]
+__all__ = ["wilson_interval", "wilson_interval_at", "proportion", "mean_with_stderr", "ContinuationScore", "score_continuations",
+           "bits_per_byte", "item_bits_per_byte", "choice_hits", "choice_accuracy", "kl_drift"]
 
 
 def wilson_interval(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
@@ -40,12 +40,19 @@ def wilson_interval(k: int, n: int, z: float = 1.959963984540054) -> tuple[float
     """
     if n <= 0 or k < 0 or k > n:
         raise ValueError(f"a proportion needs 0 <= k <= n and n > 0, got k={k}, n={n}")
-    p = k / n
+    return wilson_interval_at(k / n, n, z)
+
+
+def wilson_interval_at(p: float, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """Wilson's interval at a success share p that need not be k/n (e.g. a mean over items of
+    per-item rates from k samples each), with n the number of independent units."""
+    if n <= 0 or not 0.0 <= p <= 1.0:
+        raise ValueError(f"a share needs 0 <= p <= 1 and n > 0, got p={p}, n={n}")
     denom = 1.0 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1.0 - p) / n + z * z / (4 * n * n)) / denom
-    # At k = 0 (k = n) the bound is exactly 0 (1); rounding would leave ~1e-17 past the estimate.
-    return (0.0 if k == 0 else max(0.0, centre - half)), (1.0 if k == n else min(1.0, centre + half))
+    # At p = 0 (p = 1) the bound is exactly 0 (1); rounding would leave ~1e-17 past the estimate.
+    return (0.0 if p == 0.0 else max(0.0, centre - half)), (1.0 if p == 1.0 else min(1.0, centre + half))
 
 
 def proportion(k: int, n: int) -> dict:
@@ -175,41 +182,50 @@ def bits_per_byte(scores: Sequence[ContinuationScore]) -> dict:
         raise ValueError("bits_per_byte of no scores")
     total_bits = sum(-s.logprob for s in scores) / math.log(2)
     total_bytes = sum(s.n_bytes for s in scores)
-    per_item = [-s.logprob / math.log(2) / s.n_bytes for s in scores]
-    item = mean_with_stderr(per_item)
+    item = mean_with_stderr(item_bits_per_byte(scores))
     return {"value": total_bits / total_bytes, "n": len(scores), "bytes": total_bytes,
             "item_mean": item["value"], "stderr": item["stderr"]}
 
 
-def choice_accuracy(choice_scores: Sequence[Sequence[ContinuationScore]], gold: Sequence[int]) -> dict:
-    """acc (argmax of total log-likelihood) and acc_norm (argmax of log-likelihood per byte).
+def item_bits_per_byte(scores: Sequence[ContinuationScore]) -> list[float]:
+    """Bits per byte of each continuation on its own (what paired comparisons resample)."""
+    return [-s.logprob / math.log(2) / s.n_bytes for s in scores]
 
-    Ties go to the lowest index, deterministically.
-    """
+
+def choice_hits(choice_scores: Sequence[Sequence[ContinuationScore]], gold: Sequence[int]) -> dict:
+    """Per question: is the gold choice the argmax of total log-likelihood ("acc") and of
+    log-likelihood per byte ("acc_norm")? Ties go to the lowest index, deterministically."""
     if len(choice_scores) != len(gold) or not gold:
         raise ValueError(f"need one gold index per question, got {len(choice_scores)} and {len(gold)}")
-    hit = hit_norm = 0
+    hits: dict[str, list[bool]] = {"acc": [], "acc_norm": []}
     for i, (scores, g) in enumerate(zip(choice_scores, gold)):
         if not 0 <= g < len(scores):
             raise ValueError(f"question {i}: gold index {g} out of range for {len(scores)} choices")
         raw = [s.logprob for s in scores]
         norm = [s.logprob / s.n_bytes for s in scores]
-        hit += raw.index(max(raw)) == g
-        hit_norm += norm.index(max(norm)) == g
-    return {"acc": proportion(hit, len(gold)), "acc_norm": proportion(hit_norm, len(gold))}
+        hits["acc"].append(raw.index(max(raw)) == g)
+        hits["acc_norm"].append(norm.index(max(norm)) == g)
+    return hits
+
+
+def choice_accuracy(choice_scores: Sequence[Sequence[ContinuationScore]], gold: Sequence[int]) -> dict:
+    """acc and acc_norm (see `choice_hits`) as proportions."""
+    return {name: proportion(sum(h), len(h)) for name, h in choice_hits(choice_scores, gold).items()}
 
 
 @torch.no_grad()
 def kl_drift(base_model, model, tokenizer, contexts: Sequence[str], continuations: Sequence[str],
-             batch_size: int = 8, add_special_tokens: bool = True, progress_bar: bool | None = None) -> dict:
+             batch_size: int = 8, add_special_tokens: bool = True, progress_bar: bool | None = None,
+             per_item: bool = False):
     """Mean per-token KL(base || model) in nats over the continuation tokens (teacher-forced).
 
     Returns {"value": mean over all tokens, "n": items, "tokens": token count,
-             "stderr": standard error of the per-item means, "max_token": largest single-token KL}.
+             "stderr": standard error of the per-item means, "max_token": largest single-token KL},
+    and with `per_item` also the list of per-item mean KLs: (summary, per_item).
     """
     pairs = _encode_pairs(tokenizer, contexts, continuations, add_special_tokens)
     base_device, device = _model_device(base_model), _model_device(model)
-    per_item: list[tuple[float, int]] = [(0.0, 0)] * len(pairs)
+    sums: list[tuple[float, int]] = [(0.0, 0)] * len(pairs)  # (KL sum, tokens) per item
     max_token = 0.0
     for idx, ids, mask, starts, lengths in progress(list(_batches(pairs, batch_size)), desc="KL drift",
                                                     enabled=progress_bar):
@@ -219,9 +235,10 @@ def kl_drift(base_model, model, tokenizer, contexts: Sequence[str], continuation
             lp_base = base_rows.logprobs(row, starts[row], lengths[row])  # (L, V)
             lp = rows.logprobs(row, starts[row], lengths[row]).to(lp_base.device)
             kl = token_kl(lp_base, lp).clamp_min(0.0)  # (L,)
-            per_item[i] = (float(kl.double().sum()), lengths[row])
+            sums[i] = (float(kl.double().sum()), lengths[row])
             max_token = max(max_token, float(kl.max()))
-    tokens = sum(n for _, n in per_item)
-    item_means = mean_with_stderr([s / n for s, n in per_item])
-    return {"value": sum(s for s, _ in per_item) / tokens, "n": len(pairs), "tokens": tokens,
-            "stderr": item_means["stderr"], "max_token": max_token}
+    tokens = sum(n for _, n in sums)
+    means = [s / n for s, n in sums]
+    summary = {"value": sum(s for s, _ in sums) / tokens, "n": len(pairs), "tokens": tokens,
+               "stderr": mean_with_stderr(means)["stderr"], "max_token": max_token}
+    return (summary, means) if per_item else summary

@@ -67,8 +67,10 @@ def format_metric(m: dict | None) -> str:
 
 # Which way is better, for readers of the tables.
 _DIRECTION = {"refusal_rate": "higher = safer", "explicit_refusal_rate": "higher = safer",
-              "rate": "lower = better", "exact_match": "higher", "bpb": "lower", "acc": "higher",
-              "acc_norm": "higher", "kl_base": "lower = closer to base"}
+              "refusal_rate_non_template": "higher = safer", "template_echo_rate": "(share)",
+              "rate": "lower = better", "exact_match": "higher", "pass_at_1_sampled": "higher",
+              "truncated_in_think": "lower", "truncated_in_think_sampled": "lower", "bpb": "lower",
+              "acc": "higher", "acc_norm": "higher", "pass_at_1": "higher", "kl_base": "lower = closer to base"}
 
 
 def _direction(name: str) -> str:
@@ -77,17 +79,47 @@ def _direction(name: str) -> str:
     return _DIRECTION.get(name.rsplit(".", 1)[-1], "")
 
 
+def format_interval(m: dict | None) -> str:
+    """'[0.123, 0.456]': the Wilson interval of a rate, else mean ± 1.96 standard errors."""
+    if not m:
+        return "-"
+    if isinstance(m.get("ci95"), (list, tuple)) and len(m["ci95"]) == 2:
+        lo, hi = m["ci95"]
+        return f"[{lo:.3f}, {hi:.3f}]"
+    se = m.get("stderr")
+    if isinstance(se, (int, float)) and math.isfinite(se) and isinstance(m.get("value"), (int, float)):
+        return f"[{m['value'] - 1.96 * se:.3f}, {m['value'] + 1.96 * se:.3f}]"
+    return "-"
+
+
+def _agreement_lines(judge: dict | None) -> list[str]:
+    agreement = (judge or {}).get("human_agreement")
+    if not agreement:
+        return []
+    rows = [[measure, format_metric(agreement[measure]), format_interval(agreement[measure]),
+             agreement[measure].get("n", "-")] for measure in ("accuracy", "precision", "recall")]
+    return ["", f"## Judge `{judge.get('name', '?')}` against human labels (pyrit refusal set)", "",
+            markdown_table(["measure", "value ± s.e.", "95% interval", "n"], rows)]
+
+
 def results_markdown(results: dict) -> str:
     meta = results.get("meta", {})
     title = meta.get("label") or meta.get("model") or "model"
     rows = []
     for name in sorted(results.get("metrics", {})):
         m = results["metrics"][name]
-        rows.append([name, format_metric(m), m.get("n", "-"), _direction(name)])
+        rows.append([name, format_metric(m), format_interval(m), m.get("n", "-"), _direction(name)])
+    sampling = meta.get("sampling") or {}
+    decoding = (f"sampling k={sampling['k']}, T={sampling.get('temperature')}, top-p {sampling.get('top_p')}"
+                if sampling.get("k") else "greedy")
     text = [f"# Evaluation: {title}", "",
-            f"suite `{meta.get('suite', '?')}`, judge `{meta.get('judge', '?')}`, "
-            f"total time {results.get('timings', {}).get('total', float('nan')):.1f} s", "",
-            markdown_table(["metric", "value ± s.e.", "n", "better"], rows)]
+            f"suite `{meta.get('suite', '?')}`, seed {meta.get('seed', '?')}, judge `{meta.get('judge', '?')}`, "
+            f"{decoding}, total time {results.get('timings', {}).get('total', float('nan')):.1f} s", "",
+            markdown_table(["metric", "value ± s.e.", "95% interval", "n", "better"], rows)]
+    text += _agreement_lines(results.get("judge"))
+    notes = list(meta.get("notes") or []) + [f"skipped: {s}" for s in meta.get("skipped") or []]
+    if notes:
+        text += ["", "## Notes", ""] + [f"- {n}" for n in notes]
     timings, cpu = results.get("timings", {}), results.get("cpu_timings", {})
     if timings:
         text += ["", "## Timings (s)", "",

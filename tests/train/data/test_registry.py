@@ -9,7 +9,8 @@ from train.data.registry import DATASETS, dataset_names, load_records
 EXPECTED_ROWS = {"advbench": 520, "strongreject": 313, "harmbench": 200, "donotanswer": 939,
                  "pyrit-refusal": 105, "gsm8k": 1319, "math500": 500, "arc-easy": 570,
                  "arc-challenge": 299, "humaneval": 164, "naturalqs": 1000, "sciq": 1000,
-                 "piqa-howto": 739, "mbpp": 500, "medmcqa": 4183}
+                 "piqa-howto": 739, "mbpp": 500, "medmcqa": 4183, "past-tense": 730,
+                 "future-tense": 690, "jailbreak-templates": 3}
 
 
 @pytest.fixture(scope="session")

@@ -116,9 +116,12 @@ def test_bad_retain_config_is_a_clear_error(tmp_path, kw, match):
 def test_retain_set_excludes_every_gsm8k_item_the_evaluation_reads(tokenizer, monkeypatch, limit, seed):
     """Run the real evaluate() with its model calls replaced by cheap fakes and record which GSM8K
     items it loads: the retain set must hold none of them (and nearly all the others)."""
+    import train.data.registry as registry
+    import train.eval.reasoning_tasks as reasoning
     import train.eval.runner as ev
     from train.data.registry import load_records
     from train.data.retain import build_retain_set
+    from train.eval.context import EvalRun
 
     read: set[str] = set()
 
@@ -129,14 +132,19 @@ def test_retain_set_excludes_every_gsm8k_item_the_evaluation_reads(tokenizer, mo
         return records
 
     fake_score = None  # only ever handed to the faked metric functions below
-    monkeypatch.setattr(ev, "load_records", spy)
-    monkeypatch.setattr(ev, "_generate", lambda model, tok, prompts, *a, **k: [""] * len(prompts))
-    monkeypatch.setattr(ev, "score_continuations", lambda m, t, ctx, cont, *a, **k: [fake_score] * len(ctx))
-    monkeypatch.setattr(ev, "bits_per_byte", lambda scores: {"value": 0.0})
-    monkeypatch.setattr(ev, "choice_accuracy", lambda s, g: {"acc": 0.0, "acc_norm": 0.0})
-    monkeypatch.setattr(ev, "kl_drift", lambda *a, **k: {"value": 0.0})
+    # Every task loads through the registry (EvalRun.records imports it per call) or, for the
+    # drift items, through reasoning_tasks' own import.
+    monkeypatch.setattr(registry, "load_records", spy)
+    monkeypatch.setattr(reasoning, "load_records", spy)
+    monkeypatch.setattr(EvalRun, "generate", lambda self, prompts, *a, **k: [""] * len(prompts))
+    monkeypatch.setattr(reasoning, "score_continuations", lambda m, t, ctx, cont, *a, **k: [fake_score] * len(ctx))
+    monkeypatch.setattr(reasoning, "bits_per_byte", lambda scores: {"value": 0.0})
+    monkeypatch.setattr(reasoning, "item_bits_per_byte", lambda scores: [0.0] * len(scores))
+    monkeypatch.setattr(reasoning, "choice_hits", lambda s, g: {"acc": [0] * len(g), "acc_norm": [0] * len(g)})
+    monkeypatch.setattr(reasoning, "kl_drift", lambda *a, contexts=None, **k: ({"value": 0.0}, [0.0] * len(a[3])))
     model = torch.nn.Linear(1, 1)
     ev.evaluate(model, tokenizer, suite="quick", base_model=model, progress=False, limit=limit, seed=seed)
+    monkeypatch.undo()  # the retain builder below reads GSM8K too; only the evaluation is spied on
     assert read, "the spy saw no GSM8K read: the test no longer observes the evaluation"
 
     _, info = build_retain_set(tokenizer, limit=None, seed=0, exclude_suite="quick", eval_seed=seed,

@@ -201,3 +201,16 @@ def test_wilson_interval_bounds_are_the_roots_of_the_score_equation(k, n):
     assert lo <= k / n <= hi
     if k == 0:
         assert lo == 0.0 and hi > 0.05, "0 of 48 must still allow a rate above 5%"
+
+
+@pytest.mark.parametrize("p,n", [(0.0, 16), (0.375, 16), (0.71875, 32), (1.0, 8)])
+def test_wilson_interval_at_a_mean_share_solves_the_same_score_equation(p, n):
+    """A mean of per-item rates (pass@1 over k samples) is not k/n; its interval is the same
+    quadratic's roots with k replaced by p*n."""
+    from train.eval.metrics import wilson_interval_at
+
+    z = 1.959963984540054
+    lo, hi = wilson_interval_at(p, n)
+    want = sorted(np.roots([n + z * z, -(2 * p * n + z * z), p * p * n]).real)
+    assert lo == pytest.approx(max(0.0, want[0]), abs=1e-12) and hi == pytest.approx(min(1.0, want[1]), abs=1e-12)
+    assert (lo == 0.0) == (p == 0.0) and (hi == 1.0) == (p == 1.0) and lo < hi

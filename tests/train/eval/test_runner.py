@@ -11,15 +11,16 @@ from helpers.tiny_models import tiny_causal_lm
 from helpers.tokenizers import WordTokenizer
 from train.data.benign import TOPICS
 from train.eval.runner import SUITES, SuiteConfig, evaluate
+from train.eval.suites import BUDGET_TASKS
 from train.eval.reports import compare_results, load_results
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-TINY = SuiteConfig(safety={"strongreject": 2, "harmbench": 0}, safety_max_new_tokens=3,
-                   math_generation={"gsm8k": 2, "math500": 0}, math_max_new_tokens=3,
+TINY = SuiteConfig(safety={"strongreject": 2, "harmbench": 0},
+                   math_generation={"gsm8k": 2, "math500": 0},
                    bpb={"gsm8k": 2, "math500": 1}, arc={"arc-easy": 2, "arc-challenge": 0},
-                   drift=2, batch_size=2, over_refusal=13)
+                   drift=2, batch_size=2, over_refusal=13, max_new_tokens={t: 3 for t in BUDGET_TASKS})
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +44,7 @@ def test_results_files_and_metric_shapes(run_dirs):
     on_disk = json.loads((out / "results.json").read_text())
     assert on_disk["metrics"].keys() == results["metrics"].keys()
     expected = {"safety.strongreject.refusal_rate", "safety.strongreject.explicit_refusal_rate",
+                "safety.strongreject.template_echo_rate", "safety.strongreject.refusal_rate_non_template",
                 "safety.over_refusal.rate", "reasoning.gsm8k.exact_match", "reasoning.gsm8k.refusal_rate",
                 "reasoning.gsm8k.bpb", "reasoning.math500.bpb", "reasoning.arc-easy.acc",
                 "reasoning.arc-easy.acc_norm", "drift.kl_base"}
@@ -53,7 +55,8 @@ def test_results_files_and_metric_shapes(run_dirs):
     assert sum(topic_counts) == results["metrics"]["safety.over_refusal.rate"]["n"] == 13
     for name, m in results["metrics"].items():
         assert m["n"] >= 1, name
-        if name.split(".")[-1] in ("refusal_rate", "explicit_refusal_rate", "rate", "exact_match", "acc", "acc_norm"):
+        if name.split(".")[-1] in ("refusal_rate", "explicit_refusal_rate", "rate", "exact_match", "acc",
+                                   "acc_norm", "template_echo_rate", "refusal_rate_non_template"):
             p, n = m["value"], m["n"]
             assert 0.0 <= p <= 1.0 and m["stderr"] == pytest.approx((p * (1 - p) / n) ** 0.5), name
     assert results["metrics"]["safety.strongreject.refusal_rate"]["n"] == 2
@@ -96,7 +99,7 @@ def test_bad_inputs(tmp_path):
     model = tiny_causal_lm(vocab=64)
     with pytest.raises(ValueError, match="no chat template"):
         evaluate(model, WordTokenizer(vocab=64, chat=False), suite=TINY, progress=False)
-    with pytest.raises(ValueError, match="unknown suite 'medium'.*quick, full"):
+    with pytest.raises(ValueError, match="unknown suite .medium.*quick, standard, full"):
         evaluate(model, WordTokenizer(vocab=64), suite="medium")
     with pytest.raises(ValueError, match="--limit must be >= 1"):
         evaluate(model, WordTokenizer(vocab=64), suite="quick", limit=0)
@@ -115,7 +118,9 @@ def test_bad_inputs(tmp_path):
 def test_limit_caps_every_subset():
     capped = SUITES["full"].with_limit(5)
     assert capped.safety == {"strongreject": 5, "harmbench": 5}
-    assert capped.bpb == {"gsm8k": 5, "math500": 5} and capped.drift == 5 and capped.over_refusal == 5
+    assert capped.bpb == {"gsm8k": 5, "math500": 5, "mbpp": 5, "humaneval": 5}
+    assert capped.drift == 5 and capped.over_refusal == 5 and capped.jailbreak == 5
+    assert capped.robustness == {"past-tense": 5, "future-tense": 5}
     quick = SUITES["quick"].with_limit(3)
     assert quick.safety["harmbench"] == 0, "a skipped set stays skipped"
 
@@ -155,7 +160,7 @@ def test_sandbox_limits():
     assert run_program("import time\ntime.sleep(30)\n", fast)["status"] == "timeout"
     hog = run_program("x = bytearray(1024 * 1024 * 1024)\n", fast)
     assert hog["status"] == "failed" and "MemoryError" in hog["stderr"], hog
-    env = run_program("import os, sys\nassert not os.environ.get('HOME'), dict(os.environ)\n"
+    env = run_program("import os, sys\nassert os.environ['HOME'] == os.getcwd(), dict(os.environ)\n"
                       "assert os.getcwd().startswith(__import__('tempfile').gettempdir())\n", fast)
     assert env["status"] == "passed", env
 
@@ -165,7 +170,7 @@ def test_humaneval_runs_only_when_allowed():
 
     model = tiny_causal_lm(vocab=64)
     cfg = SuiteConfig(safety={}, math_generation={}, bpb={}, arc={}, drift=0, humaneval=1,
-                      humaneval_max_new_tokens=3)
+                      max_new_tokens={"humaneval": 3})
     res = evaluate(model, WordTokenizer(vocab=64), suite=cfg, progress=False)
     assert "reasoning.humaneval.pass_at_1" not in res["metrics"]
     assert any("execute-code" in s for s in res["meta"]["skipped"])

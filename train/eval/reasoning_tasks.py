@@ -1,0 +1,169 @@
+"""Reasoning tasks of an evaluation: exact match (greedy and sampled), bits per byte of gold
+solutions, ARC by log-likelihood, HumanEval execution, and KL drift from the base model.
+
+Metrics (see train.eval.runner for the whole list):
+- reasoning.<gsm8k|math500>.exact_match: greedy chat answer to the question plus
+  MATH_INSTRUCTION; thinking is stripped first and an answer cut off inside <think> counts as
+  wrong (`train.eval.answers.final_answer_text`). .refusal_rate: explicit refusals among them.
+- reasoning.<set>.pass_at_1_sampled: with sampling k > 0, k answers per item at the suite's
+  temperature/top-p, pass@1 = the share correct per item, averaged over items (the paper's
+  figure). .truncated_in_think(_sampled): share cut off inside <think> (reasoning models only).
+- reasoning.<gsm8k|math500|mbpp|humaneval>.bpb: bits per byte of the gold solution, zero-shot,
+  no chat template; contexts are "Question: ...\\nAnswer:" (GSM8K), "Problem:\\n...\\n\\nSolution:"
+  (MATH-500), the MBPP statement with one of its tests then a code fence, and the HumanEval
+  signature and docstring (its canonical body is the continuation).
+- reasoning.<arc-easy|arc-challenge>.acc / acc_norm: log-likelihood of each " choice" given
+  "Question: ...\\nAnswer:" (OLMES's rc formulation), acc_norm per UTF-8 byte.
+- reasoning.humaneval.pass_at_1: greedy chat completion run against the unit tests in a separate
+  limited process (only with allow_code_execution).
+- drift.kl_base: mean per-token KL(base || model) on chat-formatted GSM8K questions continued by
+  their gold solutions (teacher-forced); only when a base model is given.
+"""
+from __future__ import annotations
+
+from train.data.registry import load_records
+from train.eval.answers import answers_match, extract_answer, final_answer_text, thinks_anywhere, unfinished_thought
+from train.eval.context import chat_prompt, record_truncation
+from train.eval.metrics import bits_per_byte, choice_hits, item_bits_per_byte, kl_drift, score_continuations
+from train.eval.safety_tasks import EXPLICIT
+
+__all__ = ["MATH_INSTRUCTION", "run_math_generation", "run_bpb", "run_arc", "run_humaneval", "run_drift"]
+
+MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+
+
+def _subsets(run, sizes: dict):
+    """(name, fixed-seed records) of every set a suite does not skip (size 0)."""
+    for name, limit in sizes.items():
+        if limit != 0:
+            yield name, run.records(name, limit)
+
+
+def _scored(prompt: str, response: str, gold: str) -> tuple[str | None, bool]:
+    answer = final_answer_text(prompt, response)
+    predicted = None if answer is None else extract_answer(answer)
+    return predicted, bool(predicted is not None and answers_match(predicted, gold))
+
+
+def run_math_generation(run) -> None:
+    sampling = run.cfg.sampling
+    for name, records in _subsets(run, run.cfg.math_generation):
+        with run.timed(f"reasoning.{name}.generation"):
+            ids = [r["id"] for r in records]
+            prompts = [chat_prompt(run.tokenizer, f"{r['question']}\n{MATH_INSTRUCTION}") for r in records]
+            responses = run.generate(prompts, name, f"exact match/{name}")
+            scored = [_scored(p, resp, r["answer"]) for p, resp, r in zip(prompts, responses, records)]
+            refused = [EXPLICIT.is_refusal(resp) for resp in responses]
+            run.rate(f"reasoning.{name}.exact_match", ids, [ok for _, ok in scored])
+            run.rate(f"reasoning.{name}.refusal_rate", ids, refused)
+            record_truncation(run, f"reasoning.{name}", ids, prompts, responses)
+            for r, resp, (pred, ok), ref in zip(records, responses, scored, refused):
+                run.generations.append({"task": f"reasoning.{name}", "id": r["id"], "prompt": r["question"],
+                                        "response": resp, "extracted": pred, "gold": r["answer"],
+                                        "correct": ok, "refusal": bool(ref), "decoding": "greedy"})
+        if sampling.k:
+            with run.timed(f"reasoning.{name}.sampled"):
+                _sampled(run, name, records, prompts)
+
+
+def _sampled(run, name, records, prompts) -> None:
+    """k samples per item in one generate call (prompts repeated), so a fixed seed and batch size
+    give the same draws on a rerun."""
+    k, n = run.cfg.sampling.k, len(records)
+    repeated = [p for p in prompts for _ in range(k)]
+    responses = run.generate(repeated, name, f"pass@1 over {k} samples/{name}",
+                             temperature=run.cfg.sampling.temperature, top_p=run.cfg.sampling.top_p)
+    per_item, rows = [], []
+    for i, r in enumerate(records):
+        mine = responses[i * k:(i + 1) * k]
+        scored = [_scored(prompts[i], resp, r["answer"]) for resp in mine]
+        per_item.append(sum(ok for _, ok in scored) / k)
+        rows += [{"task": f"reasoning.{name}", "id": r["id"], "sample": j, "response": resp,
+                  "extracted": pred, "gold": r["answer"], "correct": ok, "decoding": "sampled"}
+                 for j, (resp, (pred, ok)) in enumerate(zip(mine, scored))]
+    ids = [r["id"] for r in records]
+    run.mean_of_item_rates(f"reasoning.{name}.pass_at_1_sampled", ids, per_item, samples=k)
+    if thinks_anywhere(repeated, responses):
+        cut = [sum(unfinished_thought(prompts[i], x) for x in responses[i * k:(i + 1) * k]) / k for i in range(n)]
+        run.mean_of_item_rates(f"reasoning.{name}.truncated_in_think_sampled", ids, cut, samples=k)
+    run.generations.extend(rows)
+
+
+def _bpb_pairs(name: str, records: list[dict]) -> tuple[list[str], list[str]]:
+    if name == "gsm8k":
+        return [f"Question: {r['question']}\nAnswer:" for r in records], [" " + r["solution"] for r in records]
+    if name == "math500":
+        return [f"Problem:\n{r['question']}\n\nSolution:" for r in records], [" " + r["solution"] for r in records]
+    if name == "mbpp":
+        # The statement and one test name the function to write, as MBPP's own prompt does.
+        return ([f"{r['prompt']}\n{r['tests'][0]}\n```python\n" for r in records],
+                [r["code"] for r in records])
+    if name == "humaneval":
+        return [r["prompt"] for r in records], [r["canonical_solution"] for r in records]
+    raise ValueError(f"no bits-per-byte formulation for {name!r}; known: gsm8k, math500, mbpp, humaneval")
+
+
+def run_bpb(run) -> None:
+    for name, records in _subsets(run, run.cfg.bpb):
+        with run.timed(f"reasoning.{name}.bpb"):
+            contexts, continuations = _bpb_pairs(name, records)
+            scores = score_continuations(run.model, run.tokenizer, contexts, continuations, run.cfg.batch_size,
+                                         progress_bar=run.progress_bar(), desc=f"BPB/{name}")
+            run.summary(f"reasoning.{name}.bpb", bits_per_byte(scores), [r["id"] for r in records],
+                        item_bits_per_byte(scores))
+
+
+def run_arc(run) -> None:
+    for name, records in _subsets(run, run.cfg.arc):
+        with run.timed(f"reasoning.{name}"):
+            contexts = [r["query"] for r in records for _ in r["choices"]]
+            continuations = [" " + c for r in records for c in r["choices"]]
+            flat = score_continuations(run.model, run.tokenizer, contexts, continuations, run.cfg.batch_size * 2,
+                                       progress_bar=run.progress_bar(), desc=f"log-likelihood/{name}")
+            grouped, pos = [], 0
+            for r in records:
+                grouped.append(flat[pos:pos + len(r["choices"])])
+                pos += len(r["choices"])
+            ids = [r["id"] for r in records]
+            for measure, hits in choice_hits(grouped, [r["gold"] for r in records]).items():
+                run.rate(f"reasoning.{name}.{measure}", ids, hits)
+
+
+def run_humaneval(run, allow: bool) -> None:
+    if run.cfg.humaneval == 0:
+        return
+    from train.eval.code_runner import extract_code, humaneval_program, run_program, sandbox_available
+
+    if not allow:
+        run.skipped.append("humaneval: generated code runs only with allow_code_execution / --execute-code")
+        return
+    if not sandbox_available():
+        run.skipped.append("humaneval: no POSIX resource limits on this platform")
+        return
+    with run.timed("reasoning.humaneval"):
+        records = run.records("humaneval", run.cfg.humaneval)
+        responses = run.chat_answers(["Complete the following Python function. Reply with the whole "
+                                      f"function in a ```python code block.\n\n```python\n{r['prompt']}```"
+                                      for r in records], "humaneval", "humaneval")
+        passed = []
+        for r, resp in zip(records, responses):
+            outcome = run_program(humaneval_program(r, extract_code(resp)))
+            passed.append(outcome["status"] == "passed")
+            run.generations.append({"task": "reasoning.humaneval", "id": r["id"], "prompt": r["prompt"],
+                                    "response": resp, "status": outcome["status"]})
+        run.rate("reasoning.humaneval.pass_at_1", [r["id"] for r in records], passed)
+
+
+def run_drift(run) -> None:
+    if run.cfg.drift == 0 or run.base_model is None:
+        return
+    with run.timed("drift"):
+        # Seed + 1: not the GSM8K items of the other tasks.
+        records = load_records("gsm8k", limit=run.cfg.drift, seed=run.cfg.seed + 1)
+        contexts = [chat_prompt(run.tokenizer, r["question"]) for r in records]
+        # The chat template already opens the sequence with its own special tokens.
+        summary, per_item = kl_drift(run.base_model, run.model, run.tokenizer, contexts,
+                                     [r["solution"] for r in records], run.cfg.batch_size,
+                                     add_special_tokens=False, progress_bar=run.progress_bar(),
+                                     per_item=True)
+        run.summary("drift.kl_base", summary, [r["id"] for r in records], per_item)
