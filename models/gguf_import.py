@@ -40,11 +40,12 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, overw
     """Convert `gguf_path` into an HF-format directory at `out_dir` (written atomically).
 
     extra_files: more files to put in the directory (e.g. a provenance record). Refuses an existing
-    non-empty `out_dir` unless overwrite=True.
+    non-empty `out_dir` unless overwrite=True. The directory carries a checksum manifest
+    (models.cache_manifest), so the cache can tell a damaged conversion from a good one.
     """
     config, tensors, files = gguf_to_hf(gguf_path)
     files.update(extra_files or {})
-    return write_hf_directory(out_dir, config, tensors, extra_files=files, overwrite=overwrite)
+    return write_hf_directory(out_dir, config, tensors, extra_files=files, overwrite=overwrite, manifest=True)
 
 
 def _generation_config(metadata: dict[str, Any]) -> dict[str, Any]:

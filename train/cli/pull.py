@@ -6,10 +6,13 @@
     lora-core pull --list                   the names of models and data sets
 
 Prints the path of the cached result on stdout, so `$(lora-core pull)` can feed other commands.
+Every cached file involved is hashed (the GGUF, the converted model, the data files); a damaged one
+is named. `--force` fetches damaged files again and converts the model again.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 
 HELP = "fetch a pinned model (converted to an HF directory) or data set into the cache"
@@ -22,7 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--list", action="store_true", help="list the model and data set names and exit")
     parser.add_argument("--file", metavar="PATH", default=None,
                         help="a copy of the model's GGUF obtained by hand (must match the pinned sha256)")
-    parser.add_argument("--force", action="store_true", help="convert the model again even if cached")
+    parser.add_argument("--force", action="store_true",
+                        help="fetch again any cached file that fails its checksum, and convert the model again")
 
 
 def _dataset_module():
@@ -61,12 +65,15 @@ def run(args: argparse.Namespace) -> int:
         datasets = _dataset_module()
         if datasets is None or not hasattr(datasets, "pull_dataset"):
             raise ValueError("data set pulls are not available in this build (train.data.registry.pull_dataset is missing)")
-        print(datasets.pull_dataset(args.data))
+        from lora_core.common.fetch import repairing
+
+        with repairing() if args.force else contextlib.nullcontext():
+            print(datasets.pull_dataset(args.data))
         return 0
 
     from models.registry import DEFAULT_MODEL, pull
 
-    path = pull(args.name or DEFAULT_MODEL, file=args.file, force=args.force)
-    print(f"lora-core: model ready at {path}", file=sys.stderr)
+    path = pull(args.name or DEFAULT_MODEL, file=args.file, force=args.force, full_check=True)
+    print(f"lora-core: model ready at {path} (every file checked against its sha256)", file=sys.stderr)
     print(path)
     return 0
