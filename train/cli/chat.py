@@ -5,6 +5,8 @@ The message is rendered with the checkpoint's own chat template (no template -> 
 """
 from __future__ import annotations
 
+import sys
+
 HELP = "Answer one message with a model (HF directory, .gguf file or registry name) using its chat template."
 
 
@@ -46,4 +48,9 @@ def run(args) -> int:
     answer = generate(model, tokenizer, [prompt], max_new_tokens=args.max_new_tokens,
                       temperature=args.temperature, top_p=args.top_p, seed=args.seed, progress=False)[0]
     print(answer.strip())
+    if not answer.strip():
+        # A blank line alone looked like success; say what happened (a model that ends its turn at
+        # once, or a --max-new-tokens spent on special tokens).
+        print(f"lora-core chat: the model gave an empty answer (it stopped within {args.max_new_tokens} "
+              f"new tokens without text)", file=sys.stderr)
     return 0
