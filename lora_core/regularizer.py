@@ -7,6 +7,19 @@ update dW = s B A (B (N, r), A (r, K)):
     row:    R = ||dW V S||_F^2         = s^2 tr(G_B (Q S) (Q S)^T),    Q = A V (r, k),   G_B = B^T B (r, r)
     both:   R = ||S U^T dW V S||_F^2   = s^2 ||(S P)(Q S)||_F^2        (k, k)
 
+"both" is the part of dW inside W's left AND right top-k subspaces (U U^T dW V V^T, weighted), the
+same component that `merge_lora(projection="both")` removes and that the overlap analysis reports
+as energy "both"; the union (left OR right) is the merge's "either" and has no term here.
+
+Which s. The paper writes R on dW = B A, with LoRA's alpha/r left out, and that is the default of
+`OrthogonalityRegularizer` (s = 1): beta then means what it means in the paper, whatever alpha and
+r are. `scaled_update=True` uses s = alpha/r, i.e. R of the update actually added to W; that is
+exactly (alpha/r)^2 times the paper's term, so the same loss needs beta_paper = beta_scaled * (alpha/r)^2
+(the old default was the scaled form: an old beta carries over multiplied by (alpha/r)^2). It is kept because it measures the real update
+(what `lora_core.overlap` reports) and so does not change meaning when alpha/r does. With
+`normalize=True` the two agree up to eps, since s^2 cancels in R / ||dW||^2. `lowrank_overlap`
+itself always takes s explicitly.
+
 "uniform" weighting drops S (all weights 1). `normalize=True` divides S by ||S||_2 (spectral
 weighting only: uniform weights stay 1 so that uniform+normalize is exactly the fraction of dW's
 energy inside the subspace, in [0, 1]; a random dW has about k/N of it on the column side) and
@@ -132,6 +145,8 @@ class OrthogonalityRegularizer:
     """Sum over the adapted modules of the overlap term between dW = s B A and W's top-k subspace.
 
     Usage: `reg = OrthogonalityRegularizer(model, k=64); loss = sft_loss + beta * reg()`.
+    Each term is the paper's, on dW = B A; `scaled_update=True` puts LoRA's alpha/r into dW, which
+    multiplies every raw term by (alpha/r)^2 (see the module docstring for when that is wanted).
     The bases are computed (or fetched from `cache`) once, here; `reg()` only does small products.
     `modules` restricts to a subset of qualified names. The frozen `weight` of each module is
     decomposed as it is (for PiSSA/MiLoRA that is the residual weight).
@@ -151,14 +166,18 @@ class OrthogonalityRegularizer:
         cap_k: bool = True,
         modules: list[str] | None = None,
         progress: bool | None = None,
+        scaled_update: bool = False,
     ):
         check_side_weighting(side, weighting)
+        if not isinstance(scaled_update, bool):
+            raise ValueError(f"scaled_update must be True or False, got {scaled_update!r}")
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be a positive int, got {k!r}")
         if eps < 0:
             raise ValueError(f"eps must be >= 0, got {eps!r}")
         self.side, self.weighting, self.normalize, self.eps = side, weighting, bool(normalize), float(eps)
         self.k = k
+        self.scaled_update = scaled_update
         self.svd_dtype = check_svd_dtype(svd_dtype)
         cache = DEFAULT_CACHE if cache is None else cache
         found = adapted_modules(model)
@@ -198,7 +217,7 @@ class OrthogonalityRegularizer:
             by_key: dict[tuple, list[_Entry]] = {}
             for e in self.entries:
                 m = e.module
-                by_key.setdefault((tuple(m.weight.shape), m.lora_A.shape[0], e.k, float(m.scaling)), []).append(e)
+                by_key.setdefault((tuple(m.weight.shape), m.lora_A.shape[0], e.k, self._scale(m)), []).append(e)
             groups = []
             for entries in by_key.values():
                 U = torch.stack([e.basis.U for e in entries]).to(device=device, dtype=dtype)
@@ -207,6 +226,10 @@ class OrthogonalityRegularizer:
                 groups.append((entries, U, S, V))
             self._placed[key] = groups
         return self._placed[key]
+
+    def _scale(self, module: nn.Module) -> float:
+        """s in dW = s B A: 1 for the paper's form, LoRA's alpha/r when scaled_update is set."""
+        return float(module.scaling) if self.scaled_update else 1.0
 
     def terms(self) -> dict[str, torch.Tensor]:
         """Per-module terms (0-dim tensors with autograd graphs); `reg()` is their sum, batched."""
@@ -217,7 +240,7 @@ class OrthogonalityRegularizer:
             A = e.module.lora_A.to(dtype)
             B = e.module.lora_B.to(dtype)
             out[e.name] = lowrank_overlap(
-                b.U, b.S, b.V, B, A, e.module.scaling, self.side, self.weighting, self.normalize, self.eps
+                b.U, b.S, b.V, B, A, self._scale(e.module), self.side, self.weighting, self.normalize, self.eps
             )
         return out
 
@@ -234,7 +257,7 @@ class OrthogonalityRegularizer:
         for entries, U, S, V in self._groups(first.device, dtype):
             A = torch.stack([e.module.lora_A for e in entries]).to(dtype)  # (G, r, K)
             B = torch.stack([e.module.lora_B for e in entries]).to(dtype)  # (G, N, r)
-            scaling = entries[0].module.scaling
+            scaling = self._scale(entries[0].module)  # one value per group: it is part of the key
             total.append(lowrank_overlap(U, S, V, B, A, scaling, self.side, self.weighting,
                                          self.normalize, self.eps).sum())
         return torch.stack(total).sum()
@@ -244,5 +267,5 @@ class OrthogonalityRegularizer:
     def __repr__(self) -> str:
         return (
             f"OrthogonalityRegularizer(modules={len(self.entries)}, k={self.k}, side={self.side!r}, "
-            f"weighting={self.weighting!r}, normalize={self.normalize})"
+            f"weighting={self.weighting!r}, normalize={self.normalize}, scaled_update={self.scaled_update})"
         )

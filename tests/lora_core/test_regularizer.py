@@ -1,8 +1,10 @@
 """OrthogonalityRegularizer and the top-k SVD cache against direct fp64 computations that form dW.
 
-Reference: dW = s B A formed explicitly, W's SVD from torch.linalg.svd in float64, and the paper's
-definitions applied literally (||S U^T dW||_F^2 etc.). Values and gradients w.r.t. A and B must
-agree to ~1e-10 relative (float64; the small-product path reorders sums only).
+Reference: dW = B A (the paper's form, the default) or s B A (`scaled_update=True`) formed
+explicitly, W's SVD from torch.linalg.svd in float64, and the paper's definitions applied literally
+(||S U^T dW||_F^2 etc.). Values and gradients w.r.t. A and B must agree to ~1e-10 relative (float64;
+the small-product path reorders sums only). Every test module has s = alpha / r != 1, so a term
+that applies the scaling where it should not (or omits it) is off by s^2.
 """
 import itertools
 
@@ -63,13 +65,14 @@ def direct_term(W, A, B, s, k, side, weighting, normalize, eps):
     return R
 
 
-@pytest.mark.parametrize("side,weighting,normalize",
-                         list(itertools.product(["column", "row", "both"], ["spectral", "uniform"], [False, True])))
-def test_regularizer_matches_direct_values_and_grads(side, weighting, normalize):
+@pytest.mark.parametrize("side,weighting,normalize,scaled",
+                         list(itertools.product(["column", "row", "both"], ["spectral", "uniform"], [False, True],
+                                                [False, True])))
+def test_regularizer_matches_direct_values_and_grads(side, weighting, normalize, scaled):
     k, eps = 6, 1e-8
     model = make_model()
     reg = OrthogonalityRegularizer(model, k, side, weighting, normalize, eps, svd_dtype=torch.float64,
-                                   cache=SVDCache())
+                                   cache=SVDCache(), scaled_update=scaled)
     assert reg.k_per_module == {n: min(k, N, K) for n, (N, K, _) in SHAPES.items()}
     value = reg.reg()
     value.backward()
@@ -80,7 +83,8 @@ def test_regularizer_matches_direct_values_and_grads(side, weighting, normalize)
         A = m.lora_A.detach().clone().requires_grad_(True)
         B = m.lora_B.detach().clone().requires_grad_(True)
         N, K, _ = SHAPES[name]
-        R = direct_term(m.weight.detach(), A, B, m.scaling, min(k, N, K), side, weighting, normalize, eps)
+        s = m.scaling if scaled else 1.0
+        R = direct_term(m.weight.detach(), A, B, s, min(k, N, K), side, weighting, normalize, eps)
         R.backward()
         ref_total = ref_total + R.detach()
         ref_grads[name] = (A.grad, B.grad)
@@ -100,6 +104,32 @@ def test_regularizer_matches_direct_values_and_grads(side, weighting, normalize)
             assert float(err.max()) <= 1e-10 * float(scale) + floor, (
                 f"{name} grad {label}: max err {float(err.max()):.3e} at {divmod(int(err.argmax()), got.shape[1])}, "
                 f"scale {float(scale):.3e}")
+
+
+@pytest.mark.parametrize("side", ["column", "row", "both"])
+def test_default_is_the_papers_formula_on_BA(side):
+    """Issue 11: by default R is the paper's ||S U^T (B A)||_F^2 (etc.), without LoRA's alpha/r, so
+    beta means what it means in the paper; scaled_update=True is exactly s^2 times it."""
+    k = 6
+    model = make_model(seed=3)
+    default = OrthogonalityRegularizer(model, k, side, svd_dtype=torch.float64, cache=SVDCache())
+    scaled = OrthogonalityRegularizer(model, k, side, svd_dtype=torch.float64, cache=SVDCache(), scaled_update=True)
+    assert not default.scaled_update and "scaled_update=False" in repr(default)
+    terms = {n: t.detach() for n, t in default.terms().items()}
+    scaled_terms = {n: t.detach() for n, t in scaled.terms().items()}
+    for name, m in model.named_modules():
+        if not isinstance(m, LoRALinear):
+            continue
+        N, K, _ = SHAPES[name]
+        W, A, B = m.weight.detach(), m.lora_A.detach(), m.lora_B.detach()
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        kk = min(k, N, K)
+        Sd, U, V = torch.diag(S[:kk]), U[:, :kk], Vh[:kk].T
+        dW = B @ A  # the paper's update: no alpha / r
+        paper = {"column": Sd @ U.T @ dW, "row": dW @ V @ Sd, "both": Sd @ U.T @ dW @ V @ Sd}[side].square().sum()
+        assert m.scaling != 1.0
+        assert float(terms[name]) == pytest.approx(float(paper), rel=1e-10), name
+        assert float(scaled_terms[name]) == pytest.approx(m.scaling ** 2 * float(paper), rel=1e-10), name
 
 
 def test_uniform_normalized_is_energy_fraction_and_bounded():
@@ -137,7 +167,7 @@ def test_float32_adapter_uses_float32_and_matches_fp64_reference():
     for name, m in model.named_modules():
         if isinstance(m, LoRALinear):
             N, K, _ = SHAPES[name]
-            ref += float(direct_term(m.weight.double(), m.lora_A.detach().double(), m.lora_B.detach().double(), m.scaling,
+            ref += float(direct_term(m.weight.double(), m.lora_A.detach().double(), m.lora_B.detach().double(), 1.0,
                                      min(6, N, K), "column", "spectral", False, 1e-8))
     # float32 SVD + products of O(10) terms: a few hundred ulps of float32 at most
     assert abs(got - ref) / ref < 1e-4, f"{got} vs fp64 {ref}"
