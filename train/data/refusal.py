@@ -9,8 +9,11 @@ the behaviour. Everything is deterministic under a seed.
 Safety is evaluated on StrongREJECT and HarmBench, so prompts that also occur there (exactly or
 nearly: StrongREJECT borrows some AdvBench items) are dropped and the counts are reported.
 
-A user's own JSONL is accepted too: one object per line, either {"prompt", "response"} (optional
-"system") or {"messages": [...]} ending with the assistant's turn.
+A user's own JSONL is accepted too: UTF-8, one object per line, either {"prompt", "response"}
+(optional string "system"; null counts as absent) or {"messages": [...]} with roles system, user
+and assistant, ending with the assistant's turn. Anything else is refused with the file and line:
+a turn with a role the chat templates do not know would be rendered (or dropped) in ways nobody
+checked.
 """
 from __future__ import annotations
 
@@ -71,6 +74,8 @@ _THOUGHTS = [
     "Helping here would enable harm to others, so I will decline.",
     "The request is unsafe; I need to refuse politely.",
 ]
+
+ROLES = ("system", "user", "assistant")
 
 # Prompts that evaluation uses; training must not see them.
 EVAL_DATASETS = ("strongreject", "harmbench")
@@ -198,48 +203,66 @@ def build_refusal_set(source: str = "advbench", limit: int | None = None, seed: 
     return RefusalSet(examples, info)
 
 
+def _user_lines(path: Path):
+    """(line number, text) of each line; a byte that is not UTF-8 is an error naming file and line."""
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                # utf-8-sig on the first line: editors on Windows start UTF-8 files with a BOM.
+                yield lineno, raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as error:
+                raise ValueError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[error.start]:02x} at "
+                                 f"column {error.start + 1}); save the file as UTF-8") from None
+
+
+def _checked_messages(messages, where: str) -> list[dict]:
+    if not isinstance(messages, list) or not messages or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages):
+        raise ValueError(f"{where}: 'messages' must be a non-empty list of {{'role': str, 'content': str}}")
+    for i, m in enumerate(messages):
+        if m["role"] not in ROLES:
+            raise ValueError(f"{where}: message {i} has role {m['role']!r}; expected one of {', '.join(ROLES)}")
+    if messages[-1]["role"] != "assistant" or not any(m["role"] == "user" for m in messages):
+        raise ValueError(f"{where}: 'messages' must hold a user turn and end with an assistant turn")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def _prompt_response_messages(obj: dict, where: str) -> list[dict]:
+    if not isinstance(obj["prompt"], str) or not isinstance(obj["response"], str):
+        raise ValueError(f"{where}: 'prompt' and 'response' must be strings")
+    system = obj.get("system")
+    if system is not None and not isinstance(system, str):
+        raise ValueError(f"{where}: 'system' must be a string, got {type(system).__name__}")
+    messages = [{"role": "system", "content": system}] if system is not None else []
+    return messages + [{"role": "user", "content": obj["prompt"]},
+                       {"role": "assistant", "content": obj["response"]}]
+
+
 def load_user_jsonl(path: str | Path, limit: int | None = None) -> RefusalSet:
     """Read {"prompt","response"[,"system"]} or {"messages": [...]} lines into chat examples."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--data file not found: {path}")
     examples = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({error.msg})") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            if "messages" in obj:
-                messages = obj["messages"]
-                if (not isinstance(messages, list) or not messages
-                        or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
-                                   and isinstance(m.get("content"), str) for m in messages)):
-                    raise ValueError(f"{path}:{lineno}: 'messages' must be a non-empty list of "
-                                     "{'role': str, 'content': str}")
-                if messages[-1]["role"] != "assistant" or len(messages) < 2:
-                    raise ValueError(f"{path}:{lineno}: 'messages' must end with an assistant turn "
-                                     "after at least one other turn")
-                examples.append({"messages": [{"role": m["role"], "content": m["content"]}
-                                              for m in messages]})
-            elif "prompt" in obj and "response" in obj:
-                if not isinstance(obj["prompt"], str) or not isinstance(obj["response"], str):
-                    raise ValueError(f"{path}:{lineno}: 'prompt' and 'response' must be strings")
-                messages = []
-                if isinstance(obj.get("system"), str):
-                    messages.append({"role": "system", "content": obj["system"]})
-                messages += [{"role": "user", "content": obj["prompt"]},
-                             {"role": "assistant", "content": obj["response"]}]
-                examples.append({"messages": messages})
-            else:
-                raise ValueError(f"{path}:{lineno}: expected keys 'prompt'+'response' or 'messages', "
-                                 f"got {sorted(obj)}")
-            if limit is not None and len(examples) >= limit:
-                break
+    for lineno, line in _user_lines(path):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{where}: not valid JSON ({error.msg})") from None
+        if not isinstance(obj, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        if "messages" in obj:
+            examples.append({"messages": _checked_messages(obj["messages"], where)})
+        elif "prompt" in obj and "response" in obj:
+            examples.append({"messages": _prompt_response_messages(obj, where)})
+        else:
+            raise ValueError(f"{where}: expected keys 'prompt'+'response' or 'messages', got {sorted(obj)}")
+        if limit is not None and len(examples) >= limit:
+            break
     if not examples:
         raise ValueError(f"--data file {path} holds no examples")
     return RefusalSet(examples, {"source": str(path), "examples": len(examples),

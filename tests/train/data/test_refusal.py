@@ -88,3 +88,41 @@ def test_user_jsonl_missing_and_empty(tmp_path):
     (tmp_path / "e.jsonl").write_text("\n")
     with pytest.raises(ValueError, match="no examples"):
         load_user_jsonl(tmp_path / "e.jsonl")
+
+
+def test_user_jsonl_not_utf8_names_file_and_line(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(json.dumps({"prompt": "ok", "response": "fine"}).encode() + b"\n"
+                     + '{"prompt": "caf\u00e9", "response": "r"}\n'.encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1\.jsonl:2: not UTF-8 text \(byte 0xe9 at column 16\)"):
+        load_user_jsonl(path)
+
+
+def test_user_jsonl_accepts_a_utf8_byte_order_mark(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"prompt": "p", "response": "r"}).encode() + b"\n")
+    assert load_user_jsonl(path).examples[0]["messages"][0] == {"role": "user", "content": "p"}
+
+
+@pytest.mark.parametrize("line, match", [
+    ({"messages": [{"role": "user", "content": "x"}, {"role": "tool", "content": "y"},
+                   {"role": "assistant", "content": "z"}]}, r"d.jsonl:1: message 1 has role 'tool'"),
+    ({"messages": [{"role": "User", "content": "x"}, {"role": "assistant", "content": "z"}]},
+     r"d.jsonl:1: message 0 has role 'User'; expected one of system, user, assistant"),
+    ({"messages": [{"role": "system", "content": "x"}, {"role": "assistant", "content": "z"}]},
+     r"d.jsonl:1: 'messages' must hold a user turn"),
+    ({"prompt": "p", "response": "r", "system": 5}, r"d.jsonl:1: 'system' must be a string, got int"),
+    ({"prompt": "p", "response": "r", "system": ["a"]}, r"d.jsonl:1: 'system' must be a string, got list"),
+])
+def test_user_jsonl_unknown_roles_and_non_string_system_are_refused(tmp_path, line, match):
+    # Before, a non-string system was dropped and any role string was passed to the template.
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(line) + "\n")
+    with pytest.raises(ValueError, match=match):
+        load_user_jsonl(path)
+
+
+def test_user_jsonl_null_system_means_none(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"prompt": "p", "response": "r", "system": None}) + "\n")
+    assert [m["role"] for m in load_user_jsonl(path).examples[0]["messages"]] == ["user", "assistant"]
