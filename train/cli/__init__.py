@@ -9,6 +9,15 @@ name, so adding a command never touches this file; modules whose name starts wit
 
 Errors meant for the user are raised as `UserError` (or ValueError/FileNotFoundError from the
 library) and printed as one line without a traceback; anything else is a bug and keeps its traceback.
+`--debug` (before or after the command) shows the traceback of every error, expected or not.
+
+Exit codes, the same for every command:
+    0    done
+    1    an unexpected error: a bug, printed with its traceback
+    2    bad input or an expected failure (a wrong flag, a missing or corrupt file, a full disk,
+         a training run that diverged): one line naming what is wrong; argparse's usage errors too
+    130  interrupted (Ctrl-C); files already written are complete, a training run continues with
+         --resume
 """
 from __future__ import annotations
 
@@ -36,9 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="LoRA safety alignment of reasoning LLMs: pull a model, evaluate, train a "
         "refusal adapter, analyse its overlap with the base weights, merge and export.",
     )
+    debug_help = "show the full traceback of an error instead of its one-line message"
+    parser.add_argument("--debug", action="store_true", help=debug_help)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, module in _command_modules():
         command_parser = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        # Also after the command, where people add it when a command fails. SUPPRESS: leaving it
+        # out there must not overwrite a --debug given before the command.
+        command_parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
         module.add_arguments(command_parser)
         command_parser.set_defaults(_run=module.run)
     return parser
@@ -50,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "_run", None) is None:
         parser.print_help()
         return 0
+    if args.debug:
+        return int(args._run(args) or 0)
     try:
         return int(args._run(args) or 0)
     except (UserError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError,
@@ -62,8 +78,8 @@ def main(argv: list[str] | None = None) -> int:
               "(a training run continues with --resume)", file=sys.stderr)
         return 130
     except OSError as error:  # a full disk or a vanished folder, mid-write: name it, no traceback
-        print(f"lora-core {args.command}: error: {error.strerror or error} "
-              f"({error.filename or 'while writing'})", file=sys.stderr)
+        where = f" ({error.filename})" if error.filename else ""
+        print(f"lora-core {args.command}: error: {error.strerror or error}{where}", file=sys.stderr)
         return 2
 
 

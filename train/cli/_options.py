@@ -18,6 +18,9 @@ Types: int, float, str; bool (default False: a store_true switch; True or None: 
 for `str | None` "none" stays a string, since it may be a real value such as a file name);
 `list[T]` takes zero or more values. Any other type (a dict, say) must be marked cli=False.
 
+The flags a user actually typed are recorded (`given_fields(args)`): `train --resume` must tell
+"--lr 5e-5 typed" from "--lr left at its default" to compare it with the run's stored config.
+
 This module's name starts with "_", so the CLI does not take it for a command (train/cli/__init__.py).
 """
 from __future__ import annotations
@@ -26,6 +29,9 @@ import argparse
 import dataclasses
 import types
 import typing
+
+# The namespace attribute that collects the dests of the generated flags the user typed.
+_GIVEN = "_given_fields"
 
 # Metadata a dataclass may take from a like-named field of another (see `inherit` below). Flags,
 # groups and cli are left out: they are a property of one command's parser, not of the knob.
@@ -62,12 +68,33 @@ def _split_optional(hint):
     return hint, False
 
 
+def _recording(action_class):
+    """`action_class`, also noting its dest in the namespace when the flag is typed."""
+    class Recording(action_class):
+        def __call__(self, parser, namespace, values, option_string=None):
+            super().__call__(parser, namespace, values, option_string)
+            # A subcommand's namespace is copied into the top-level one attribute by attribute,
+            # so the set travels with the parsed values.
+            vars(namespace).setdefault(_GIVEN, set()).add(self.dest)
+    Recording.__name__ = action_class.__name__
+    return Recording
+
+
+_STORE, _STORE_TRUE = _recording(argparse._StoreAction), _recording(argparse._StoreTrueAction)
+_BOOLEAN_OPTIONAL = _recording(argparse.BooleanOptionalAction)
+
+
+def given_fields(args: argparse.Namespace) -> set[str]:
+    """The dests of the generated flags that were typed on the command line (not defaulted)."""
+    return set(getattr(args, _GIVEN, ()))
+
+
 def _bool_kwargs(default) -> dict:
     # A switch that is off by default needs only --x; one that is on, or "decide for me" (None),
     # needs a way to say no as well.
     if default is False:
-        return {"action": "store_true"}
-    return {"action": argparse.BooleanOptionalAction}
+        return {"action": _STORE_TRUE}
+    return {"action": _BOOLEAN_OPTIONAL}
 
 
 def _type_kwargs(field: dataclasses.Field, hint, default) -> dict:
@@ -129,7 +156,7 @@ def add_dataclass_arguments(parser, cls, *, exclude=(), groups: dict | None = No
     for field in cli_fields(cls, exclude):
         meta = _metadata(field, inherit)
         default = _default_of(field)
-        kwargs = {"dest": field.name, "default": default, "help": meta.get("help"),
+        kwargs = {"dest": field.name, "default": default, "help": meta.get("help"), "action": _STORE,
                   **_type_kwargs(field, hints[field.name], default)}
         if "choices" in meta:
             kwargs["choices"] = tuple(meta["choices"])

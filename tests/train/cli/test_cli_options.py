@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from train.cli import build_parser, main
-from train.cli._options import add_dataclass_arguments, cli_fields, dataclass_from_args, flags_of
+from train.cli._options import add_dataclass_arguments, cli_fields, dataclass_from_args, flags_of, given_fields
 from train.data.retain import RETAIN_TARGETS
 from train.demo import DemoConfig
 from train.sft.config import DTYPES, TrainConfig
@@ -26,12 +26,12 @@ TRAIN_FLAGS = {
     "--ortho-side", "--ortho-weighting", "--ortho-normalize", "--retain-beta", "--retain-data",
     "--retain-targets", "--retain-target-tokens", "--retain-in-sft", "--retain-per-step", "--retain-limit",
     "--retain-max-length", "--retain-exclude-suite", "--retain-exclude-limit", "--retain-exclude-seed",
-    "--out", "--resume", "--save-every", "--keep-checkpoints", "--eval-every",
+    "--out", "--resume", "--save-every", "--keep-checkpoints", "--eval-every", "--debug",
 }
 DEMO_FLAGS = {
     "--model", "--out", "--steps", "--lr", "--rank", "--targets", "--layers", "--batch-size", "--dtype",
     "--suite", "--eval-limit", "--seed", "--retain-beta", "--retain-per-step", "--retain-data",
-    "--retain-targets",
+    "--retain-targets", "--debug",
 }
 
 
@@ -191,3 +191,14 @@ def test_demo_flags_are_unchanged_and_inherit_train_choices():
     from train.cli.demo import _NOT_FLAGS
 
     assert dataclass_from_args(DemoConfig, parser.parse_args([]), exclude=_NOT_FLAGS) == DemoConfig()
+
+
+def test_given_fields_are_the_flags_typed_not_the_defaults():
+    """`train --resume` compares only what was typed: "--count 3" typed equals the default, yet
+    counts as given; flags left out do not."""
+    parser = _toy_parser()
+    assert given_fields(parser.parse_args([])) == set()
+    args = parser.parse_args(["--count", "3", "--fast", "--no-safe", "--ids", "1", "2", "-g", "4"])
+    assert given_fields(args) == {"count", "fast", "safe", "ids", "group_me"}
+    train = _command("train")
+    assert given_fields(train.parse_args(["--resume", "--lr", "5e-5"])) == {"lr"}
