@@ -12,7 +12,9 @@ def add_arguments(parser) -> None:
     # are written there. --resume is about this invocation, not the run's config, so it is ours.
     placed = add_dataclass_arguments(parser, TrainConfig)
     placed["out"].add_argument("--resume", action="store_true",
-                               help="continue the run in --out from its last checkpoint")
+                               help="continue the run in --out from its last checkpoint, with its stored "
+                               "config: flags that differ from it are refused, except a larger --max-steps "
+                               "and --save-every/--keep-checkpoints/--eval-every, which are applied")
 
 
 def config_from_args(args):
@@ -23,26 +25,34 @@ def config_from_args(args):
     return dataclass_from_args(TrainConfig, args, clip=args.clip or None).validate()
 
 
+def _evaluator(config):
+    """The periodic evaluation of a run (--eval-every), built from the config it runs with: on
+    --resume the stored one, so a resumed run evaluates as it did before."""
+    if not config.eval_every:
+        return None
+    from train.eval.runner import evaluate
+
+    def evaluate_fn(model, tokenizer, out_dir):
+        # LoRA: drift against the same weights with the adapters off (no second model in memory).
+        base = None
+        if config.method == "lora":
+            from train.demo import AdaptersOff
+
+            base = AdaptersOff(model)
+        return evaluate(model, tokenizer, suite=config.eval_suite, base_model=base, out_dir=out_dir,
+                        progress=False)
+    return evaluate_fn
+
+
 def run(args) -> int:
     from train.cli import UserError
+    from train.cli._options import given_fields
     from train.sft.loop import TrainingDiverged, train
 
     config = config_from_args(args)
-    evaluate_fn = None
-    if config.eval_every:
-        from train.eval.runner import evaluate
-
-        def evaluate_fn(model, tokenizer, out_dir):
-            # LoRA: drift against the same weights with the adapters off (no second model in memory).
-            base = None
-            if config.method == "lora":
-                from train.demo import AdaptersOff
-
-                base = AdaptersOff(model)
-            return evaluate(model, tokenizer, suite=config.eval_suite, base_model=base, out_dir=out_dir,
-                            progress=False)
     try:
-        result = train(config, resume=args.resume, evaluate_fn=evaluate_fn)
+        # With --resume only the flags typed now are compared with the run's stored config.
+        result = train(config, resume=args.resume, make_evaluate_fn=_evaluator, given=given_fields(args))
     except TrainingDiverged as error:
         raise UserError(str(error)) from None
     print(f"trained {result.steps} steps in {result.train_seconds:.1f} s, final loss "

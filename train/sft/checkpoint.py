@@ -9,33 +9,40 @@ It is built in a hidden temp sibling and renamed into place, then `checkpoints/L
 (temp file + os.replace). A process killed at any point leaves either the previous LATEST pointing
 to a complete checkpoint, or the new one complete: never a half-written checkpoint that resume
 would pick. The checksums catch files damaged afterwards.
+
+A kill mid-write does leave the temp sibling behind (a hidden `.step-NNNNNN.*.tmp` folder, or a
+`.LATEST.*.tmp` file): `clean_interrupted_writes` removes them when the run next starts. A write
+that fails (a full disk) is raised as CheckpointWriteError, an OSError that names the checkpoint:
+torch.save reports a full disk as a RuntimeError from its zip writer, and safetensors as its own
+error type, neither of which says which file or what to do.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
-import random
+import os
 import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lora_core.common.files import atomic_directory, atomic_write_text
 from lora_core.common.fetch import sha256_of
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+# The temp names lora_core.common.files gives: ".<name>.<random>.tmp" while a file or folder is
+# written, ".<name>.<random>.old" for the moment a folder being replaced is moved aside.
+_TEMP = re.compile(r"^\.(?P<name>.+)\.[A-Za-z0-9_]+\.(?P<kind>tmp|old)$")
 
 
-def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "python": random.getstate()}
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
+class CheckpointWriteError(OSError):
+    """A checkpoint (or the final output) could not be written: full disk, vanished folder. The
+    newest complete checkpoint is kept."""
 
 
 @dataclass
@@ -62,18 +69,63 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, stat
     ckpt_root = Path(run_dir) / "checkpoints"
     final = ckpt_root / f"step-{step:06d}"
     # The same step may be saved again (end of run on a save boundary): it is replaced whole.
-    with atomic_directory(final) as tmp:
-        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-        torch.save(state, tmp / "state.pt")
-        meta = {"step": step, "sha256": {name: sha256_of(tmp / name)
-                                         for name in ("trainable.safetensors", "state.pt")}}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    atomic_write_text(ckpt_root / "LATEST", final.name + "\n")
+    with naming_write_failures(final):
+        with atomic_directory(final) as tmp:
+            save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+            torch.save(state, tmp / "state.pt")
+            meta = {"step": step, "sha256": {name: sha256_of(tmp / name)
+                                             for name in ("trainable.safetensors", "state.pt")}}
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        atomic_write_text(ckpt_root / "LATEST", final.name + "\n")
     steps = sorted(_list_steps(ckpt_root))
     for old in steps[:-keep] if keep > 0 else []:
         if old != step:
             shutil.rmtree(ckpt_root / f"step-{old:06d}", ignore_errors=True)
     return final
+
+
+@contextlib.contextmanager
+def naming_write_failures(path: Path, what: str = "checkpoint"):
+    """Re-raise a failed write as CheckpointWriteError naming `path` (see the module docstring)."""
+    try:
+        yield
+    except CheckpointWriteError:
+        raise
+    except (OSError, RuntimeError, SafetensorError) as error:
+        code = getattr(error, "errno", None)
+        why = os.strerror(code) if code else f"{type(error).__name__}: {str(error).strip().splitlines()[-1]}"
+        hint = "free some space" if code == errno.ENOSPC else "check the disk and the folder"
+        failure = CheckpointWriteError(f"could not write {what} {path} ({why}); {hint}, then continue "
+                                       "with --resume: the newest complete checkpoint is kept")
+        failure.errno = code  # a one-argument OSError keeps its message as str(); errno set apart
+        raise failure from error
+
+
+def clean_interrupted_writes(run_dir: str | Path) -> list[Path]:
+    """Remove what a killed write left in a run directory and its checkpoints/; returns the removed.
+
+    A ".old" folder is the previous version of a folder that was being replaced; if the kill came
+    between the two renames, the folder itself is missing and the ".old" is put back instead.
+    """
+    run_dir = Path(run_dir)
+    removed = []
+    for folder in (run_dir, run_dir / "checkpoints"):
+        if not folder.is_dir():
+            continue
+        for path in sorted(folder.iterdir()):
+            match = _TEMP.match(path.name)
+            if match is None:
+                continue
+            target = folder / match.group("name")
+            if match.group("kind") == "old" and not target.exists():
+                os.replace(path, target)
+                continue
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+            removed.append(path)
+    return removed
 
 
 def _list_steps(ckpt_root: Path) -> list[int]:

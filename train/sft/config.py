@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -118,10 +120,10 @@ class TrainConfig:
     data: str | None = _data(None, help="your JSONL: {prompt, response} or {messages} per line "
                              "(default: AdvBench prompts + refusal templates)")
     dataset: str = _data("advbench", help="registry data set of harmful prompts (default %(default)s)")
-    limit: int | None = _data(None, help="use at most this many examples")
+    limit: int | None = _data(None, min=1, help="use at most this many examples")
     reasoning_line: bool | None = _data(None, help="put '<think> one sentence </think>' before each refusal "
                                         "(default: when the chat template uses <think>)")
-    max_length: int = _data(512, help="tokens per example; longer ones are cut (default %(default)s)")
+    max_length: int = _data(512, min=2, help="tokens per example; longer ones are cut (default %(default)s)")
     # LoRA
     rank: int = _lora(8, flags=("--rank", "-r"), help="rank r of each adapter (default %(default)s)")
     alpha: float = _lora(16.0, help="scale numerator: the update is alpha/r * B A (default %(default)s)")
@@ -134,14 +136,14 @@ class TrainConfig:
                      help="how A and B start; 'default': Kaiming A, B = 0 (lora_core.config.LoRAConfig)")
     # optimisation (AdamW)
     lr: float = _optim(5e-5, help="learning rate (default %(default)s)")
-    weight_decay: float = _optim(1e-4, help="AdamW weight decay (default %(default)s)")
+    weight_decay: float = _optim(1e-4, min=0, help="AdamW weight decay (default %(default)s)")
     scheduler: str = _optim("cosine", choices=SCHEDULERS, help="learning-rate schedule (default %(default)s)")
     warmup_steps: int = _optim(0, min=0, help="linear warm-up steps (default %(default)s)")
     epochs: float = _optim(10.0, help="passes over the data (default %(default)s)")
     max_steps: int | None = _optim(None, min=1, help="optimiser steps (overrides --epochs)")
     batch_size: int = _optim(2, min=1, help="examples per micro-batch (default %(default)s)")
     grad_accum: int = _optim(1, min=1, help="micro-batches per optimiser step (default %(default)s)")
-    clip: float | None = _optim(1.0, help="max gradient norm, 0 = off")
+    clip: float | None = _optim(1.0, min=0, help="max gradient norm, 0 = off")
     dtype: str = _optim("float32", choices=DTYPES,
                         help="bfloat16: LoRA keeps the frozen base in bf16 and the adapters in fp32; "
                         "full fine-tuning uses autocast with fp32 master weights")
@@ -149,7 +151,7 @@ class TrainConfig:
     seed: int = _optim(0, help="random seed (default %(default)s)")
     # orthogonality regulariser (paper): loss += beta * sum R (lora_core.regularizer)
     ortho_beta: float = _ortho(0.0, min=0, help="weight beta (default %(default)s = off)")
-    ortho_k: int = _ortho(16, help="top-k singular directions of each frozen weight (default %(default)s)")
+    ortho_k: int = _ortho(16, min=1, help="top-k singular directions of each frozen weight (default %(default)s)")
     ortho_side: str = _ortho("column", choices=SIDES, help="subspace side (default %(default)s)")
     ortho_weighting: str = _ortho("spectral", choices=WEIGHTINGS,
                                   help="weight directions by singular value or not (default %(default)s)")
@@ -171,7 +173,7 @@ class TrainConfig:
                                   "model's own answers, mixed into the SFT data (needs --retain-targets self)")
     retain_per_step: int = _retain(4, min=1, help="retain examples per optimiser step (default %(default)s)")
     retain_limit: int | None = _retain(256, min=1, help="retain pool size, 'none' = all (default %(default)s)")
-    retain_max_length: int = _retain(192, help="tokens per retain example (default %(default)s)")
+    retain_max_length: int = _retain(192, min=2, help="tokens per retain example (default %(default)s)")
     retain_exclude_suite: str = _retain("quick",
                                         help="evaluation suite whose GSM8K items are kept out of the retain set")
     retain_exclude_limit: int | None = _retain(
@@ -180,9 +182,10 @@ class TrainConfig:
         None, help="the --seed that suite will be run with (default: the suite's own)")
     # bookkeeping
     out: str = _run("runs/train", help="run directory (default %(default)s)")
-    save_every: int = _run(50, help="optimiser steps between checkpoints; 0 = only at the end (default %(default)s)")
-    keep_checkpoints: int = _run(2, help="checkpoints kept on disk (default %(default)s)")
-    eval_every: int = _run(0, help="quick evaluation every N steps")
+    save_every: int = _run(50, min=0, help="optimiser steps between checkpoints; 0 = only at the end "
+                           "(default %(default)s)")
+    keep_checkpoints: int = _run(2, min=0, help="checkpoints kept on disk, 0 = all (default %(default)s)")
+    eval_every: int = _run(0, min=0, help="quick evaluation every N steps, 0 = never (default %(default)s)")
     eval_suite: str = field(default="quick", metadata=_INTERNAL)
     log_every: int = field(default=1, metadata=_INTERNAL)
     progress: bool | None = field(default=None, metadata=_INTERNAL)  # None: bar only on a terminal
@@ -190,7 +193,12 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         for f in dataclasses.fields(self):
-            _check_declared(f, getattr(self, f.name))
+            value = getattr(self, f.name)
+            # inf and NaN pass every comparison check below and wreck a run later (lr inf: NaN
+            # weights after one step), so no float knob may take them.
+            if isinstance(value, float) and not math.isfinite(value):
+                _bad(f.name, f"must be a finite number, got {value}")
+            _check_declared(f, value)
         self._check_combinations()
         resolve_targets(self.targets)
         parse_layers(self.layers)
@@ -215,6 +223,14 @@ class TrainConfig:
             _bad("retain_data", "diverse has no gold answers: use --retain-targets self")
         if self.retain_beta > 0 and self.method != "lora":
             _bad("retain_beta", "the retain term compares against the adapters switched off: needs --method lora")
+
+    def anchored(self) -> "TrainConfig":
+        """A copy whose model/data/retain-data paths are absolute where they name an existing file
+        or folder (registry names stay names): the stored config then still finds them when the run
+        is resumed from another working directory."""
+        fixed = {name: os.path.abspath(value) for name in ("model", "data", "retain_data")
+                 if isinstance(value := getattr(self, name), str) and value and os.path.exists(value)}
+        return dataclasses.replace(self, **fixed)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -6,11 +6,18 @@ the step's loss tokens), plus `ortho_beta * R` from the orthogonality regularise
 The learning rate is a pure function of the step (warm-up then cosine/linear/constant), so resume
 needs only the step count, and the data order is a permutation fixed by (seed, epoch), so resume
 needs only (epoch, micro-batch index). With optimiser state and RNG restored, a resumed run
-repeats the uninterrupted run's losses bit for bit on CPU.
+repeats the uninterrupted run's losses bit for bit on CPU. Flags given with a resume are checked
+against the stored config (train.sft.resume_config).
+
+A step is kept only if it is sound: a non-finite loss, a non-finite or zero gradient norm (nothing
+left to learn from: at lr 1e6 a real model was seen to predict a uniform distribution, loss =
+ln(vocab), gradient 0) or non-finite weights stop the run before that step can become the newest
+checkpoint, with a message naming the newest checkpoint that does exist.
 
 Run directory: config.json (resolved), metrics.jsonl (one line per step), checkpoints/ (atomic,
 see train.sft.checkpoint), adapter/ (PEFT format) or model/ (full fine-tuning, HF safetensors),
-summary.json.
+summary.json. Paths recorded inside it are relative to it, so a moved or copied run resumes
+where it now is.
 """
 from __future__ import annotations
 
@@ -28,19 +35,22 @@ from lora_core.common.files import atomic_write_json, atomic_write_text
 from lora_core.common.progress import progress
 from models import causal_lm_loss, load_model
 from train.sft.batches import IGNORE_INDEX, collate, micro_batches, pad_token_id_of, tokenize_examples
-from train.sft.checkpoint import (latest_checkpoint, load_checkpoint, restore_trainable, rng_state,
-                                  save_checkpoint, set_rng_state)
+from train.sft.checkpoint import (clean_interrupted_writes, latest_checkpoint, load_checkpoint,
+                                  naming_write_failures, restore_trainable, save_checkpoint)
 from train.sft.config import TrainConfig
 from train.sft.examples import build_examples
 from train.sft.export import write_final_output
 from train.sft.losses import retain_kl
 from train.sft.model_prep import build_optimizer, prepare_model
+from train.sft.resume_config import resumed_config
 from train.sft.retain_term import RetainTerm
+from train.sft.rng import rng_state, seed_everything, set_rng_state
 from train.sft.schedule import lr_at, total_steps_of
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss or the gradient norm became NaN/inf; the last good checkpoint is kept."""
+    """A step went wrong (NaN/inf loss, gradient or weights, or a zero gradient); the newest
+    checkpoint, written before that step, is kept."""
 
 
 @dataclass
@@ -62,7 +72,7 @@ class Trainer:
         self.config = config.validate()
         # LoRA initialisation and dropout masks draw from torch's RNG: --seed must fix them, or two
         # identical commands train different adapters (a resume restores the RNG state it saved).
-        torch.manual_seed(config.seed)
+        seed_everything(config.seed)
         self.model, self.tokenizer, self.log = model, tokenizer, log
         self.run_dir = Path(config.out)
         if examples is None:
@@ -93,6 +103,7 @@ class Trainer:
         self.step = 0
         self.epoch, self.batch_index = 0, 0
         self.pad_id = pad_token_id_of(tokenizer)
+        self.vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
 
     def state(self) -> dict:
         return {"step": self.step, "epoch": self.epoch, "batch_index": self.batch_index,
@@ -154,8 +165,7 @@ class Trainer:
                 loss = causal_lm_loss(self.model, batch["input_ids"], batch["labels"],
                                       attention_mask=batch["attention_mask"])
             if not torch.isfinite(loss):
-                raise TrainingDiverged(f"loss became {loss.item()} at step {self.step + 1}; stopped, "
-                                       f"the last good checkpoint is kept in {self.run_dir / 'checkpoints'}")
+                raise self._diverged(f"loss became {loss.item()}")
             (loss * (n / loss_tokens)).backward()
             total_loss += loss.item() * n / loss_tokens
             tokens += int(batch["attention_mask"].sum())
@@ -165,7 +175,7 @@ class Trainer:
             with self._autocast():
                 kl = retain_kl(self.model, batch["input_ids"], batch["labels"], batch["attention_mask"])
             if not torch.isfinite(kl):
-                raise TrainingDiverged(f"retain KL became {kl.item()} at step {self.step + 1}; stopped")
+                raise self._diverged(f"retain KL became {kl.item()}")
             (config.retain_beta * kl).backward()
             retain_value = float(kl.detach())
             tokens += int(batch["attention_mask"].sum())
@@ -177,8 +187,13 @@ class Trainer:
         max_norm = config.clip if config.clip else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
         if not math.isfinite(grad_norm):
-            raise TrainingDiverged(f"gradient norm became {grad_norm} at step {self.step + 1}; stopped, "
-                                   f"the last good checkpoint is kept in {self.run_dir / 'checkpoints'}")
+            raise self._diverged(f"gradient norm became {grad_norm}")
+        if grad_norm == 0.0:
+            uniform = math.log(self.vocab_size) if self.vocab_size else None
+            saturated = (" = ln(vocab): the model predicts a uniform distribution"
+                         if uniform and abs(total_loss - uniform) < 1e-3 * uniform else "")
+            raise self._diverged(f"gradient norm is 0 (loss {total_loss:.4f}{saturated}); nothing "
+                                 "can be learned from here")
         self.optimizer.step()
         self.step += 1
         dt = time.perf_counter() - t0
@@ -186,6 +201,27 @@ class Trainer:
                 "retain_kl": retain_value,
                 "lr": lr, "grad_norm": grad_norm, "tokens": tokens, "loss_tokens": loss_tokens,
                 "tokens_per_s": tokens / dt if dt > 0 else None, "step_s": dt}
+
+    def _diverged(self, what: str, step: int | None = None) -> TrainingDiverged:
+        """The error for an unsound step (default: the one being taken): what happened, and the
+        newest checkpoint that exists."""
+        try:
+            newest = latest_checkpoint(self.run_dir)
+        except ValueError:  # a damaged LATEST pointer: say so rather than name a folder
+            newest = None
+        if newest is not None:
+            kept = (f"the newest checkpoint, written before this step, is {newest} (continue from "
+                    "it with --resume, or start again with a lower --lr)")
+        else:
+            kept = "no checkpoint was written before it (lower --lr and start again)"
+        step = self.step + 1 if step is None else step
+        return TrainingDiverged(f"{what} at step {step} (lr {self.config.lr:g}); stopped: {kept}")
+
+    def _save(self) -> None:
+        """Checkpoint the current step, unless its weights are no longer finite (lr inf)."""
+        if not all(bool(torch.isfinite(p).all()) for p in self.params):
+            raise self._diverged("weights became non-finite after the optimiser update", step=self.step)
+        save_checkpoint(self.run_dir, self.step, self.model, self.state(), self.config.keep_checkpoints)
 
     # --- the run ---------------------------------------------------------------------------
     def _evaluate(self, tag: str) -> dict | None:
@@ -203,11 +239,13 @@ class Trainer:
     def train(self, resume: bool = False) -> TrainResult:
         config, run_dir = self.config, self.run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
-        if resume:
-            self.resume()
-        elif latest_checkpoint(run_dir) is not None:
+        if not resume and latest_checkpoint(run_dir) is not None:
             raise ValueError(f"--out {run_dir} already holds checkpoints: pass --resume to continue "
                              "that run, or choose another --out")
+        for path in clean_interrupted_writes(run_dir):
+            self.log(f"removed {path}, left by a write that was interrupted")
+        if resume:
+            self.resume()
         else:
             atomic_write_text(run_dir / "metrics.jsonl", "")
         atomic_write_json(run_dir / "config.json", {**config.to_dict(), "total_steps": self.total_steps,
@@ -230,7 +268,7 @@ class Trainer:
                     bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                                     tok_s=f"{record['tokens_per_s'] or 0:.0f}")
                     if config.save_every and self.step % config.save_every == 0:
-                        save_checkpoint(run_dir, self.step, self.model, self.state(), config.keep_checkpoints)
+                        self._save()
                     if config.eval_every and self.step % config.eval_every == 0 and self.step < self.total_steps:
                         result = self._evaluate(f"step-{self.step:06d}")
                         if result is not None:
@@ -238,12 +276,15 @@ class Trainer:
         finally:
             bar.close()
         train_seconds = time.perf_counter() - t_start
-        save_checkpoint(run_dir, self.step, self.model, self.state(), config.keep_checkpoints)
+        self._save()
         self.model.eval()
-        output = write_final_output(self.model, self.tokenizer, config, run_dir, self.lora_cfg)
+        final = "adapter" if config.method == "lora" else "model"
+        with naming_write_failures(run_dir / final, what=f"the final {final}"):
+            output = write_final_output(self.model, self.tokenizer, config, run_dir, self.lora_cfg)
         atomic_write_json(run_dir / "summary.json", {
             "steps": self.step, "final_loss": losses[-1] if losses else None,
-            "train_seconds": train_seconds, "output": str(output), "trainable_params": self.trainable_count,
+            "train_seconds": train_seconds, "output": output.relative_to(run_dir).as_posix(),
+            "trainable_params": self.trainable_count,
             "mean_tokens_per_s": (sum(m["tokens"] for m in metrics) / sum(m["step_s"] for m in metrics))
             if metrics else None})
         return TrainResult(run_dir, self.step, losses, train_seconds, output, metrics, self.trainable_count)
@@ -268,20 +309,24 @@ def load_model_for(config: TrainConfig):
 
 
 def train(config: TrainConfig, resume: bool = False, model=None, tokenizer=None, examples=None,
-          evaluate_fn=None, log=print) -> TrainResult:
-    """Run `config` end to end; with `resume`, continue the run in `config.out`."""
+          evaluate_fn=None, log=print, given: set[str] | None = None,
+          make_evaluate_fn=None) -> TrainResult:
+    """Run `config` end to end; with `resume`, continue the run in `config.out`.
+
+    `given` (with `resume`): the fields set for this invocation, compared with the run's stored
+    config (train.sft.resume_config); None compares every field of `config`.
+    `make_evaluate_fn(config)`, if given, builds `evaluate_fn` from the config the run goes on
+    with (on resume, the stored one rather than the flags of this invocation).
+    """
     if resume:
-        saved = Path(config.out) / "config.json"
-        if not saved.is_file():
-            raise FileNotFoundError(f"--resume: {saved} not found (no run to continue in --out {config.out})")
-        on_disk = json.loads(saved.read_text())
-        on_disk.pop("total_steps", None)
-        on_disk.pop("trainable_params", None)
         # The run is the one --out names, wherever it was first written: a copied or moved run
         # resumes where it is, never into the path stored in its config.json.
-        keep = {k: getattr(config, k) for k in ("progress", "out")}
-        config = TrainConfig.from_dict({**on_disk, **keep})
+        config = resumed_config(config, given, log=log)
+    else:
+        config = config.anchored()
     config.validate()
+    if make_evaluate_fn is not None:
+        evaluate_fn = make_evaluate_fn(config)
     if model is None:
         model, tokenizer = load_model_for(config)
     trainer = Trainer(config, model, tokenizer, examples=examples, evaluate_fn=evaluate_fn, log=log)

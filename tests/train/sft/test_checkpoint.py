@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from train.sft import checkpoint as ck
+from train.sft.rng import rng_state, set_rng_state
 
 
 def _model(seed):
@@ -15,7 +16,7 @@ def _model(seed):
 
 
 def _state(step):
-    return {"step": step, "epoch": 0, "batch_index": step, "rng": ck.rng_state(),
+    return {"step": step, "epoch": 0, "batch_index": step, "rng": rng_state(),
             "optimizer": {"state": {0: {"exp_avg": torch.full((3,), float(step))}}, "param_groups": []}}
 
 
@@ -126,7 +127,59 @@ def test_atomic_write_text_failure_keeps_old(tmp_path, monkeypatch):
 
 
 def test_rng_state_roundtrip():
-    state = ck.rng_state()
+    state = rng_state()
     a = torch.rand(3)
-    ck.set_rng_state(state)
+    set_rng_state(state)
     assert torch.equal(a, torch.rand(3))
+
+
+def test_clean_interrupted_writes_removes_temps_and_puts_back_a_moved_aside_folder(tmp_path):
+    import tempfile
+    from pathlib import Path
+
+    m = _model(0)
+    ck.save_checkpoint(tmp_path, 1, m, _state(1))
+    ckpts = tmp_path / "checkpoints"
+    half = Path(tempfile.mkdtemp(prefix=".step-000002.", suffix=".tmp", dir=ckpts))
+    (half / "trainable.safetensors").write_bytes(b"partial")
+    pointer = Path(tempfile.mkstemp(prefix=".LATEST.", suffix=".tmp", dir=ckpts)[1])
+    config_tmp = Path(tempfile.mkstemp(prefix=".config.json.", suffix=".tmp", dir=tmp_path)[1])
+    # Killed between the two renames of a folder replacement: the adapter sits only in its ".old".
+    aside = Path(tempfile.mkdtemp(prefix=".adapter.", suffix=".old", dir=tmp_path))
+    (aside / "adapter_config.json").write_text("{}")
+    # A ".old" whose folder is back in place is a leftover, and goes.
+    (tmp_path / "model").mkdir()
+    stale = Path(tempfile.mkdtemp(prefix=".model.", suffix=".old", dir=tmp_path))
+    keep = tmp_path / ".hidden-by-the-user"
+    keep.write_text("not ours")
+
+    removed = ck.clean_interrupted_writes(tmp_path)
+    assert sorted(removed) == sorted([half, pointer, config_tmp, stale])
+    assert (tmp_path / "adapter" / "adapter_config.json").read_text() == "{}" and not aside.exists()
+    assert keep.exists()
+    assert ck.load_checkpoint(ck.latest_checkpoint(tmp_path)).step == 1
+
+
+@pytest.mark.parametrize("failure", ["enospc", "torch-zip-writer"])
+def test_a_failed_write_names_the_checkpoint(tmp_path, monkeypatch, failure):
+    """A full disk reaches us as OSError(ENOSPC) from our own writes, or as torch.save's
+    RuntimeError from its zip writer: either way an OSError naming the checkpoint."""
+    import errno
+
+    m = _model(0)
+    ck.save_checkpoint(tmp_path, 1, m, _state(1))
+
+    def full(*args, **kwargs):
+        if failure == "enospc":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0\n"
+                           "PytorchStreamWriter failed writing file data/0: file write failed")
+    monkeypatch.setattr(ck.torch, "save", full)
+    with pytest.raises(ck.CheckpointWriteError) as caught:
+        ck.save_checkpoint(tmp_path, 2, m, _state(2))
+    message = str(caught.value)
+    assert str(tmp_path / "checkpoints" / "step-000002") in message and "--resume" in message
+    assert ("No space left on device" in message) == (failure == "enospc"), message
+    assert "\n" not in message
+    monkeypatch.undo()
+    assert ck.load_checkpoint(ck.latest_checkpoint(tmp_path)).step == 1
