@@ -1,10 +1,13 @@
 """Merge LoRA adapters into their base weights, optionally removing dW's principal-subspace part.
 
 Every adapted module becomes a plain `nn.Linear` whose weight is cast(W + dW'), with the sum done in
-float32 (or float64) and cast back to the weight's dtype once (tested against a naive bf16 add).
-The arithmetic, including the column / row / both projections of dW onto the complement of W's
-top-k singular subspace, is `merge_math.merged_weight`, shared with `LoRALinear.merge`; this module
-adds the SVD bases (from the cache), the module swap and the report.
+float32 (or float64) and cast back to the weight's dtype once (tested against a naive bf16 add). A
+weight wider than the requested dtype (float64) is decomposed and summed in its own dtype.
+The arithmetic, including the column / row / both / either projections of dW away from W's top-k
+singular subspaces, is `merge_math.merged_weight`, shared with `LoRALinear.merge`; this module
+adds the SVD bases (from the cache), the module swap and the report. "both" removes the component
+in the left and right subspaces at once, the one the regulariser's side "both" penalises; "either"
+removes the union (see merge_math).
 
 The report gives, per module, the share of ||dW||_F^2 removed (||dW - dW'||^2 / ||dW||^2; the
 projections are orthogonal so this equals 1 - ||dW'||^2 / ||dW||^2) and the rounding error of the
@@ -24,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from lora_core._adapted import adapted_modules
-from lora_core.merge_math import PROJECTIONS, merged_weight, project_update
+from lora_core.merge_math import PROJECTIONS, merge_dtype, merged_weight, project_update
 from lora_core.svd_cache import DEFAULT_CACHE, SVDCache, check_k, check_svd_dtype
 
 __all__ = ["MergeReport", "PROJECTIONS", "merge_lora", "project_update"]
@@ -86,13 +89,15 @@ def merge_lora(
 ) -> MergeReport:
     """Merge every LoRA adapter of `model` in place; each adapted module becomes an `nn.Linear`.
 
-    projection: None | "column" | "row" | "both"; k (required with a projection, 1 <= k <= min(N, K)
-    for every adapted module). `svd_dtype` is also the dtype of the merge sum (float32 or float64).
+    projection: None | "column" | "row" | "both" | "either" (merge_math's docstring has the formulas);
+    k (required with a projection, 1 <= k <= min(N, K) for every adapted module). `svd_dtype` is also
+    the dtype of the merge sum (float32 or float64); a float64 weight always uses float64 for both.
     `safe`: refuse (ValueError naming the module) when a merged weight holds NaN/inf, leaving the
     model as it was. Returns a `MergeReport` (per-module cast error and share of dW removed).
     """
     if projection not in PROJECTIONS:
-        raise ValueError(f"unknown projection {projection!r}: expected one of None, 'column', 'row', 'both'")
+        raise ValueError(f"unknown projection {projection!r}: expected one of None, 'column', 'row', 'both', "
+                         "'either'")
     if projection is None and k is not None:
         raise ValueError(f"k={k} was given without a projection; k only selects the subspace a projection removes")
     if projection is not None and k is None:
@@ -106,20 +111,22 @@ def merge_lora(
         for name, m in mods.items():
             check_k(k, m.weight.shape, name)
 
-    report = MergeReport(projection=projection, k=k, dtype=str(dtype).replace("torch.", ""))
+    report = MergeReport(projection=projection, k=k, dtype=_dtype_name(dtype))
     swapped: list[tuple[str, nn.Module]] = []
     for name, m in mods.items():
         if m.merged:
             m.unmerge()  # contract: idempotent, restores the base weight in fp32
         W = m.weight.detach()
+        wide = merge_dtype(W.dtype, dtype)  # float64 weights: float64 basis and sum
         with torch.no_grad():
             U = V = None
             if projection is not None:
-                basis = cache.get(name, W, k, dtype).to(device=W.device, dtype=dtype)
+                basis = cache.get(name, W, k, wide).to(device=W.device, dtype=wide)
                 U, V = basis.U, basis.V
-            record = {"name": name, "shape": list(W.shape), "dtype": str(W.dtype).replace("torch.", ""), "k": k}
+            record = {"name": name, "shape": list(W.shape), "dtype": _dtype_name(W.dtype), "k": k,
+                      "compute_dtype": _dtype_name(wide)}
             out = merged_weight(W, m.lora_A.detach(), m.lora_B.detach(), m.scaling, projection=projection,
-                                U=U, V=V, dtype=dtype, stats=record)
+                                U=U, V=V, dtype=wide, stats=record)
         if safe and not bool(torch.isfinite(out).all()):
             for done, original in reversed(swapped):
                 _set_submodule(model, done, original)
@@ -127,7 +134,12 @@ def merge_lora(
         report.modules.append(record)
         _set_submodule(model, name, _as_linear(m, out))
         swapped.append((name, m))
+    report.dtype = ", ".join(sorted({r["compute_dtype"] for r in report.modules}))
     return report
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
 
 
 def _non_finite_message(name: str, m: nn.Module, out: torch.Tensor) -> str:

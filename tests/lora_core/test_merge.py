@@ -63,7 +63,7 @@ def test_merged_outputs_equal_adapter_outputs():
     assert d["modules_merged"] == 4 and d["max_cast_abs_error"] == 0.0 and d["mean_removed_share"] is None
 
 
-@pytest.mark.parametrize("projection", ["column", "row", "both"])
+@pytest.mark.parametrize("projection", ["column", "row", "both", "either"])
 def test_projection_removes_subspace_and_keeps_the_rest(projection):
     model = toy(dtype=F64, seed=2)
     k = 5
@@ -74,17 +74,21 @@ def test_projection_removes_subspace_and_keeps_the_rest(projection):
         W, dW = before[name]
         new_dW = model.get_submodule(name).weight.detach() - W
         U, S, Vh = torch.linalg.svd(W)
-        Pu = U[:, :k] @ U[:, :k].T
-        Pv = Vh[:k].T @ Vh[:k]
+        Uk, Vk = U[:, :k], Vh[:k].T
+        Pu, Pv = Uk @ Uk.T, Vk @ Vk.T
         Iu, Iv = torch.eye(W.shape[0], dtype=F64), torch.eye(W.shape[1], dtype=F64)
         scale = float(dW.abs().max())
         # component in the removed subspace ~ 0, component outside it unchanged (fp64 tolerance)
-        if projection in ("column", "both"):
-            assert float((U[:, :k].T @ new_dW).abs().max()) < 1e-12 * scale * 24, name
-        if projection in ("row", "both"):
-            assert float((new_dW @ Vh[:k].T).abs().max()) < 1e-12 * scale * 24, name
+        if projection in ("column", "either"):
+            assert float((Uk.T @ new_dW).abs().max()) < 1e-12 * scale * 24, name
+        if projection in ("row", "either"):
+            assert float((new_dW @ Vk).abs().max()) < 1e-12 * scale * 24, name
+        if projection == "both":  # only the block inside both subspaces goes; U^T dW' alone need not be 0
+            assert float((Uk.T @ new_dW @ Vk).abs().max()) < 1e-12 * scale * 24, name
+            assert float((Uk.T @ new_dW).abs().max()) > 1e-3 * scale, name
         keep = {"column": lambda M: (Iu - Pu) @ M, "row": lambda M: M @ (Iv - Pv),
-                "both": lambda M: (Iu - Pu) @ M @ (Iv - Pv)}[projection]
+                "both": lambda M: M - Pu @ M @ Pv,
+                "either": lambda M: (Iu - Pu) @ M @ (Iv - Pv)}[projection]
         err = float((keep(new_dW) - keep(dW)).abs().max())
         assert err < 1e-12 * scale * 24, f"{name}: kept component changed by {err:.3e}"
         removed = float((dW - keep(dW)).square().sum() / dW.square().sum())
@@ -255,6 +259,11 @@ def test_cli_merge_project_and_bad_inputs(tiny, capsys):
     rep = json.loads((out / "merge_report.json").read_text())
     assert rep["projection"] == "both" and 0 < rep["mean_removed_share"] < 1
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    # "either" (the union of the two subspaces) is offered too and removes more than "both" (their intersection)
+    assert main(["merge", "--model", str(base), "--adapter", str(root / "adapter"), "--out", str(root / "either"),
+                 "--project", "either", "--k", "4"]) == 0
+    either = json.loads((root / "either" / "merge_report.json").read_text())
+    assert either["projection"] == "either" and rep["mean_removed_share"] < either["mean_removed_share"] < 1
     # k larger than the smallest adapted weight (k_proj / v_proj: 16 x 32) -> refused, nothing written
     bad = root / "bad"
     assert main(["merge", "--model", str(base), "--adapter", str(root / "adapter"), "--out", str(bad),

@@ -1,7 +1,7 @@
 """`lora-core merge`: fold a LoRA adapter into its base model and export an HF-format checkpoint.
 
 Optionally removes the part of each update inside W's top-k singular subspace first (`--project
-column|row|both --k K`, the paper's post-hoc alternative to the regulariser). The output directory
+column|row|both|either --k K`, the paper's post-hoc alternative to the regulariser). The output directory
 (config.json, safetensors weights, sharded with an index when large, tokenizer files with the chat
 template, generation_config.json, merge_report.json/.md) is built in a temporary sibling and renamed
 into place, so a failed merge leaves nothing half-written. Every merged weight is checked to be
@@ -26,8 +26,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="base model: HF directory, .gguf file or registry name")
     parser.add_argument("--adapter", required=True, help="PEFT-format adapter directory")
     parser.add_argument("--out", required=True, help="output HF-format directory (must not exist or be empty)")
-    parser.add_argument("--project", choices=["column", "row", "both"], default=None,
-                        help="remove dW's component in W's top-k left (column), right (row) or both subspaces")
+    parser.add_argument("--project", choices=["column", "row", "both", "either"], default=None,
+                        help="remove dW's component in W's top-k left (column) or right (row) subspace, in both "
+                             "at once (both: U U^T dW V V^T, what --ortho-side both penalises) or in either "
+                             "(the union)")
     parser.add_argument("--k", type=int, default=None, help="subspace size for --project")
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
                         help="dtype of the exported weights (default: the source checkpoint's)")
@@ -50,7 +52,7 @@ def run(args) -> int:
     from train.cli import UserError
 
     if args.project is None and args.k is not None:
-        raise UserError("--k is only used with --project column|row|both")
+        raise UserError("--k is only used with --project column|row|both|either")
     if args.project is not None and args.k is None:
         raise UserError(f"--project {args.project} needs --k (how many top singular directions to remove)")
     if args.max_shard_gb <= 0:
