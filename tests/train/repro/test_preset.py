@@ -1,0 +1,108 @@
+"""Presets: the shipped ones load and say what the paper says; a typo or a bad value in a preset
+file is refused with one line naming the file and the key."""
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from train.repro.grid import expand, layer_third, train_config
+from train.repro.preset import PresetError, load_preset, load_preset_file, preset_from_dict
+
+
+def test_paper_small_keeps_the_papers_recipe_and_ratio():
+    p = load_preset("paper-small")
+    assert p.epochs == {"lora": 10.0, "full": 5.0}
+    assert p.train["lr"] == 5e-5 and p.train["weight_decay"] == 1e-4 and p.train["scheduler"] == "cosine"
+    roles = p.claims["roles"]
+    for role in ("lora", "full"):
+        assert len(p.seeds_of(p.arm(roles[role]))) >= 3, role
+        assert "lr" not in p.arm(roles[role]).train, "LoRA and full must share the preset's lr"
+    runs = expand(p)
+    assert sum(r.arm.kind == "base" for r in runs) == 1, "the base model is evaluated once"
+    kinds = [r.arm.kind for r in runs]
+    assert kinds.index("merge") > max(i for i, k in enumerate(kinds) if k == "lora"), "merges read finished adapters"
+    lora = train_config(p, next(r for r in runs if r.arm.name == roles["lora"]), Path("x"), 30)
+    full = train_config(p, next(r for r in runs if r.arm.name == roles["full"]), Path("x"), 30)
+    assert (lora.lr, lora.batch_size, lora.limit) == (full.lr, full.batch_size, full.limit)
+    assert lora.epochs == 2 * full.epochs
+    middle = train_config(p, next(r for r in runs if r.arm.name == roles["rank1_middle"]), Path("x"), 30)
+    assert (middle.rank, middle.targets, middle.layers) == (1, "up_proj", "10-19")
+
+
+def test_paper_preset_loads_and_has_no_cost_model():
+    p = load_preset("paper")
+    assert p.epochs == {"lora": 10.0, "full": 5.0} and p.train["batch_size"] == 2 and not p.cost
+
+
+@pytest.mark.parametrize("layers,expected", [(48, {"early": "0-15", "middle": "16-31", "late": "32-47"}),
+                                             (30, {"early": "0-9", "middle": "10-19", "late": "20-29"}),
+                                             (4, {"early": "0-1", "middle": "2-2", "late": "3-3"})])
+def test_thirds_map_the_papers_16_31_of_48(layers, expected):
+    assert {name: layer_third(name, layers) for name in expected} == expected
+
+
+def _raw():
+    with open(load_preset("paper-small").source_file) as f:
+        return yaml.safe_load(f)
+
+
+def _refused(tmp_path, raw, *expected):
+    path = tmp_path / "preset.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(PresetError) as info:
+        load_preset_file(path)
+    message = str(info.value)
+    assert str(path) in message and "\n" not in message
+    for part in expected:
+        assert part in message, message
+    return message
+
+
+def test_unknown_keys_are_named_with_their_path(tmp_path):
+    raw = _raw()
+    raw["epocs"] = 3
+    _refused(tmp_path, raw, "epocs", "unknown key")
+    raw = _raw()
+    raw["arms"][2]["train"]["rnak"] = 4
+    _refused(tmp_path, raw, "arms[2].train.rnak", "unknown key")
+    raw = _raw()
+    raw["eval"]["overrides"]["safty"] = {"strongreject": 3}
+    _refused(tmp_path, raw, "eval.overrides.safty")
+    raw = _raw()
+    raw["claims"]["roles"]["lorra"] = "lora-r8"
+    _refused(tmp_path, raw, "claims.roles.lorra")
+
+
+@pytest.mark.parametrize("edit,expected", [
+    (lambda r: r["arms"][1].update(kind="fulll"), ["arms[1].kind", "fulll"]),
+    (lambda r: r["arms"][2]["train"].update(rank=0), ["arms[2].train", "rank"]),
+    (lambda r: r["train"].update(lr=-1.0), ["train", "--lr"]),
+    (lambda r: r.update(seeds=["a"]), ["seeds[0]", "integer"]),
+    (lambda r: r["epochs"].update(full=0), ["epochs.full", "> 0"]),
+    (lambda r: r["eval"]["overrides"]["safety"].update(strongreject=-2), ["eval.overrides.safety.strongreject"]),
+    (lambda r: r["arms"][-1].update(source="nope"), ["source", "nope"]),
+    (lambda r: r["arms"][-1].update(k=0), ["k", ">= 1"]),
+    (lambda r: r["claims"]["roles"].update(full="nope"), ["claims.roles.full", "nope"]),
+    (lambda r: r["arms"][1]["train"].update(rank=4) if "train" in r["arms"][1] else r["arms"][1].update(train={"rank": 4}),
+     ["arms[1].train", "full fine-tuning"]),
+    (lambda r: r["arms"].append(copy.deepcopy(r["arms"][2])), ["used twice"]),
+    (lambda r: r["cost"].update(lora_step_s="fast"), ["cost.lora_step_s"]),
+])
+def test_bad_values_are_refused_by_name(tmp_path, edit, expected):
+    raw = _raw()
+    edit(raw)
+    _refused(tmp_path, raw, *expected)
+
+
+def test_not_yaml_and_missing_file_are_one_line_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("arms: [unclosed\n")
+    with pytest.raises(PresetError, match="not valid YAML"):
+        load_preset_file(bad)
+    with pytest.raises(PresetError, match="not found"):
+        load_preset_file(tmp_path / "none.yaml")
+    with pytest.raises(PresetError, match="shipped presets: .*paper-small"):
+        load_preset("paper-large")
+    with pytest.raises(PresetError, match="expected a mapping"):
+        preset_from_dict([1, 2], "list.yaml")

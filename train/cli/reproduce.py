@@ -1,0 +1,30 @@
+"""`lora-core reproduce`: the paper's comparison as one resumable grid of arms x seeds, and its report."""
+from __future__ import annotations
+
+HELP = "run the paper's comparison (base, LoRA, full fine-tuning, regulariser, merge, ...) and report its claims"
+
+
+def add_arguments(parser) -> None:
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--preset", default=None,
+                       help="a shipped preset: paper-small (the CPU grid, default) or paper (the paper's GPU settings)")
+    which.add_argument("--config", default=None, help="your own preset YAML (see train/repro/presets/paper-small.yaml)")
+    parser.add_argument("--out", default="runs/repro",
+                        help="grid directory (default %(default)s); rerunning with the same --out finishes what is "
+                        "missing and skips finished runs")
+    parser.add_argument("--estimate-only", action="store_true",
+                        help="print the grid and the time estimate, run nothing")
+
+
+def run(args) -> int:
+    from train.repro.preset import load_preset, load_preset_file
+    from train.repro.runner import reproduce
+
+    preset = load_preset_file(args.config) if args.config else load_preset(args.preset or "paper-small")
+    result = reproduce(preset, args.out, estimate_only=args.estimate_only)
+    if args.estimate_only:
+        return 0
+    for row in result["claims"]:
+        print(f"({row['claim']}) {row['text']} [{row['measure']}]: {row['verdict']}")
+    print(f"wrote {args.out}/report.md, report.json, safety_vs_reasoning.png, overlap_per_layer.png")
+    return 0

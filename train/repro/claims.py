@@ -1,0 +1,127 @@
+"""Claim verdicts computed from confidence intervals: the one rule every row of the claims table uses.
+
+The rule, in full:
+
+1. A comparison is the difference D = mean(Y) - mean(X) of one measure between two arms, Y being
+   the arm the claim speaks for (LoRA in "LoRA reaches full fine-tuning's safety"). For a measure
+   where lower is better (bits per byte, KL drift, overlap) D is negated, so D > 0 always means
+   "Y is better" and the table says which way it was read.
+2. Values are per unit and per seed: a unit is an evaluation item (its id) or, for overlap, a
+   module (its name). The arms are paired by unit: only units that every run of both arms scored
+   count, and n is that count. Seeds are pooled: an arm's value of a unit is its mean over seeds.
+3. The interval is a 95% percentile interval of a two-level paired bootstrap: each resample draws
+   n units with replacement (the same draw for both arms: that is the pairing) and, for each arm
+   on its own, as many seeds as it has, with replacement. So the interval carries the variation of
+   the items and of the training seeds. An arm run once (the base model) adds item variation only.
+   Fewer than 2 shared units give no interval.
+4. Verdicts (lo, hi = the interval of the oriented D):
+   - "better" claims (Y beats X): "supported" when lo > 0, "contradicted" when hi < 0;
+   - "reaches" claims (Y is not worse than X by more than the margin m): "supported" when
+     lo > -m, "contradicted" when hi < -m. The margin is the preset's `claims.margin` in the
+     measure's own units for rates and accuracies (0.10 = 10 points), and that share of |mean(X)|
+     for any other measure (bits per byte, overlap energy): `margin_for`;
+   - anything else, and every comparison without an interval: "inconclusive at this n".
+   A verdict is never written by hand: the report only prints what `verdict` returns.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+SUPPORTED, CONTRADICTED, INCONCLUSIVE = "supported", "contradicted", "inconclusive at this n"
+KINDS = ("better", "reaches")
+
+
+def verdict(ci, kind: str, margin: float = 0.0) -> str:
+    """The verdict of an oriented difference's 95% interval `ci` = [lo, hi] (or None)."""
+    if kind not in KINDS:
+        raise ValueError(f"claim kind must be one of {KINDS}, got {kind!r}")
+    if kind == "reaches" and not margin > 0:
+        raise ValueError(f"a 'reaches' claim needs a positive margin, got {margin}")
+    if ci is None:
+        return INCONCLUSIVE
+    lo, hi = ci
+    bound = 0.0 if kind == "better" else -margin
+    if lo > bound:
+        return SUPPORTED
+    if hi < bound:
+        return CONTRADICTED
+    return INCONCLUSIVE
+
+
+def is_rate(metric: str) -> bool:
+    """Measures bounded in [0, 1] that an absolute margin suits (refusal rates, accuracies)."""
+    last = metric.rsplit(".", 1)[-1]
+    return last.endswith("rate") or last in ("acc", "acc_norm", "exact_match")
+
+
+def margin_for(metric: str, margin: float, mean_x: float | None) -> float:
+    """Rule 4's margin for `metric`: absolute for rates, relative to |mean(X)| otherwise."""
+    if is_rate(metric) or mean_x is None or mean_x == 0:
+        return margin
+    return margin * abs(mean_x)
+
+
+def _matrix(runs: dict, units: list[str]) -> np.ndarray:
+    """(seeds, units) values of one arm; `runs` is {seed: {unit: value}}."""
+    return np.array([[runs[s][u] for u in units] for s in sorted(runs)], dtype=np.float64)
+
+
+def shared_units(x: dict, y: dict) -> list[str]:
+    """Units every run of both arms scored, in a fixed (sorted) order."""
+    sets = [set(v) for v in list(x.values()) + list(y.values())]
+    return sorted(set.intersection(*sets)) if sets else []
+
+
+def pooled_difference(x: dict, y: dict, resamples: int = 2000, seed: int = 0) -> dict:
+    """mean(Y) - mean(X) over shared units, seeds pooled, with the two-level paired bootstrap
+    interval of rule 3. `x`, `y`: {seed: {unit id: value}}. Not oriented (see `compare`)."""
+    if not x or not y:
+        raise ValueError("each arm needs at least one run to compare")
+    units = shared_units(x, y)
+    out = {"n": len(units), "seeds_x": len(x), "seeds_y": len(y), "difference": None, "ci95": None,
+           "mean_x": None, "mean_y": None, "resamples": resamples, "bootstrap_seed": seed}
+    if not units:
+        return out
+    X, Y = _matrix(x, units), _matrix(y, units)  # (Sx, n), (Sy, n)
+    out["mean_x"], out["mean_y"] = float(X.mean()), float(Y.mean())
+    out["difference"] = float(Y.mean(0).mean() - X.mean(0).mean())
+    n = len(units)
+    if n < 2:
+        return out
+    rng = np.random.default_rng(seed)
+    draws = np.empty(resamples)
+    chunk = max(1, 2_000_000 // (n * max(X.shape[0], Y.shape[0])))
+    for start in range(0, resamples, chunk):
+        b = min(resamples, start + chunk) - start
+        sx = rng.integers(0, X.shape[0], size=(b, X.shape[0]))  # seeds drawn for X per resample
+        sy = rng.integers(0, Y.shape[0], size=(b, Y.shape[0]))
+        items = rng.integers(0, n, size=(b, n))  # one unit draw shared by both arms: the pairing
+        d = Y[sy].mean(axis=1) - X[sx].mean(axis=1)  # (b, n)
+        draws[start:start + b] = np.take_along_axis(d, items, axis=1).mean(axis=1)
+    lo, hi = np.quantile(draws, [0.025, 0.975])
+    out["ci95"] = [float(lo), float(hi)]
+    return out
+
+
+def compare(x: dict, y: dict, *, kind: str, higher_is_better: bool = True, margin: float = 0.0,
+            resamples: int = 2000, seed: int = 0) -> dict:
+    """One claim row's numbers: the pooled paired difference Y - X, oriented so that > 0 means Y
+    is better, its interval and the verdict of rule 4."""
+    raw = pooled_difference(x, y, resamples=resamples, seed=seed)
+    sign = 1.0 if higher_is_better else -1.0
+    diff = None if raw["difference"] is None else sign * raw["difference"]
+    ci = None if raw["ci95"] is None else sorted(sign * v for v in raw["ci95"])
+    return {**raw, "oriented_difference": diff, "oriented_ci95": ci, "higher_is_better": higher_is_better,
+            "kind": kind, "margin": margin if kind == "reaches" else None,
+            "verdict": verdict(ci, kind, margin)}
+
+
+def pooled_mean(y: dict, resamples: int = 2000, seed: int = 0) -> dict:
+    """One arm's mean over its units (seeds pooled) with the same two-level bootstrap interval:
+    the arm's row in the per-arm table. `y`: {seed: {unit id: value}}."""
+    if not y:
+        raise ValueError("an arm needs at least one run")
+    units = sorted(set.intersection(*[set(v) for v in y.values()]))
+    zero = {0: {u: 0.0 for u in units}}
+    raw = pooled_difference(zero, y, resamples=resamples, seed=seed)
+    return {"mean": raw["difference"], "ci95": raw["ci95"], "n": raw["n"], "seeds": raw["seeds_y"]}

@@ -1,0 +1,51 @@
+"""The time a grid will take, from a per-step / per-item cost model, printed before anything runs.
+
+cost(run) = steps x step cost of its method (LoRA or full, at the preset's batch size)
+          + generated items x per-item generation cost + bits-per-byte and ARC items x their costs
+          + adapted modules x overlap cost per module and k.
+The unit costs are the preset's `cost` block, measured once on the reference machine and stated
+there (`cost.measured` says how and where); they are not re-measured at run time. Without a cost
+block there is no estimate, and the runner says so. After each run the runner also rescales the
+remaining estimate by the ratio of measured to predicted time so far, so a slower or faster machine
+is corrected as the grid goes.
+"""
+from __future__ import annotations
+
+import math
+
+from train.repro.grid import Run
+
+def eval_items(suite) -> dict:
+    """Generated, bits-per-byte, ARC and drift item counts of one evaluation with `suite` (None sizes count as 0:
+    the whole set is not a size this model knows; presets give explicit sizes)."""
+    def n(v):
+        return v or 0
+
+    generated = (sum(n(v) for v in suite.safety.values()) + n(suite.over_refusal)
+                 + sum(n(v) for v in suite.robustness.values()) + n(suite.jailbreak)
+                 + sum(n(v) for v in suite.math_generation.values()) * (1 + suite.sampling.k))
+    return {"generated": generated, "bpb": sum(n(v) for v in suite.bpb.values()),
+            "arc": sum(n(v) for v in suite.arc.values()), "drift": n(suite.drift)}
+
+
+def run_seconds(run: Run, steps: int | None, suite, cost: dict, modules: int) -> float:
+    items = eval_items(suite)
+    seconds = (items["generated"] * cost["generate_item_s"] + items["bpb"] * cost["bpb_item_s"]
+               + items["arc"] * cost["arc_item_s"])
+    if run.arm.kind != "base":
+        seconds += items["drift"] * 2 * cost["bpb_item_s"]  # two forwards of a text: model and base
+        seconds += modules * cost.get("overlap_module_s", 0.0)
+    if run.arm.kind in ("lora", "full"):
+        seconds += (steps or 0) * cost[f"{run.arm.kind}_step_s"]
+    return seconds
+
+
+def has_cost_model(cost: dict) -> bool:
+    return all(k in cost for k in ("lora_step_s", "full_step_s", "generate_item_s", "bpb_item_s", "arc_item_s"))
+
+
+def fmt_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    minutes = seconds / 60
+    return f"{seconds:.0f} s" if seconds < 120 else f"{minutes:.0f} min" if minutes < 120 else f"{minutes / 60:.1f} h"

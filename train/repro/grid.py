@@ -1,0 +1,81 @@
+"""The runs of a preset: one per arm and seed, in an order that puts every merge after its source,
+each with its run directory and (for trained arms) the TrainConfig it trains with.
+
+`early` / `middle` / `late` layers are thirds of the model's depth: layer i of L is in third
+floor(3 i / L). The paper's flagship range, layers 16-31 of a 48-layer model, is exactly its middle
+third (16 = 48/3, 31 = 2*48/3 - 1), so "middle" is that range mapped to any depth; on the 30
+layers of smollm2-135m it is 10-19.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from train.repro.preset import Arm, Preset
+
+THIRDS = ("early", "middle", "late")
+
+
+def layer_third(name: str, num_layers: int) -> str:
+    """"a-b" (inclusive) of the named third of `num_layers` layers."""
+    if num_layers < 3:
+        raise ValueError(f"layers {name!r}: a model of {num_layers} layer(s) has no thirds")
+    part = THIRDS.index(name)
+    layers = [i for i in range(num_layers) if (3 * i) // num_layers == part]
+    return f"{layers[0]}-{layers[-1]}"
+
+
+@dataclass(frozen=True)
+class Run:
+    arm: Arm
+    seed: int
+    run_dir: Path  # relative to the grid's output folder
+
+    @property
+    def key(self) -> str:
+        return self.arm.name if self.arm.kind == "base" else f"{self.arm.name}/seed-{self.seed}"
+
+
+def expand(preset: Preset) -> list[Run]:
+    """Every (arm, seed) once: base first, then trained arms, then merges (they read an adapter)."""
+    order = {"base": 0, "lora": 1, "full": 1, "merge": 2}
+    arms = sorted(preset.arms, key=lambda a: order[a.kind])  # stable: file order within a kind
+    runs = []
+    for arm in arms:
+        for seed in preset.seeds_of(arm):
+            where = Path("runs") / arm.name if arm.kind == "base" else Path("runs") / arm.name / f"seed-{seed}"
+            runs.append(Run(arm, seed, where))
+    return runs
+
+
+def train_config(preset: Preset, run: Run, run_dir: Path, num_layers: int | None = None):
+    """The TrainConfig of a lora or full run: shared `train` block, then the arm's overrides,
+    epochs by kind, the run's seed and directory; `layers: middle` resolved against the depth."""
+    from train.sft.config import TrainConfig
+
+    arm = run.arm
+    if arm.kind not in ("lora", "full"):
+        raise ValueError(f"arm {arm.name!r} ({arm.kind}) trains nothing")
+    fields = {**preset.train, **arm.train}
+    if fields.get("layers") in THIRDS:
+        if num_layers is None:
+            raise ValueError(f"arm {arm.name!r}: layers {fields['layers']!r} needs the model's depth")
+        fields["layers"] = layer_third(fields["layers"], num_layers)
+    if arm.kind == "full":
+        for key in ("rank", "targets", "layers", "alpha", "dropout", "use_rslora", "init"):
+            fields.pop(key, None)
+    # progress off: the grid shows its own progress, and a bar per run would bury it.
+    return TrainConfig(model=preset.model, method=arm.kind, epochs=preset.epochs[arm.kind], seed=run.seed,
+                       out=str(run_dir / "train"), progress=False, dataset=preset.data["dataset"],
+                       limit=preset.data["limit"], reasoning_line=preset.data["reasoning_line"],
+                       **fields).validate()
+
+
+def suite_of(preset: Preset):
+    """The one SuiteConfig every arm is evaluated with (same items: same sizes and seed)."""
+    import dataclasses
+
+    from train.eval.suites import SUITES
+
+    cfg = dataclasses.replace(SUITES[preset.eval["suite"]], **preset.eval["overrides"])
+    return dataclasses.replace(cfg, seed=preset.eval["seed"])

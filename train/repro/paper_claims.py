@@ -1,0 +1,89 @@
+"""The paper's claims (a)-(e) as rows of comparisons between arms; verdicts by train.repro.claims.
+
+Each row names the two arms (X the reference, Y the arm the claim speaks for), the measure, how it
+was read (higher or lower is better), the claim kind ("better" or "reaches" with its margin) and
+the numbers `claims.compare` returns. Which arm plays which part is the preset's `claims.roles`.
+
+(a) LoRA reaches the safety of full fine-tuning           reaches: safety(LoRA) vs safety(full)
+(b) full fine-tuning loses more reasoning than LoRA       better: each reasoning measure, LoRA vs full
+(c) LoRA's update overlaps W's top-k subspace less        better (lower energy), per module, each k
+(d) the regulariser / projected merge lower the overlap   better (lower energy) vs the plain LoRA arm
+    further, and at what cost                             reaches: safety and reasoning vs that arm
+(e) rank 1 on up_proj, middle layers, suffices            reaches: safety vs LoRA r=8 (and the rank
+    and middle beats early or late                        sweep); better: safety vs early, vs late
+"""
+from __future__ import annotations
+
+from train.repro.claims import compare, margin_for
+
+
+def _row(claim: str, text: str, x: str, y: str, measure: str, data_x: dict, data_y: dict, *, kind: str,
+         lower_is_better: bool, margin: float, resamples: int) -> dict:
+    if not data_x or not data_y:
+        return {"claim": claim, "text": text, "x": x, "y": y, "measure": measure, "kind": kind,
+                "verdict": "not run", "n": 0, "why": f"no finished runs of {x if not data_x else y}"}
+    mean_x = sum(sum(v.values()) / max(1, len(v)) for v in data_x.values()) / len(data_x)
+    m = margin_for(measure, margin, mean_x) if kind == "reaches" else 0.0
+    result = compare(data_x, data_y, kind=kind, higher_is_better=not lower_is_better, margin=m,
+                     resamples=resamples)
+    return {"claim": claim, "text": text, "x": x, "y": y, "measure": measure, **result}
+
+
+def claim_rows(values: dict, overlap: dict, claims_cfg: dict, arms: dict, ks: list[int]) -> list[dict]:
+    """values[arm][seed][metric] = {item id: value}; overlap[arm][seed][k] = {module: energy}."""
+    roles = claims_cfg["roles"]
+    safety, reasoning = claims_cfg["safety"], claims_cfg["reasoning"]
+    lower = set(claims_cfg["lower_is_better"])
+    common = dict(margin=claims_cfg["margin"], resamples=claims_cfg["resamples"])
+
+    def metric(arm, name):
+        return {s: v[name] for s, v in values.get(arm, {}).items() if name in v}
+
+    def energy(arm, k):
+        return {s: v[str(k)] for s, v in overlap.get(arm, {}).items() if str(k) in v}
+
+    def title(arm):
+        return arms[arm].title
+
+    rows = []
+    lora, full = roles["lora"], roles["full"]
+    pairs = [(lora, full, "")]
+    if roles.get("lora_high_lr") and roles.get("full_high_lr"):
+        pairs.append((roles["lora_high_lr"], roles["full_high_lr"], " (higher lr, same for both)"))
+    for lo, fu, note in pairs:
+        rows.append(_row("a", f"{title(lo)} reaches the safety of {title(fu)}{note}", fu, lo, safety,
+                         metric(fu, safety), metric(lo, safety), kind="reaches", lower_is_better=False, **common))
+        for r in reasoning:
+            rows.append(_row("b", f"{title(fu)} loses more {r} than {title(lo)}{note}", fu, lo, r,
+                             metric(fu, r), metric(lo, r), kind="better", lower_is_better=r in lower, **common))
+        for k in ks:
+            rows.append(_row("c", f"{title(lo)}'s update overlaps W's top-{k} subspace less than {title(fu)}'s{note}",
+                             fu, lo, f"overlap energy, k={k}", energy(fu, k), energy(lo, k), kind="better",
+                             lower_is_better=True, **common))
+    for kind_role in ("regularised", "merged"):
+        for arm in roles.get(kind_role, []):
+            ref = arms[arm].source if arms[arm].kind == "merge" else lora
+            for k in ks:
+                rows.append(_row("d", f"{title(arm)} overlaps W's top-{k} subspace less than {title(ref)}", ref, arm,
+                                 f"overlap energy, k={k}", energy(ref, k), energy(arm, k), kind="better",
+                                 lower_is_better=True, **common))
+            for r in [safety] + reasoning:
+                rows.append(_row("d", f"{title(arm)} keeps the {r} of {title(ref)} (its cost)", ref, arm, r,
+                                 metric(ref, r), metric(arm, r), kind="reaches", lower_is_better=r in lower, **common))
+    middle = roles.get("rank1_middle")
+    if middle:
+        for ref in [lora] + [a for a in roles.get("rank_sweep", []) if a != middle]:
+            rows.append(_row("e", f"{title(middle)} reaches the safety of {title(ref)}", ref, middle, safety,
+                             metric(ref, safety), metric(middle, safety), kind="reaches", lower_is_better=False,
+                             **common))
+        for role in ("rank1_early", "rank1_late"):
+            other = roles.get(role)
+            if other:
+                rows.append(_row("e", f"{title(middle)} is safer than {title(other)}", other, middle, safety,
+                                 metric(other, safety), metric(middle, safety), kind="better",
+                                 lower_is_better=False, **common))
+                for r in reasoning:
+                    rows.append(_row("e", f"{title(middle)} keeps more {r} than {title(other)}", other, middle, r,
+                                     metric(other, r), metric(middle, r), kind="better",
+                                     lower_is_better=r in lower, **common))
+    return rows

@@ -1,0 +1,318 @@
+"""Experiment presets: the grid of arms a `lora-core reproduce` run trains, evaluates and compares.
+
+A preset is one YAML file (train/repro/presets/<name>.yaml ships `paper-small` and `paper`) read
+into the dataclasses below. Every key is checked: an unknown key or a bad value is refused with a
+one-line message that names the file and the key's path (e.g. `arms[3].train.rnak`), because a
+typo that silently fell back to a default would run an hour of the wrong experiment.
+
+Arm kinds:
+- base: the untrained model, evaluated once (seeds do not apply);
+- lora / full: a refusal SFT run per seed (train.sft), `train` holds TrainConfig overrides on top
+  of the preset's shared `train` block; epochs come from the preset's `epochs` by kind, so the
+  paper's 10 (LoRA) : 5 (full) ratio is written once;
+- merge: a post-hoc projected merge (lora_core.merge_lora) of the adapter of another LoRA arm
+  (`source`) with the same seed: no training, evaluated and analysed like the others.
+`train.layers` may also be `early`, `middle` or `late`: thirds of the model's depth. The paper's
+flagship, layers 16-31 of 48, is exactly the middle third of its model (train.repro.grid).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+KINDS = ("base", "lora", "full", "merge")
+PRESET_DIR = Path(__file__).parent / "presets"
+# TrainConfig fields the runner sets itself (per run, from the preset's other blocks).
+RESERVED_TRAIN = ("model", "method", "out", "seed", "data", "dataset", "limit", "reasoning_line",
+                  "epochs", "max_steps", "progress", "data_info", "eval_every", "eval_suite")
+
+
+class PresetError(ValueError):
+    """A preset file that cannot be used; the message names the file and the key."""
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    kind: str
+    label: str = ""
+    train: dict = field(default_factory=dict)  # TrainConfig overrides (lora/full)
+    seeds: tuple[int, ...] | None = None  # None: the preset's seeds
+    source: str | None = None  # merge: the LoRA arm whose adapter is merged
+    projection: str | None = None  # merge: column | row | both
+    k: int | None = None  # merge: top-k directions removed
+
+    @property
+    def title(self) -> str:
+        return self.label or self.name
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    model: str
+    arms: tuple[Arm, ...]
+    seeds: tuple[int, ...] = (0, 1, 2)
+    description: str = ""
+    data: dict = field(default_factory=lambda: {"dataset": "advbench", "limit": None, "seed": 0,
+                                                "reasoning_line": None})
+    train: dict = field(default_factory=dict)
+    epochs: dict = field(default_factory=lambda: {"lora": 10.0, "full": 5.0})
+    eval: dict = field(default_factory=lambda: {"suite": "standard", "overrides": {}, "seed": 0})
+    overlap: dict = field(default_factory=lambda: {"k": [16, 64], "side": "column"})
+    claims: dict = field(default_factory=dict)
+    cost: dict = field(default_factory=dict)
+    source_file: str = ""
+
+    def arm(self, name: str) -> Arm:
+        for a in self.arms:
+            if a.name == name:
+                return a
+        raise KeyError(name)
+
+    def seeds_of(self, arm: Arm) -> tuple[int, ...]:
+        if arm.kind == "base":
+            return (0,)
+        return arm.seeds if arm.seeds is not None else self.seeds
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ------------------------------------------------------------------------- checking helpers
+class _Reader:
+    """Checks of one file's values; every error starts with the file and the key path."""
+
+    def __init__(self, where: str):
+        self.where = where
+
+    def fail(self, path: str, why: str):
+        raise PresetError(f"{self.where}: {path}: {why}")
+
+    def mapping(self, value, path: str, allowed: tuple[str, ...], required: tuple[str, ...] = ()) -> dict:
+        if not isinstance(value, dict):
+            self.fail(path, f"expected a mapping, got {type(value).__name__}")
+        for key in value:
+            if key not in allowed:
+                self.fail(f"{path}.{key}" if path else str(key),
+                          f"unknown key (known: {', '.join(allowed)})")
+        for key in required:
+            if key not in value:
+                self.fail(f"{path}.{key}" if path else key, "is required")
+        return value
+
+    def string(self, value, path: str, choices: tuple[str, ...] | None = None) -> str:
+        if not isinstance(value, str) or not value.strip():
+            self.fail(path, f"expected a non-empty string, got {value!r}")
+        if choices is not None and value not in choices:
+            self.fail(path, f"expected one of {'|'.join(choices)}, got {value!r}")
+        return value
+
+    def integer(self, value, path: str, least: int | None = None, optional: bool = False):
+        if value is None and optional:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.fail(path, f"expected an integer, got {value!r}")
+        if least is not None and value < least:
+            self.fail(path, f"must be >= {least}, got {value}")
+        return value
+
+    def number(self, value, path: str, positive: bool = False) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            self.fail(path, f"expected a finite number, got {value!r}")
+        if positive and value <= 0:
+            self.fail(path, f"must be > 0, got {value}")
+        return float(value)
+
+    def int_list(self, value, path: str, least: int = 0) -> tuple[int, ...]:
+        if not isinstance(value, list) or not value:
+            self.fail(path, f"expected a non-empty list of integers, got {value!r}")
+        out = tuple(self.integer(v, f"{path}[{i}]", least) for i, v in enumerate(value))
+        if len(set(out)) != len(out):
+            self.fail(path, f"has repeated values {list(out)}")
+        return out
+
+    def str_list(self, value, path: str) -> tuple[str, ...]:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not value:
+            self.fail(path, f"expected a name or a non-empty list of names, got {value!r}")
+        return tuple(self.string(v, f"{path}[{i}]") for i, v in enumerate(value))
+
+
+# ------------------------------------------------------------------------- sections
+def _train_overrides(r: _Reader, value, path: str) -> dict:
+    """TrainConfig fields, each value checked by TrainConfig.validate itself."""
+    from train.sft.config import TrainConfig
+
+    if value is None:
+        return {}
+    known = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in RESERVED_TRAIN)
+    r.mapping(value, path, known)
+    plain = {k: v for k, v in value.items() if not (k == "layers" and v in ("early", "middle", "late"))}
+    try:
+        TrainConfig(**plain).validate()
+    except (TypeError, ValueError) as error:
+        r.fail(path, str(error))
+    return dict(value)
+
+
+def _arm(r: _Reader, value, i: int) -> Arm:
+    path = f"arms[{i}]"
+    r.mapping(value, path, ("name", "kind", "label", "train", "seeds", "source", "projection", "k"),
+              required=("name", "kind"))
+    name = r.string(value["name"], f"{path}.name")
+    if "/" in name or name.startswith(".") or name in ("report", "runs"):
+        r.fail(f"{path}.name", f"{name!r} cannot name a run directory")
+    kind = r.string(value["kind"], f"{path}.kind", KINDS)
+    label = value.get("label", "")
+    if not isinstance(label, str):
+        r.fail(f"{path}.label", f"expected a string, got {label!r}")
+    seeds = r.int_list(value["seeds"], f"{path}.seeds") if "seeds" in value else None
+    train = _train_overrides(r, value.get("train"), f"{path}.train")
+    if kind in ("base", "merge") and train:
+        r.fail(f"{path}.train", f"a {kind} arm trains nothing")
+    if kind == "full" and any(k in train for k in ("rank", "targets", "layers", "ortho_beta")):
+        r.fail(f"{path}.train", "LoRA keys (rank, targets, layers, ortho_beta) on a full fine-tuning arm")
+    merge_keys = {"source", "projection", "k"} & set(value)
+    if kind != "merge" and merge_keys:
+        r.fail(f"{path}.{sorted(merge_keys)[0]}", "only a merge arm has source/projection/k")
+    source = projection = k = None
+    if kind == "merge":
+        r.mapping(value, path, tuple(value), required=("source", "projection", "k"))
+        source = r.string(value["source"], f"{path}.source")
+        projection = r.string(value["projection"], f"{path}.projection", ("column", "row", "both"))
+        k = r.integer(value["k"], f"{path}.k", least=1)
+    return Arm(name=name, kind=kind, label=label, train=train, seeds=seeds, source=source,
+               projection=projection, k=k)
+
+
+def _eval(r: _Reader, value) -> dict:
+    from train.eval.suites import SUITES, SuiteConfig
+
+    value = r.mapping(value, "eval", ("suite", "overrides", "seed"), required=("suite",))
+    suite = r.string(value["suite"], "eval.suite", tuple(SUITES))
+    overrides = value.get("overrides") or {}
+    r.mapping(overrides, "eval.overrides", tuple(f.name for f in dataclasses.fields(SuiteConfig)))
+    try:
+        dataclasses.replace(SUITES[suite], **overrides)
+    except (TypeError, ValueError) as error:
+        r.fail("eval.overrides", str(error))
+    for key, v in overrides.items():
+        for sub, n in (v.items() if isinstance(v, dict) and key != "sampling" else [(None, v)]):
+            if key in ("max_new_tokens", "sampling", "batch_size", "seed"):
+                continue
+            if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+                r.fail(f"eval.overrides.{key}" + (f".{sub}" if sub else ""),
+                       f"expected a count >= 0 or null (the whole set), got {n!r}")
+    return {"suite": suite, "overrides": dict(overrides),
+            "seed": r.integer(value.get("seed", 0), "eval.seed", least=0)}
+
+
+def _claims(r: _Reader, value, arms: dict[str, Arm]) -> dict:
+    roles_single = ("base", "lora", "full", "rank1_middle", "rank1_early", "rank1_late",
+                    "lora_high_lr", "full_high_lr")
+    roles_many = ("regularised", "merged", "rank_sweep")
+    value = r.mapping(value or {}, "claims", ("safety", "reasoning", "lower_is_better", "margin",
+                                              "resamples", "roles"), required=("safety", "reasoning", "roles"))
+    roles = r.mapping(value["roles"], "claims.roles", roles_single + roles_many, required=("base", "lora", "full"))
+    out_roles = {}
+    for role, name in roles.items():
+        names = r.str_list(name, f"claims.roles.{role}") if role in roles_many else (r.string(name, f"claims.roles.{role}"),)
+        for n in names:
+            if n not in arms:
+                r.fail(f"claims.roles.{role}", f"names no arm: {n!r} (arms: {', '.join(arms)})")
+        out_roles[role] = list(names) if role in roles_many else names[0]
+    return {"safety": r.string(value["safety"], "claims.safety"),
+            "reasoning": list(r.str_list(value["reasoning"], "claims.reasoning")),
+            "lower_is_better": list(r.str_list(value.get("lower_is_better", ["_"]), "claims.lower_is_better")),
+            "margin": r.number(value.get("margin", 0.1), "claims.margin", positive=True),
+            "resamples": r.integer(value.get("resamples", 2000), "claims.resamples", least=100),
+            "roles": out_roles}
+
+
+COST_KEYS = ("lora_step_s", "full_step_s", "generate_item_s", "bpb_item_s", "arc_item_s",
+             "overlap_module_s", "load_s", "measured")
+
+
+def _cost(r: _Reader, value) -> dict:
+    value = r.mapping(value or {}, "cost", COST_KEYS)
+    out = {}
+    for key, v in value.items():
+        out[key] = r.string(v, "cost.measured") if key == "measured" else r.number(v, f"cost.{key}", positive=True)
+    return out
+
+
+def preset_from_dict(raw, where: str) -> Preset:
+    r = _Reader(where)
+    top = ("name", "description", "model", "seeds", "data", "train", "epochs", "eval", "overlap",
+           "claims", "cost", "arms")
+    raw = r.mapping(raw, "", top, required=("name", "model", "arms", "eval", "claims"))
+    data = r.mapping(raw.get("data") or {}, "data", ("dataset", "limit", "seed", "reasoning_line"))
+    data = {"dataset": r.string(data.get("dataset", "advbench"), "data.dataset"),
+            "limit": r.integer(data.get("limit"), "data.limit", least=1, optional=True),
+            "seed": r.integer(data.get("seed", 0), "data.seed", least=0),
+            "reasoning_line": data.get("reasoning_line")}
+    if data["reasoning_line"] not in (None, True, False):
+        r.fail("data.reasoning_line", f"expected true, false or null, got {data['reasoning_line']!r}")
+    epochs = r.mapping(raw.get("epochs") or {"lora": 10, "full": 5}, "epochs", ("lora", "full"), required=("lora", "full"))
+    epochs = {k: r.number(v, f"epochs.{k}", positive=True) for k, v in epochs.items()}
+    overlap = r.mapping(raw.get("overlap") or {"k": [16, 64]}, "overlap", ("k", "side"), required=("k",))
+    overlap = {"k": list(r.int_list(overlap["k"], "overlap.k", least=1)),
+               "side": r.string(overlap.get("side", "column"), "overlap.side", ("column", "row", "both"))}
+    if not isinstance(raw["arms"], list) or not raw["arms"]:
+        r.fail("arms", "expected a non-empty list of arms")
+    arms = [_arm(r, a, i) for i, a in enumerate(raw["arms"])]
+    by_name: dict[str, Arm] = {}
+    for i, a in enumerate(arms):
+        if a.name in by_name:
+            r.fail(f"arms[{i}].name", f"{a.name!r} is used twice")
+        if a.kind == "merge":
+            src = by_name.get(a.source)
+            if src is None or src.kind != "lora":
+                r.fail(f"arms[{i}].source", f"{a.source!r} is not a LoRA arm listed before this one")
+        by_name[a.name] = a
+    if sum(a.kind == "base" for a in arms) != 1:
+        r.fail("arms", "needs exactly one arm of kind base (the model every arm is compared with)")
+    preset = Preset(
+        name=r.string(raw["name"], "name"), model=r.string(raw["model"], "model"), arms=tuple(arms),
+        seeds=r.int_list(raw.get("seeds", [0, 1, 2]), "seeds"),
+        description=str(raw.get("description", "")), data=data,
+        train=_train_overrides(r, raw.get("train"), "train"), epochs=epochs, eval=_eval(r, raw["eval"]),
+        overlap=overlap, claims=_claims(r, raw["claims"], by_name), cost=_cost(r, raw.get("cost")),
+        source_file=where)
+    for a in arms:
+        if a.kind == "merge":
+            missing = set(preset.seeds_of(a)) - set(preset.seeds_of(by_name[a.source]))
+            if missing:
+                r.fail(f"arms[{arms.index(a)}].seeds", f"seeds {sorted(missing)} have no run of {a.source!r} to merge")
+    return preset
+
+
+def load_preset_file(path: str | Path) -> Preset:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise PresetError(f"preset file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise PresetError(f"{path}: not valid YAML ({first})") from None
+    return preset_from_dict(raw, str(path))
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def load_preset(name: str) -> Preset:
+    """A shipped preset by name (`paper-small`, `paper`)."""
+    path = PRESET_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise PresetError(f"unknown preset {name!r}; shipped presets: {', '.join(preset_names())} "
+                          "(or give your own file with --config)")
+    return load_preset_file(path)

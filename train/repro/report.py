@@ -1,0 +1,184 @@
+"""The grid's report: report.json (everything), report.md (settings, claims, tables) and plots.
+
+Read only from the run directories' files (eval/results.json, overlap/k-<k>.json, done.json), so
+a report can be rebuilt from a finished grid without rerunning anything. Every n is stated: items
+per measure (from the results), seeds per arm, training examples and steps.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from lora_core.common.files import atomic_write_json, atomic_write_text, read_json
+from train.repro import claims as claim_rule
+from train.repro.grid import Run
+from train.repro.paper_claims import claim_rows
+
+
+def collect(out: Path, runs: list[Run], side: str) -> tuple[dict, dict, dict, list[dict]]:
+    """(values[arm][seed][metric] = {id: value}, overlap[arm][seed][k] = {module: energy},
+    overlap_records[arm][seed][k] = records, per-run rows) of the finished runs."""
+    values, overlap, records, rows = {}, {}, {}, []
+    for run in runs:
+        d = out / run.run_dir
+        if not (d / "done.json").is_file():
+            continue
+        done = read_json(d / "done.json")
+        results = read_json(d / "eval" / "results.json")
+        values.setdefault(run.arm.name, {})[run.seed] = {
+            m: dict(zip(v["ids"], v["values"])) for m, v in results.get("items", {}).items()}
+        for k in done.get("overlap", {}):
+            recs = read_json(d / "overlap" / f"k-{k}.json")["records"]
+            live = [r for r in recs if not r["zero_update"]]
+            overlap.setdefault(run.arm.name, {}).setdefault(run.seed, {})[k] = {r["name"]: r["energy"][side] for r in live}
+            records.setdefault(run.arm.name, {}).setdefault(run.seed, {})[k] = live
+        rows.append({"key": run.key, "arm": run.arm.name, "seed": run.seed, "metrics": results["metrics"],
+                     "train": done.get("train"), "overlap": done.get("overlap"), "seconds": done.get("seconds")})
+    return values, overlap, records, rows
+
+
+def arm_table(preset, values: dict, overlap: dict, metrics: list[str]) -> list[dict]:
+    resamples = preset.claims["resamples"]
+    table = []
+    for arm in preset.arms:
+        if arm.name not in values:
+            continue
+        row = {"arm": arm.name, "label": arm.title, "kind": arm.kind, "seeds": sorted(values[arm.name]),
+               "metrics": {}, "overlap": {}}
+        for m in metrics:
+            data = {s: v[m] for s, v in values[arm.name].items() if m in v}
+            if data:
+                row["metrics"][m] = claim_rule.pooled_mean(data, resamples=resamples)
+        for k in preset.overlap["k"]:
+            data = {s: v[str(k)] for s, v in overlap.get(arm.name, {}).items() if str(k) in v}
+            if data:
+                row["overlap"][str(k)] = claim_rule.pooled_mean(data, resamples=resamples)
+        table.append(row)
+    return table
+
+
+def baselines(records: dict, ks: list[int], side: str) -> dict:
+    """Mean random-update baseline energy per k over the modules any arm adapted (module-weighted)."""
+    out = {}
+    for k in ks:
+        vals = [r["baseline"][side] for by_seed in records.values() for by_k in by_seed.values()
+                for r in by_k.get(str(k), [])]
+        out[str(k)] = sum(vals) / len(vals) if vals else None
+    return out
+
+
+def _fmt(x, digits=3):
+    return "-" if x is None else f"{x:.{digits}f}" if abs(x) >= 1e-3 or x == 0 else f"{x:.2e}"
+
+
+def _ci(ci):
+    return "-" if ci is None else f"[{_fmt(ci[0])}, {_fmt(ci[1])}]"
+
+
+def markdown(report: dict) -> str:
+    s = report["settings"]
+    lines = [f"# lora-core reproduce: {s['preset']}", "", s.get("description", "").strip(), "",
+             "## Claims", "",
+             "Verdicts are computed from the 95% intervals (rule below), never written by hand. "
+             "Difference = Y - X, oriented so that > 0 favours Y; n = paired units (items or modules).", "",
+             "| claim | statement | measure | read as | n | seeds X/Y | difference [95% CI] | margin | verdict |",
+             "|---|---|---|---|---:|---|---|---|---|"]
+    for r in report["claims"]:
+        if r.get("verdict") == "not run":
+            lines.append(f"| ({r['claim']}) | {r['text']} | {r['measure']} | | 0 | | | | not run ({r['why']}) |")
+            continue
+        read = "higher better" if r["higher_is_better"] else "lower better"
+        margin = "-" if r.get("margin") is None else _fmt(r["margin"])
+        lines.append(f"| ({r['claim']}) | {r['text']} | {r['measure']} | {read} | {r['n']} | "
+                     f"{r['seeds_x']}/{r['seeds_y']} | {_fmt(r['oriented_difference'])} {_ci(r['oriented_ci95'])} | "
+                     f"{margin} | **{r['verdict']}** |")
+    lines += ["", "<details><summary>The verdict rule (train/repro/claims.py)</summary>", "",
+              report["verdict_rule"].strip(), "", "</details>", "", "## Arms", "",
+              "Means over items, seeds pooled, with the two-level bootstrap 95% interval; n = items (or modules).", ""]
+    metrics = report["metrics_shown"]
+    ks = [str(k) for k in s["overlap"]["k"]]
+    head = "| arm | kind | seeds | " + " | ".join(metrics) + " | " + " | ".join(f"overlap k={k}" for k in ks) + " |"
+    lines += [head, "|" + "---|" * (3 + len(metrics) + len(ks))]
+    for a in report["arms"]:
+        cells = []
+        for m in metrics + [f"overlap:{k}" for k in ks]:
+            e = a["overlap"].get(m.split(":", 1)[1]) if m.startswith("overlap:") else a["metrics"].get(m)
+            cells.append("-" if e is None else f"{_fmt(e['mean'])} {_ci(e['ci95'])} (n={e['n']})")
+        lines.append(f"| {a['label']} | {a['kind']} | {len(a['seeds'])} | " + " | ".join(cells) + " |")
+    base = report["random_baseline"]
+    lines += ["", "Random-update baseline of the overlap energy (share a rotation-invariant random dW has in "
+              f"the top-k subspace, mean over the adapted modules): " +
+              ", ".join(f"k={k}: {_fmt(base.get(k))}" for k in ks), "",
+              "![safety vs reasoning](safety_vs_reasoning.png)", "", "![overlap per layer](overlap_per_layer.png)", "",
+              "## Settings", ""]
+    lines += [f"- model: {s['model']}; training examples: {s['examples']} ({s['data']['dataset']}, data seed "
+              f"{s['data']['seed']}), the same for every arm and seed",
+              f"- epochs: LoRA {s['epochs']['lora']:g}, full fine-tuning {s['epochs']['full']:g} (the paper's 10:5)",
+              f"- shared training settings: {s['train']}",
+              f"- evaluation: suite {s['eval']['suite']} with overrides {s['eval']['overrides']}, item seed "
+              f"{s['eval']['seed']}; every arm sees the same items",
+              f"- items per measure (n): " + ", ".join(f"{m} {n}" for m, n in s["n_items"].items()),
+              f"- overlap: side {s['overlap']['side']}, k = {s['overlap']['k']}",
+              f"- claims: safety measure {s['claims']['safety']}, reasoning {s['claims']['reasoning']}, "
+              f"margin {s['claims']['margin']}, {s['claims']['resamples']} bootstrap resamples",
+              f"- wall time of this invocation: {s['wall_seconds']:.0f} s; threads: {s['threads']}", ""]
+    for note in s.get("notes", []):
+        lines.append(f"- {note}")
+    lines += ["", "## Runs", "", "| run | steps | final loss | train s | eval s | overlap s |", "|---|---:|---:|---:|---:|---:|"]
+    for r in report["runs"]:
+        t, sec = r.get("train") or {}, r.get("seconds") or {}
+        lines.append(f"| {r['key']} | {t.get('steps', '-')} | {_fmt(t.get('final_loss'))} | {_fmt(sec.get('train'), 0)} | "
+                     f"{_fmt(sec.get('eval'), 0)} | {_fmt(sec.get('overlap'), 0)} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(ctx, runs: list[Run], wall_seconds: float) -> dict:
+    import torch
+
+    from train.repro.plots import plot_overlap_per_layer, plot_safety_vs_reasoning
+
+    preset, out = ctx.preset, ctx.out
+    side = preset.overlap["side"]
+    values, overlap, records, run_rows = collect(out, runs, side)
+    cfg = preset.claims
+    shown = [cfg["safety"]] + [m for m in cfg["reasoning"] if m != cfg["safety"]]
+    for extra in ("safety.over_refusal.rate", "drift.kl_base"):
+        if any(extra in v for by_seed in values.values() for v in by_seed.values()) and extra not in shown:
+            shown.append(extra)
+    n_items = {}
+    for r in run_rows:
+        for m in shown:
+            if m in r["metrics"]:
+                n_items[m] = r["metrics"][m].get("n")
+    arms = {a.name: a for a in preset.arms}
+    report = {
+        "settings": {"preset": preset.name, "description": preset.description, "model": preset.model,
+                     "source_file": preset.source_file, "data": preset.data, "examples": len(ctx.examples),
+                     "data_info": ctx.data_info, "epochs": preset.epochs, "train": preset.train,
+                     "eval": preset.eval, "suite": dataclasses.asdict(ctx.suite), "n_items": n_items,
+                     "overlap": preset.overlap, "claims": cfg, "seeds": list(preset.seeds),
+                     "wall_seconds": wall_seconds, "threads": torch.get_num_threads(),
+                     "notes": _notes(preset)},
+        "verdict_rule": claim_rule.__doc__,
+        "claims": claim_rows(values, overlap, cfg, arms, preset.overlap["k"]),
+        "metrics_shown": shown,
+        "arms": arm_table(preset, values, overlap, shown),
+        "random_baseline": baselines(records, preset.overlap["k"], side),
+        "runs": run_rows,
+        "missing_runs": [r.key for r in runs if not (out / r.run_dir / "done.json").is_file()],
+    }
+    plot_safety_vs_reasoning(run_rows, arms, cfg["safety"], cfg["reasoning"][0], out / "safety_vs_reasoning.png")
+    plot_overlap_per_layer(records, arms, cfg["roles"], preset.overlap["k"][0], side, out / "overlap_per_layer.png")
+    atomic_write_json(out / "report.json", report)
+    atomic_write_text(out / "report.md", markdown(report))
+    return report
+
+
+def _notes(preset) -> list[str]:
+    notes = []
+    if any(a.kind == "merge" for a in preset.arms):
+        notes.append("merge arms: the adapter of their source arm (same seed) merged with W' = W + P dW, P "
+                     "removing W's top-k directions on the named side (lora_core.merge); no training of their own")
+    if any(a.train.get("retain_beta") or preset.train.get("retain_beta") for a in preset.arms):
+        notes.append("arms with retain_beta > 0 are 'LoRA + retain' (not in the paper)")
+    return notes

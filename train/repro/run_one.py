@@ -1,0 +1,201 @@
+"""One arm x seed of the grid, in its own run directory, resumable at every stage.
+
+    <out>/runs/<arm>/seed-<s>/
+        spec.json    what this run is (arm, seed, resolved TrainConfig, suite, overlap k): a rerun
+                     whose preset changed this run is refused by name instead of mixing two setups
+        train/       the SFT run (train.sft): config, metrics.jsonl, checkpoints/, adapter/ or model/
+        merge.json   merge arms: the merge report (share of dW removed per module)
+        eval/        results.json (+ .md, generations.jsonl) on the grid's one suite and item list
+        overlap/     k-<k>.json / .md per k: dW against W's top-k subspace, per module
+        done.json    written last, atomically: the completion marker a rerun skips on
+
+Stages already on disk are not redone: a finished training run is loaded (adapter or model), an
+interrupted one resumes from its newest checkpoint (train.sft's resume: losses repeat exactly), an
+evaluation with results.json is read back. So a kill loses at most the work since the last
+checkpoint (save_every steps) or the stage in flight.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from lora_core.common.files import atomic_write_json, read_json
+from train.repro.grid import Run, train_config
+from train.repro.preset import Preset
+
+DONE = "done.json"
+
+
+@dataclass
+class GridContext:
+    """What every run of one grid shares: the base model (never modified), its weights, the
+    training examples (built once, so every arm and seed trains on the same data), the suite and
+    the SVD cache (each W decomposed once for all arms)."""
+
+    preset: Preset
+    out: Path
+    base_model: torch.nn.Module
+    tokenizer: object
+    examples: list
+    data_info: dict
+    suite: object
+    cache: object
+    log: object = print
+    base_state: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not self.base_state:
+            self.base_state = {n: t.detach().clone() for n, t in self.base_model.state_dict().items()}
+
+    @property
+    def num_layers(self) -> int:
+        return self.base_model.config.num_hidden_layers
+
+
+def is_done(ctx: GridContext, run: Run) -> bool:
+    return (ctx.out / run.run_dir / DONE).is_file()
+
+
+def spec_of(ctx: GridContext, run: Run) -> dict:
+    spec = {"arm": dataclasses.asdict(run.arm), "seed": run.seed, "model": ctx.preset.model,
+            "suite": dataclasses.asdict(ctx.suite), "overlap": ctx.preset.overlap, "data": ctx.preset.data}
+    if run.arm.kind in ("lora", "full"):
+        cfg = train_config(ctx.preset, run, ctx.out / run.run_dir, ctx.num_layers).to_dict()
+        spec["train"] = {k: v for k, v in cfg.items() if k not in ("out", "progress", "data_info")}
+    return spec
+
+
+def _check_spec(ctx: GridContext, run: Run, run_dir: Path) -> None:
+    spec, path = spec_of(ctx, run), run_dir / "spec.json"
+    if path.is_file():
+        old = read_json(path)
+        if old != spec:
+            changed = sorted(k for k in set(old) | set(spec) if old.get(k) != spec.get(k))
+            raise ValueError(f"{path}: run {run.key} was started with other settings ({', '.join(changed)} "
+                             "differ from the preset now); remove that folder to redo it, or use another --out")
+    else:
+        atomic_write_json(path, spec)
+
+
+def _trained_model(ctx: GridContext, run: Run, run_dir: Path):
+    """The model of a lora/full run: trained now, resumed, or loaded when training had finished."""
+    from train.sft.checkpoint import latest_checkpoint
+    from train.sft.loop import Trainer
+
+    model = copy.deepcopy(ctx.base_model)
+    config = train_config(ctx.preset, run, run_dir, ctx.num_layers)
+    train_dir = Path(config.out)
+    summary = train_dir / "summary.json"
+    if summary.is_file():
+        _load_output(model, train_dir / read_json(summary)["output"], run.arm.kind, ctx.preset.model)
+        ctx.log(f"      training already finished: loaded {train_dir / read_json(summary)['output']}")
+        return model, read_json(summary)
+    resume = train_dir.is_dir() and latest_checkpoint(train_dir) is not None
+    trainer = Trainer(config, model, ctx.tokenizer, examples=ctx.examples, data_info=ctx.data_info,
+                      log=lambda *a: ctx.log("      " + " ".join(map(str, a))))
+    ctx.log(f"      {'resuming' if resume else 'training'} {run.arm.kind}: {trainer.total_steps} steps "
+            f"({config.epochs:g} epochs of {len(ctx.examples)} examples, batch {config.batch_size}, lr {config.lr:g})")
+    trainer.train(resume=resume)
+    return model, read_json(summary)
+
+
+def _load_output(model, path: Path, kind: str, model_name: str) -> None:
+    if kind == "lora":
+        from lora_core import load_adapter
+
+        load_adapter(model, path, base_model=model_name)
+        return
+    from safetensors.torch import load_file
+
+    state = {}
+    for f in sorted(path.glob("*.safetensors")):
+        state.update(load_file(str(f)))
+    missing = [n for n in model.state_dict() if n not in state and n != "lm_head.weight"]
+    if missing:
+        raise ValueError(f"{path}: the fine-tuned model lacks {missing[0]} (and {len(missing) - 1} more)")
+    model.load_state_dict(state, strict=False)
+    if hasattr(model, "tie_weights"):  # load_state_dict copies into the embedding; re-tie to be sure
+        model.tie_weights()
+
+
+def _merged_model(ctx: GridContext, run: Run, run_dir: Path):
+    from lora_core import load_adapter, merge_lora
+
+    source = ctx.out / "runs" / run.arm.source / f"seed-{run.seed}" / "train" / "adapter"
+    if not source.is_dir():
+        raise FileNotFoundError(f"run {run.key} merges {source}, which is missing (is the run of "
+                                f"{run.arm.source!r} seed {run.seed} complete?)")
+    model = copy.deepcopy(ctx.base_model)
+    load_adapter(model, source, base_model=ctx.preset.model)
+    report = merge_lora(model, run.arm.projection, run.arm.k, cache=ctx.cache)
+    atomic_write_json(run_dir / "merge.json", {**report.to_dict(), "adapter": str(source.relative_to(ctx.out))})
+    return model, [m["name"] for m in report.modules]
+
+
+def _evaluate(ctx: GridContext, run: Run, model, run_dir: Path) -> dict:
+    from train.demo import AdaptersOff
+    from train.eval.runner import evaluate
+
+    path = run_dir / "eval" / "results.json"
+    if path.is_file():
+        return read_json(path)
+    # Drift is measured against the base weights: the adapters switched off for LoRA, the kept
+    # base model otherwise; the base model against itself is 0 by definition and not measured.
+    drift_base = {"lora": AdaptersOff(model), "base": None}.get(run.arm.kind, ctx.base_model)
+    return evaluate(model, ctx.tokenizer, suite=ctx.suite, base_model=drift_base, out_dir=run_dir / "eval",
+                    progress=False, meta={"model": ctx.preset.model, "arm": run.arm.name, "seed": run.seed})
+
+
+def _overlap(ctx: GridContext, run: Run, model, run_dir: Path, merged_names=None) -> dict:
+    from lora_core.overlap import analyse_adapter, analyse_update
+    from lora_core.overlap_report import write_json, write_markdown
+
+    out = {}
+    for k in ctx.preset.overlap["k"]:
+        path = run_dir / "overlap" / f"k-{k}.json"
+        if not path.is_file():
+            if run.arm.kind == "lora":
+                report = analyse_adapter(model, k, cache=ctx.cache)
+            else:
+                tuned = {n: t.detach() for n, t in model.state_dict().items()}
+                names = None if merged_names is None else [n + ".weight" for n in merged_names]
+                report = analyse_update(ctx.base_state, tuned, k, names, cache=ctx.cache)
+            write_markdown(report, run_dir / "overlap" / f"k-{k}.md")
+            write_json(report, path)
+        out[str(k)] = read_json(path)["summary"]["overall"]
+    return out
+
+
+def run_one(ctx: GridContext, run: Run) -> dict:
+    """Do (or finish) one run; returns its completion record (also in done.json)."""
+    run_dir = ctx.out / run.run_dir
+    if (run_dir / DONE).is_file():
+        return read_json(run_dir / DONE)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _check_spec(ctx, run, run_dir)
+    t0 = time.perf_counter()
+    seconds, train_summary, merged = {}, None, None
+    if run.arm.kind == "base":
+        model = ctx.base_model
+    elif run.arm.kind == "merge":
+        model, merged = _merged_model(ctx, run, run_dir)
+    else:
+        model, train_summary = _trained_model(ctx, run, run_dir)
+    seconds["train"] = time.perf_counter() - t0
+    model.eval()
+    t = time.perf_counter()
+    results = _evaluate(ctx, run, model, run_dir)
+    seconds["eval"] = time.perf_counter() - t
+    t = time.perf_counter()
+    overlap = {} if run.arm.kind == "base" else _overlap(ctx, run, model, run_dir, merged)
+    seconds["overlap"] = time.perf_counter() - t
+    record = {"key": run.key, "arm": run.arm.name, "kind": run.arm.kind, "seed": run.seed,
+              "train": train_summary, "eval": "eval/results.json", "eval_seconds": results.get("timings", {}),
+              "overlap": overlap, "seconds": seconds}
+    atomic_write_json(run_dir / DONE, record)  # last: the run counts as finished only now
+    return record

@@ -1,0 +1,129 @@
+"""The grid runner behind `lora-core reproduce`: estimate, run every arm x seed, report.
+
+Resumable: a run with its done.json is skipped, an unfinished one continues where it stopped
+(train.repro.run_one), so the same command after a kill (or after adding seeds) does only what is
+missing. The base model is loaded once and evaluated once; every arm is evaluated with the same
+suite and item list (train.repro.grid.suite_of); the training examples are built once, so every
+arm and seed trains on the same data.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from lora_core.common.files import atomic_write_json
+from train.repro.estimate import fmt_duration, has_cost_model, run_seconds
+from train.repro.grid import Run, expand, suite_of, train_config
+from train.repro.preset import Preset
+from train.repro.run_one import GridContext, is_done, run_one
+
+
+def _default_load(name: str):
+    import torch
+
+    from models import load_model
+
+    return load_model(name, dtype=torch.float32)
+
+
+def _modules_of(ctx: GridContext, run: Run) -> int:
+    """How many weights the overlap analysis decomposes for this run (for the estimate)."""
+    from train.sft.config import parse_layers, resolve_targets
+
+    arm = run.arm.arm if hasattr(run.arm, "arm") else run.arm
+    if arm.kind == "base":
+        return 0
+    if arm.kind == "merge":
+        arm = ctx.preset.arm(arm.source)
+    if arm.kind == "full":
+        return 7 * ctx.num_layers
+    cfg = train_config(ctx.preset, Run(arm, run.seed, run.run_dir), ctx.out, ctx.num_layers)
+    layers = parse_layers(cfg.layers)
+    return len(resolve_targets(cfg.targets)) * (len(layers) if layers else ctx.num_layers)
+
+
+def _steps_of(ctx: GridContext, run: Run) -> int | None:
+    from train.sft.schedule import total_steps_of
+
+    if run.arm.kind not in ("lora", "full"):
+        return None
+    return total_steps_of(train_config(ctx.preset, run, ctx.out, ctx.num_layers), len(ctx.examples))
+
+
+def plan(ctx: GridContext, runs: list[Run]) -> list[dict]:
+    """Per run: steps, overlap modules and predicted seconds (None without a cost model)."""
+    cost = ctx.preset.cost
+    rows = []
+    for run in runs:
+        steps, modules = _steps_of(ctx, run), _modules_of(ctx, run)
+        modules_k = modules * len(ctx.preset.overlap["k"])
+        predicted = run_seconds(run, steps, ctx.suite, cost, modules_k) if has_cost_model(cost) else None
+        rows.append({"key": run.key, "steps": steps, "modules": modules, "predicted_s": predicted,
+                     "done": is_done(ctx, run)})
+    return rows
+
+
+def _print_estimate(ctx: GridContext, rows: list[dict], log) -> float | None:
+    pending = [r for r in rows if not r["done"]]
+    log(f"grid: {len(rows)} runs ({len(rows) - len(pending)} already done), "
+        f"{sum(r['steps'] or 0 for r in pending)} training steps to go")
+    if not has_cost_model(ctx.preset.cost):
+        log("estimate: none (the preset has no cost block)")
+        return None
+    total = sum(r["predicted_s"] for r in pending) + ctx.preset.cost.get("load_s", 0.0)
+    log(f"estimate: about {fmt_duration(total)} for the {len(pending)} runs to go, from the unit costs in "
+        f"the preset ({ctx.preset.cost.get('measured', 'no note on how they were measured')})")
+    return total
+
+
+def build_context(preset: Preset, out: Path, load=None, log=print) -> GridContext:
+    from lora_core.svd_cache import SVDCache
+    from train.sft.config import TrainConfig
+    from train.sft.examples import build_examples
+
+    model, tokenizer = (load or _default_load)(preset.model)
+    data = preset.data
+    # One set of examples for the whole grid (data seed fixed): arms differ only in how they train.
+    examples, info = build_examples(TrainConfig(model=preset.model, dataset=data["dataset"], limit=data["limit"],
+                                                seed=data["seed"], reasoning_line=data["reasoning_line"]),
+                                    tokenizer)
+    return GridContext(preset=preset, out=out, base_model=model.eval(), tokenizer=tokenizer,
+                       examples=examples, data_info=info, suite=suite_of(preset), cache=SVDCache(), log=log)
+
+
+def reproduce(preset: Preset, out: str | Path, *, load=None, log=print, estimate_only: bool = False) -> dict:
+    """Run (or finish) the grid of `preset` in `out`, then write the report; returns the report.
+
+    `load(name) -> (model, tokenizer)` replaces the model registry (tests pass a tiny model).
+    """
+    from train.repro.report import write_report
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a directory")
+    ctx = build_context(preset, out, load=load, log=log)
+    runs = expand(preset)
+    rows = plan(ctx, runs)
+    predicted_total = _print_estimate(ctx, rows, log)
+    if estimate_only:
+        return {"plan": rows, "predicted_s": predicted_total}
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "preset.json", {**preset.to_dict(), "plan": rows})
+    t_start = time.perf_counter()
+    spent, predicted_spent = 0.0, 0.0
+    for i, (run, row) in enumerate(zip(runs, rows), 1):
+        if row["done"]:
+            log(f"[{i}/{len(runs)}] {run.key}: done before, skipped")
+            continue
+        remaining = sum(r["predicted_s"] or 0 for r in rows[i - 1:] if not r["done"])
+        if predicted_spent > 0:
+            remaining *= spent / predicted_spent  # this machine's speed, as measured so far
+        log(f"[{i}/{len(runs)}] {run.key} ({run.arm.kind}); elapsed {fmt_duration(time.perf_counter() - t_start)}"
+            + (f", about {fmt_duration(remaining)} to go" if predicted_total is not None else ""))
+        t = time.perf_counter()
+        run_one(ctx, run)
+        row["done"] = True
+        spent += time.perf_counter() - t
+        predicted_spent += row["predicted_s"] or 0.0
+    log(f"grid finished in {fmt_duration(time.perf_counter() - t_start)}; writing the report")
+    return write_report(ctx, runs, wall_seconds=time.perf_counter() - t_start)
