@@ -14,7 +14,7 @@ setup(
     packages=find_packages(include=["lora_core", "lora_core.*", "kernels", "kernels.*", "models", "models.*",
                                     "train", "train.*"]),
     # Prompt sets we wrote (train/data/benign.py); third-party data is fetched, never shipped.
-    package_data={"train.data": ["*.jsonl"]},
+    package_data={"train.data": ["*.jsonl"], "train.repro": ["presets/*.yaml"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",

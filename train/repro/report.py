@@ -71,6 +71,10 @@ def _fmt(x, digits=3):
     return "-" if x is None else f"{x:.{digits}f}" if abs(x) >= 1e-3 or x == 0 else f"{x:.2e}"
 
 
+def _secs(x):
+    return "-" if x is None else f"{x:.0f}"
+
+
 def _ci(ci):
     return "-" if ci is None else f"[{_fmt(ci[0])}, {_fmt(ci[1])}]"
 
@@ -113,7 +117,7 @@ def markdown(report: dict) -> str:
               "## Settings", ""]
     lines += [f"- model: {s['model']}; training examples: {s['examples']} ({s['data']['dataset']}, data seed "
               f"{s['data']['seed']}), the same for every arm and seed",
-              f"- epochs: LoRA {s['epochs']['lora']:g}, full fine-tuning {s['epochs']['full']:g} (the paper's 10:5)",
+              f"- epochs: LoRA {s['epochs']['lora']:g}, full fine-tuning {s['epochs']['full']:g} (the paper: 10 and 5)",
               f"- shared training settings: {s['train']}",
               f"- evaluation: suite {s['eval']['suite']} with overrides {s['eval']['overrides']}, item seed "
               f"{s['eval']['seed']}; every arm sees the same items",
@@ -127,8 +131,8 @@ def markdown(report: dict) -> str:
     lines += ["", "## Runs", "", "| run | steps | final loss | train s | eval s | overlap s |", "|---|---:|---:|---:|---:|---:|"]
     for r in report["runs"]:
         t, sec = r.get("train") or {}, r.get("seconds") or {}
-        lines.append(f"| {r['key']} | {t.get('steps', '-')} | {_fmt(t.get('final_loss'))} | {_fmt(sec.get('train'), 0)} | "
-                     f"{_fmt(sec.get('eval'), 0)} | {_fmt(sec.get('overlap'), 0)} |")
+        lines.append(f"| {r['key']} | {t.get('steps', '-')} | {_fmt(t.get('final_loss'))} | {_secs(sec.get('train'))} | "
+                     f"{_secs(sec.get('eval'))} | {_secs(sec.get('overlap'))} |")
     return "\n".join(lines) + "\n"
 
 

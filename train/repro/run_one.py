@@ -160,11 +160,11 @@ def _overlap(ctx: GridContext, run: Run, model, run_dir: Path, merged_names=None
         path = run_dir / "overlap" / f"k-{k}.json"
         if not path.is_file():
             if run.arm.kind == "lora":
-                report = analyse_adapter(model, k, cache=ctx.cache)
+                report = analyse_adapter(model, k, cache=ctx.cache, progress=False)
             else:
                 tuned = {n: t.detach() for n, t in model.state_dict().items()}
                 names = None if merged_names is None else [n + ".weight" for n in merged_names]
-                report = analyse_update(ctx.base_state, tuned, k, names, cache=ctx.cache)
+                report = analyse_update(ctx.base_state, tuned, k, names, cache=ctx.cache, progress=False)
             write_markdown(report, run_dir / "overlap" / f"k-{k}.md")
             write_json(report, path)
         out[str(k)] = read_json(path)["summary"]["overall"]

@@ -1,0 +1,187 @@
+"""The grid runner end to end on a tiny random model: a small grid completes and writes the report;
+a rerun trains nothing; a crash inside a later arm is finished by the rerun without redoing the
+earlier arms; an interrupted training run resumes from its checkpoint to the same adapter."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers.tiny_models import tiny_model
+from helpers.training import model_vocab
+from train.repro import run_one as run_one_module
+from train.repro.preset import preset_from_dict
+from train.repro.runner import reproduce
+from train.sft import loop as sft_loop
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+TINY_EVAL = {"safety": {"strongreject": 3, "harmbench": 0}, "over_refusal": 0,
+             "robustness": {"past-tense": 0, "future-tense": 0}, "jailbreak": 0,
+             "math_generation": {"gsm8k": 0, "math500": 0},
+             "bpb": {"gsm8k": 3, "math500": 0, "mbpp": 0, "humaneval": 0},
+             "arc": {"arc-easy": 3, "arc-challenge": 0}, "drift": 2, "batch_size": 4,
+             "max_new_tokens": {"safety": 3}}
+
+
+def tiny_raw(arms=None, seeds=(0,)) -> dict:
+    """A preset as its YAML file would hold it: 3 arms, 4 examples, a few items per measure."""
+    return {
+        "name": "tiny", "model": "tiny", "seeds": list(seeds),
+        "data": {"dataset": "advbench", "limit": 4, "seed": 0},
+        "train": {"lr": 1e-2, "batch_size": 2, "max_length": 96, "save_every": 2, "keep_checkpoints": 1},
+        "epochs": {"lora": 2, "full": 1},
+        "eval": {"suite": "quick", "seed": 0, "overrides": TINY_EVAL},
+        "overlap": {"k": [2, 4], "side": "column"},
+        "arms": arms or [{"name": "base", "kind": "base"},
+                         {"name": "lora", "kind": "lora", "train": {"rank": 2, "targets": "attn+mlp"}},
+                         {"name": "full", "kind": "full"}],
+        "claims": {"safety": "safety.strongreject.refusal_rate", "reasoning": ["reasoning.gsm8k.bpb"],
+                   "lower_is_better": ["reasoning.gsm8k.bpb"], "margin": 0.1, "resamples": 200,
+                   "roles": {"base": "base", "lora": "lora", "full": "full"}},
+        "cost": {"lora_step_s": 0.1, "full_step_s": 0.1, "generate_item_s": 0.1, "bpb_item_s": 0.1,
+                 "arc_item_s": 0.1, "measured": "made up for the test"},
+    }
+
+
+def tiny_preset(arms=None, seeds=(0,)):
+    return preset_from_dict(tiny_raw(arms, seeds), "tiny.yaml")
+
+
+@pytest.fixture
+def load(tokenizer):
+    return lambda name: (tiny_model(model_vocab(tokenizer)), tokenizer)
+
+
+@pytest.fixture
+def count_training(monkeypatch):
+    calls = []
+    original = sft_loop.Trainer.train
+
+    def counted(self, resume=False):
+        calls.append((str(self.run_dir), resume))
+        return original(self, resume=resume)
+
+    monkeypatch.setattr(sft_loop.Trainer, "train", counted)
+    return calls
+
+
+def quiet(lines):
+    return lambda *a: lines.append(" ".join(map(str, a)))
+
+
+def test_grid_completes_and_reports_then_a_rerun_trains_nothing(tmp_path, load, count_training):
+    lines = []
+    report = reproduce(tiny_preset(), tmp_path / "g", load=load, log=quiet(lines))
+    out = tmp_path / "g"
+    for name in ("report.md", "report.json", "safety_vs_reasoning.png", "overlap_per_layer.png", "preset.json"):
+        assert (out / name).is_file(), name
+    assert any(line.startswith("estimate: about") for line in lines)
+    assert len(count_training) == 2  # lora and full; base trains nothing
+    lora, full = out / "runs/lora/seed-0", out / "runs/full/seed-0"
+    assert (lora / "train/adapter/adapter_model.safetensors").is_file()
+    assert (full / "train/model").is_dir()
+    for run in (out / "runs/base", lora, full):
+        assert (run / "done.json").is_file() and (run / "eval/results.json").is_file()
+    # every arm scored the same items
+    items = [json.loads((r / "eval/results.json").read_text())["items"] for r in (out / "runs/base", lora, full)]
+    for metric in ("safety.strongreject.refusal_rate", "reasoning.gsm8k.bpb", "reasoning.arc-easy.acc"):
+        assert items[0][metric]["ids"] == items[1][metric]["ids"] == items[2][metric]["ids"]
+    # overlap for LoRA and full, at both k, per layer and per module type, with the random baseline
+    for run in (lora, full):
+        for k in (2, 4):
+            summary = json.loads((run / f"overlap/k-{k}.json").read_text())["summary"]
+            assert summary["by_layer"] and summary["by_module_type"]
+            assert summary["overall"]["baseline_column"] > 0
+    claims = {(r["claim"], r["measure"]): r for r in report["claims"]}
+    assert set(c for c, _ in claims) == {"a", "b", "c"}
+    for row in report["claims"]:
+        assert row["verdict"] in ("supported", "contradicted", "inconclusive at this n")
+        assert row["n"] >= 1
+    assert claims[("c", "overlap energy, k=2")]["n"] == 14  # 7 module types x 2 layers, paired by name
+    md = (out / "report.md").read_text()
+    assert "## Claims" in md and "n = paired units" in md and "items per measure (n)" in md
+    done_before = {p: p.read_text() for p in out.glob("runs/**/done.json")}
+
+    lines.clear()
+    reproduce(tiny_preset(), out, load=load, log=quiet(lines))
+    assert len(count_training) == 2, "a rerun of a finished grid must not train"
+    assert sum("done before, skipped" in line for line in lines) == 3
+    assert {p: p.read_text() for p in out.glob("runs/**/done.json")} == done_before
+
+
+def test_a_crash_in_the_second_arm_is_finished_by_the_rerun(tmp_path, load, count_training, monkeypatch):
+    out = tmp_path / "g"
+    original = run_one_module._evaluate
+
+    def crash_on_full(ctx, run, model, run_dir):
+        if run.arm.name == "full":
+            raise RuntimeError("killed")
+        return original(ctx, run, model, run_dir)
+
+    monkeypatch.setattr(run_one_module, "_evaluate", crash_on_full)
+    with pytest.raises(RuntimeError, match="killed"):
+        reproduce(tiny_preset(), out, load=load, log=quiet([]))
+    assert (out / "runs/lora/seed-0/done.json").is_file()
+    assert not (out / "runs/full/seed-0/done.json").is_file()
+    assert (out / "runs/full/seed-0/train/summary.json").is_file()
+    trained = len(count_training)
+    monkeypatch.setattr(run_one_module, "_evaluate", original)
+    lines = []
+    reproduce(tiny_preset(), out, load=load, log=quiet(lines))
+    assert len(count_training) == trained, "neither the finished LoRA arm nor full's finished training reruns"
+    assert any("training already finished" in line for line in lines)
+    assert (out / "runs/full/seed-0/done.json").is_file() and (out / "report.md").is_file()
+
+
+def test_an_interrupted_training_run_resumes_to_the_same_adapter(tmp_path, load, count_training, monkeypatch):
+    arms = [{"name": "base", "kind": "base"},
+            {"name": "lora", "kind": "lora", "train": {"rank": 2, "targets": "attn+mlp", "dropout": 0.0}},
+            {"name": "full", "kind": "full"}]
+    reproduce(tiny_preset(arms), tmp_path / "straight", load=load, log=quiet([]))
+    original = sft_loop.Trainer.train_step
+
+    def dies_at_step_3(self):
+        if self.step == 3 and self.config.method == "lora":
+            raise KeyboardInterrupt
+        return original(self)
+
+    monkeypatch.setattr(sft_loop.Trainer, "train_step", dies_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        reproduce(tiny_preset(arms), tmp_path / "killed", load=load, log=quiet([]))
+    monkeypatch.setattr(sft_loop.Trainer, "train_step", original)
+    reproduce(tiny_preset(arms), tmp_path / "killed", load=load, log=quiet([]))
+    assert count_training[-2] == (str(tmp_path / "killed/runs/lora/seed-0/train"), True), "resumed from its checkpoint"
+    a = load_file(str(tmp_path / "straight/runs/lora/seed-0/train/adapter/adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "killed/runs/lora/seed-0/train/adapter/adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_changed_preset_is_refused_for_a_started_run(tmp_path, load):
+    out = tmp_path / "g"
+    reproduce(tiny_preset(), out, load=load, log=quiet([]))
+    (out / "runs/lora/seed-0/done.json").unlink()
+    changed = tiny_preset([{"name": "base", "kind": "base"},
+                           {"name": "lora", "kind": "lora", "train": {"rank": 4, "targets": "attn+mlp"}},
+                           {"name": "full", "kind": "full"}])
+    with pytest.raises(ValueError, match=r"runs/lora/seed-0/spec.json: run lora/seed-0 was started with other settings"):
+        reproduce(changed, out, load=load, log=quiet([]))
+
+
+def test_merge_arm_merges_the_source_adapter_and_is_analysed(tmp_path, load):
+    arms = [{"name": "base", "kind": "base"},
+            {"name": "lora", "kind": "lora", "train": {"rank": 2, "targets": "attn+mlp"}},
+            {"name": "full", "kind": "full"},
+            {"name": "merged", "kind": "merge", "source": "lora", "projection": "column", "k": 2}]
+    preset = tiny_preset(arms)
+    raw_roles = dict(preset.claims["roles"], merged=["merged"])
+    preset = preset.__class__(**{**preset.__dict__, "claims": {**preset.claims, "roles": raw_roles}})
+    report = reproduce(preset, tmp_path / "g", load=load, log=quiet([]))
+    merge = json.loads((tmp_path / "g/runs/merged/seed-0/merge.json").read_text())
+    assert merge["projection"] == "column" and merge["modules_merged"] == 14
+    lora_e = json.loads((tmp_path / "g/runs/lora/seed-0/overlap/k-2.json").read_text())["summary"]["overall"]
+    merged_e = json.loads((tmp_path / "g/runs/merged/seed-0/overlap/k-2.json").read_text())["summary"]["overall"]
+    # removing the top-2 column directions leaves no energy there (up to rounding)
+    assert merged_e["energy_column"] < 1e-6 < lora_e["energy_column"]
+    d_rows = [r for r in report["claims"] if r["claim"] == "d"]
+    assert d_rows and d_rows[0]["y"] == "merged" and d_rows[0]["x"] == "lora"
