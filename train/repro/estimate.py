@@ -2,7 +2,7 @@
 
 cost(run) = steps x step cost of its method (LoRA or full, at the preset's batch size)
           + generated items x per-item generation cost + bits-per-byte and ARC items x their costs
-          + adapted modules x overlap cost per module and k.
+          + analysed modules x overlap cost per module and k (LoRA or dense update).
 The unit costs are the preset's `cost` block, measured once on the reference machine and stated
 there (`cost.measured` says how and where); they are not re-measured at run time. Without a cost
 block there is no estimate, and the runner says so. After each run the runner also rescales the
@@ -34,7 +34,10 @@ def run_seconds(run: Run, steps: int | None, suite, cost: dict, modules: int) ->
                + items["arc"] * cost["arc_item_s"])
     if run.arm.kind != "base":
         seconds += items["drift"] * 2 * cost["bpb_item_s"]  # two forwards of a text: model and base
-        seconds += modules * cost.get("overlap_module_s", 0.0)
+        # LoRA overlap works on r x r cores (~3 ms a module); a dense update needs a top-m SVD of
+        # each dW (~0.15 s a module on smollm2-135m), so full fine-tuning and merges cost far more.
+        per_module = cost.get("overlap_lora_module_s" if run.arm.kind == "lora" else "overlap_dense_module_s", 0.0)
+        seconds += modules * per_module
     if run.arm.kind in ("lora", "full"):
         seconds += (steps or 0) * cost[f"{run.arm.kind}_step_s"]
     return seconds

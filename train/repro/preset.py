@@ -12,6 +12,10 @@ Arm kinds:
   paper's 10 (LoRA) : 5 (full) ratio is written once;
 - merge: a post-hoc projected merge (lora_core.merge_lora) of the adapter of another LoRA arm
   (`source`) with the same seed: no training, evaluated and analysed like the others.
+A preset may start with `extends: <shipped preset>`: it then holds only what it adds. Its arms
+are appended to the parent's, its `claims.roles` entries added to the parent's, and any other
+block (train, eval, cost, ...) replaces the parent's block of that name key by key.
+
 `train.layers` may also be `early`, `middle` or `late`: thirds of the model's depth. The paper's
 flagship, layers 16-31 of 48, is exactly the middle third of its model (train.repro.grid).
 """
@@ -234,7 +238,7 @@ def _claims(r: _Reader, value, arms: dict[str, Arm]) -> dict:
 
 
 COST_KEYS = ("lora_step_s", "full_step_s", "generate_item_s", "bpb_item_s", "arc_item_s",
-             "overlap_module_s", "load_s", "measured")
+             "overlap_lora_module_s", "overlap_dense_module_s", "load_s", "measured")
 
 
 def _cost(r: _Reader, value) -> dict:
@@ -245,10 +249,38 @@ def _cost(r: _Reader, value) -> dict:
     return out
 
 
+def _extended(r: _Reader, raw: dict) -> dict:
+    """`raw` on top of the shipped preset it names in `extends` (see the module docstring)."""
+    import yaml
+
+    parent_name = r.string(raw["extends"], "extends", tuple(preset_names()))
+    parent = yaml.safe_load((PRESET_DIR / f"{parent_name}.yaml").read_text(encoding="utf-8"))
+    if "extends" in parent:
+        r.fail("extends", f"{parent_name!r} extends another preset itself; one level only")
+    merged = dict(parent)
+    for key, value in raw.items():
+        if key == "extends":
+            continue
+        if key == "arms":
+            merged["arms"] = list(parent.get("arms") or []) + list(value or [])
+        elif key == "claims" and isinstance(value, dict):
+            claims = {**parent.get("claims", {}), **value}
+            claims["roles"] = {**parent.get("claims", {}).get("roles", {}), **value.get("roles", {})}
+            merged["claims"] = claims
+        elif isinstance(value, dict) and isinstance(parent.get(key), dict):
+            merged[key] = {**parent[key], **value}
+        else:
+            merged[key] = value
+    return merged
+
+
 def preset_from_dict(raw, where: str) -> Preset:
     r = _Reader(where)
     top = ("name", "description", "model", "seeds", "data", "train", "epochs", "eval", "overlap",
-           "claims", "cost", "arms")
+           "claims", "cost", "arms", "extends")
+    if isinstance(raw, dict) and "extends" in raw:
+        r.mapping(raw, "", top)
+        raw = _extended(r, raw)
     raw = r.mapping(raw, "", top, required=("name", "model", "arms", "eval", "claims"))
     data = r.mapping(raw.get("data") or {}, "data", ("dataset", "limit", "seed", "reasoning_line"))
     data = {"dataset": r.string(data.get("dataset", "advbench"), "data.dataset"),

@@ -106,3 +106,17 @@ def test_not_yaml_and_missing_file_are_one_line_errors(tmp_path):
         load_preset("paper-large")
     with pytest.raises(PresetError, match="expected a mapping"):
         preset_from_dict([1, 2], "list.yaml")
+
+
+def test_sweeps_preset_extends_paper_small_and_gives_both_methods_the_same_higher_lr():
+    small, sweeps = load_preset("paper-small"), load_preset("paper-small-sweeps")
+    assert [a.name for a in sweeps.arms[:len(small.arms)]] == [a.name for a in small.arms]
+    roles = sweeps.claims["roles"]
+    assert roles["lora"] == small.claims["roles"]["lora"] and roles["rank_sweep"]
+    assert sweeps.arm(roles["lora_high_lr"]).train["lr"] == sweeps.arm(roles["full_high_lr"]).train["lr"] == 1e-3
+    assert sweeps.train == small.train and sweeps.eval == small.eval
+
+
+def test_extends_names_a_shipped_preset(tmp_path):
+    _refused(tmp_path, {"extends": "paper-huge", "name": "x"}, "extends", "paper-huge")
+    _refused(tmp_path, {"extends": "paper-small", "arms": [{"name": "base", "kind": "base"}]}, "used twice")
