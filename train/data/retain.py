@@ -29,7 +29,7 @@ import random
 
 from train.sft.batches import tokenize_examples
 
-RETAIN_SOURCES = ("gsm8k", "diverse")  # or a path to the user's own JSONL/CSV
+RETAIN_SOURCES = ("diverse", "gsm8k")  # or a path to the user's own JSONL/CSV
 RETAIN_TARGETS = ("gold", "self")
 
 # Half of the retain prompts carry the instruction the evaluation appends to math questions, so
@@ -81,34 +81,48 @@ def _gsm8k_pairs(exclude_suite, eval_seed, eval_limit, info: dict) -> list[tuple
             for i, r in enumerate(kept)]
 
 
-def _diverse_pairs(seed: int, gsm8k_share: int, exclude_suite, eval_seed, eval_limit,
-                   info: dict) -> list[tuple[str, str, str]]:
+def _math_prompts(seed: int, share: int, info: dict) -> list[tuple[str, str, str]]:
+    """`share` MATH prealgebra problems that MATH-500 does not hold (matched by problem text):
+    math prompts no evaluation set reads, unlike GSM8K's test items."""
+    from train.data.registry import load_records
+
+    evaluated = {" ".join(r["question"].split()) for r in load_records("math500")}
+    pool = [r for r in load_records("math-prealgebra") if " ".join(r["question"].split()) not in evaluated]
+    picked = sorted(random.Random(seed).sample(range(len(pool)), min(share, len(pool))))
+    instruction = _instruction()
+    info.update(math_pool="math-prealgebra minus MATH-500", math_pool_size=len(pool), math_prompts=len(picked))
+    return [(pool[i]["id"], pool[i]["question"] + (f"\n{instruction}" if j % 2 else ""), "")
+            for j, i in enumerate(picked)]
+
+
+def _diverse_pairs(seed: int, math_share: int, info: dict) -> list[tuple[str, str, str]]:
     """Everyday benign prompts (train.data.benign, disjoint from the over-refusal evaluation)
-    plus `gsm8k_share` GSM8K questions outside the evaluation; no gold answers (self targets)."""
+    plus `math_share` MATH problems outside MATH-500; no gold answers (self targets). No prompt
+    of any evaluation set, whatever suite, seed or limit it runs with."""
     from train.data.benign import retain_prompt_records
 
     benign = retain_prompt_records(seed=seed)
-    gsm = _gsm8k_pairs(exclude_suite, eval_seed, eval_limit, info)
-    gsm = [gsm[i] for i in sorted(random.Random(seed).sample(range(len(gsm)), min(gsm8k_share, len(gsm))))]
     topics: dict[str, int] = {}
     for r in benign:
         topics[r["topic"]] = topics.get(r["topic"], 0) + 1
-    info.update(benign_prompts=len(benign), benign_topics=topics, gsm8k_prompts=len(gsm),
-                disjoint_from_over_refusal_set=True)
-    return [(r["id"], r["prompt"], "") for r in benign] + [(i, q, "") for i, q, _ in gsm]
+    info.update(benign_prompts=len(benign), benign_topics=topics, disjoint_from_over_refusal_set=True,
+                disjoint_from_every_evaluation_set=True)
+    return [(r["id"], r["prompt"], "") for r in benign] + _math_prompts(seed, math_share, info)
 
 
-def build_retain_set(tokenizer, source: str = "gsm8k", limit: int | None = 256, seed: int = 0,
+def build_retain_set(tokenizer, source: str = "diverse", limit: int | None = 256, seed: int = 0,
                      exclude_suite: str = "quick", eval_seed: int | None = None,
-                     eval_limit: int | None = None, max_length: int = 192, targets: str = "gold",
-                     answer_fn=None, gsm8k_share: int = 32):
+                     eval_limit: int | None = None, max_length: int = 192, targets: str = "self",
+                     answer_fn=None, math_share: int = 32):
     """(tokenized examples, info) of the retain set.
 
     `source`:
-    - "gsm8k": the registered GSM8K minus the evaluation items of `exclude_suite` with
-      `eval_seed`/`eval_limit` (as the run evaluates);
-    - "diverse": everyday benign prompts of many topics (train.data.benign.retain_prompt_records,
-      disjoint from the over-refusal evaluation set) plus `gsm8k_share` GSM8K questions as above;
+    - "diverse" (the default): everyday benign prompts of many topics
+      (train.data.benign.retain_prompt_records, disjoint from the over-refusal evaluation set) plus
+      `math_share` MATH prealgebra problems that MATH-500 does not hold: disjoint from every
+      evaluation set, so it needs no exclusion settings (prompts only: use targets "self");
+    - "gsm8k": GSM8K test items minus those `exclude_suite` with `eval_seed`/`eval_limit` reads.
+      Gold answers, but test items: the full suite reads every one of them;
     - any other value: a JSONL/CSV path read by train.data.registry.load_records with `prompt` (and
       optional `response`) fields, used as it is.
     `targets`: "gold" teacher-forces the set's own answers (GSM8K solutions, a file's `response`);
@@ -130,7 +144,7 @@ def build_retain_set(tokenizer, source: str = "gsm8k", limit: int | None = 256, 
     elif source == "diverse":
         if targets != "self":
             raise ValueError("--retain-data diverse has no gold answers: use --retain-targets self")
-        pairs = _diverse_pairs(seed, gsm8k_share, exclude_suite, eval_seed, eval_limit, info)
+        pairs = _diverse_pairs(seed, math_share, info)
         info["pool"] = len(pairs)
     else:
         records = load_records(source)

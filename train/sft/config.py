@@ -108,6 +108,7 @@ _ortho = _group("orthogonality regulariser (loss += beta * R)")
 _retain = _group("retain term (not in the paper; off by default): loss += beta * mean KL(base || adapted) "
                  "on benign prompts, base = the same model with its adapters off")
 _run = _group("run directory")
+PAPER_EPOCHS = {"lora": 10.0, "full": 5.0}
 _INTERNAL = {"cli": False}  # set by code (the demo, the trainer), not by a flag
 
 
@@ -139,7 +140,8 @@ class TrainConfig:
     weight_decay: float = _optim(1e-4, min=0, help="AdamW weight decay (default %(default)s)")
     scheduler: str = _optim("cosine", choices=SCHEDULERS, help="learning-rate schedule (default %(default)s)")
     warmup_steps: int = _optim(0, min=0, help="linear warm-up steps (default %(default)s)")
-    epochs: float = _optim(10.0, help="passes over the data (default %(default)s)")
+    epochs: float | None = _optim(None, help="passes over the data (default: the paper's 10 for LoRA, "
+                                  "5 for full fine-tuning)")
     max_steps: int | None = _optim(None, min=1, help="optimiser steps (overrides --epochs)")
     batch_size: int = _optim(2, min=1, help="examples per micro-batch (default %(default)s)")
     grad_accum: int = _optim(1, min=1, help="micro-batches per optimiser step (default %(default)s)")
@@ -150,21 +152,25 @@ class TrainConfig:
     grad_checkpointing: bool = _optim(False, help="recompute activations in the backward pass (less memory)")
     seed: int = _optim(0, help="random seed (default %(default)s)")
     # orthogonality regulariser (paper): loss += beta * sum R (lora_core.regularizer)
-    ortho_beta: float = _ortho(0.0, min=0, help="weight beta (default %(default)s = off)")
+    ortho_beta: float = _ortho(0.0, min=0, help="weight beta of the paper's R on dW = B A "
+                               "(default %(default)s = off)")
     ortho_k: int = _ortho(16, min=1, help="top-k singular directions of each frozen weight (default %(default)s)")
     ortho_side: str = _ortho("column", choices=SIDES, help="subspace side (default %(default)s)")
     ortho_weighting: str = _ortho("spectral", choices=WEIGHTINGS,
                                   help="weight directions by singular value or not (default %(default)s)")
     ortho_normalize: bool = _ortho(False, help="divide S by ||S||_2 and R by ||dW||_F^2")
+    ortho_scaled_update: bool = _ortho(False, help="R on the update as added, (alpha/r) B A, instead of the "
+                                       "paper's B A: beta then means beta * (alpha/r)^2 of the paper's")
     # retain term (not in the paper; off by default): loss += retain_beta * mean per-token
     # KL(base || adapted) on benign chat prompts (train.data.retain), base = adapters switched off
     retain_beta: float = _retain(0.0, min=0,
                                  help="weight of the retain KL (default %(default)s = off, the paper's recipe)")
-    retain_data: str = _retain("gsm8k", help="'gsm8k' (GSM8K minus every item the --retain-exclude-suite "
-                               "evaluation reads), 'diverse' (everyday benign requests of many topics + GSM8K; "
-                               "use --retain-targets self) or a JSONL with prompt/response fields "
-                               "(default %(default)s)")
-    retain_targets: str = _retain("gold", choices=RETAIN_TARGETS,
+    retain_data: str = _retain("diverse", help="'diverse' (everyday benign requests of many topics + MATH "
+                               "problems outside MATH-500: no evaluation set reads any of them; prompts only, "
+                               "so --retain-targets self), 'gsm8k' (GSM8K test items minus those the "
+                               "--retain-exclude-suite evaluation reads; the full suite reads them all) or a "
+                               "JSONL with prompt/response fields (default %(default)s)")
+    retain_targets: str = _retain("self", choices=RETAIN_TARGETS,
                                   help="'gold': teacher-force the set's answers; 'self': the base model's own "
                                   "greedy answers (needed for --retain-data diverse) (default %(default)s)")
     retain_target_tokens: int = _retain(64, min=1,
@@ -190,6 +196,10 @@ class TrainConfig:
     log_every: int = field(default=1, metadata=_INTERNAL)
     progress: bool | None = field(default=None, metadata=_INTERNAL)  # None: bar only on a terminal
     data_info: dict = field(default_factory=dict, metadata=_INTERNAL)  # provenance of the data
+
+    def __post_init__(self):
+        if self.epochs is None:  # the paper: 10 epochs for LoRA, 5 for full fine-tuning
+            self.epochs = PAPER_EPOCHS.get(self.method, PAPER_EPOCHS["lora"])
 
     def validate(self) -> "TrainConfig":
         for f in dataclasses.fields(self):

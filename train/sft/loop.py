@@ -96,7 +96,8 @@ class Trainer:
         if config.ortho_beta > 0:
             self.regularizer = OrthogonalityRegularizer(model, config.ortho_k, side=config.ortho_side,
                                                         weighting=config.ortho_weighting,
-                                                        normalize=config.ortho_normalize)
+                                                        normalize=config.ortho_normalize,
+                                                        scaled_update=config.ortho_scaled_update)
         self.optimizer = build_optimizer(model, config)
         self.total_steps = total_steps_of(config, len(self.tokenized))
         self.evaluate_fn = evaluate_fn

@@ -23,7 +23,7 @@ TRAIN_FLAGS = {
     "--max-length", "--rank", "-r", "--alpha", "--dropout", "--targets", "--layers", "--rslora", "--init",
     "--lr", "--weight-decay", "--scheduler", "--warmup-steps", "--epochs", "--max-steps", "--batch-size",
     "--grad-accum", "--clip", "--dtype", "--grad-checkpointing", "--seed", "--ortho-beta", "--ortho-k",
-    "--ortho-side", "--ortho-weighting", "--ortho-normalize", "--retain-beta", "--retain-data",
+    "--ortho-side", "--ortho-weighting", "--ortho-normalize", "--ortho-scaled-update", "--retain-beta", "--retain-data",
     "--retain-targets", "--retain-target-tokens", "--retain-in-sft", "--retain-per-step", "--retain-limit",
     "--retain-max-length", "--retain-exclude-suite", "--retain-exclude-limit", "--retain-exclude-seed",
     "--out", "--resume", "--save-every", "--keep-checkpoints", "--eval-every", "--debug",

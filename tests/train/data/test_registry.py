@@ -10,7 +10,7 @@ EXPECTED_ROWS = {"advbench": 520, "strongreject": 313, "harmbench": 200, "donota
                  "pyrit-refusal": 105, "gsm8k": 1319, "math500": 500, "arc-easy": 570,
                  "arc-challenge": 299, "humaneval": 164, "naturalqs": 1000, "sciq": 1000,
                  "piqa-howto": 739, "mbpp": 500, "medmcqa": 4183, "past-tense": 730,
-                 "future-tense": 690, "jailbreak-templates": 3}
+                 "future-tense": 690, "jailbreak-templates": 3, "math-prealgebra": 871}
 
 
 @pytest.fixture(scope="session")

@@ -93,7 +93,8 @@ def test_training_with_a_retain_file_logs_the_term(tokenizer, tmp_path):
     retain = tmp_path / "retain.jsonl"
     retain.write_text("".join(json.dumps({"prompt": q, "response": a}) + "\n" for q, a in CHATS))
     examples = build_refusal_set(prompts=PROMPTS, held_out=[], seed=0).examples
-    result = train(train_config(tmp_path, max_steps=3, retain_beta=1.0, retain_data=str(retain), retain_per_step=2),
+    result = train(train_config(tmp_path, max_steps=3, retain_beta=1.0, retain_data=str(retain),
+                                retain_targets="gold", retain_per_step=2),
                    model=tiny_model(model_vocab(tokenizer)), tokenizer=tokenizer, examples=examples,
                    log=lambda *a: None)
     kls = [m["retain_kl"] for m in result.metrics]
@@ -147,8 +148,8 @@ def test_retain_set_excludes_every_gsm8k_item_the_evaluation_reads(tokenizer, mo
     monkeypatch.undo()  # the retain builder below reads GSM8K too; only the evaluation is spied on
     assert read, "the spy saw no GSM8K read: the test no longer observes the evaluation"
 
-    _, info = build_retain_set(tokenizer, limit=None, seed=0, exclude_suite="quick", eval_seed=seed,
-                               eval_limit=limit, max_length=512)
+    _, info = build_retain_set(tokenizer, source="gsm8k", targets="gold", limit=None, seed=0,
+                               exclude_suite="quick", eval_seed=seed, eval_limit=limit, max_length=512)
     overlap = read & set(info["ids"])
     assert not overlap, f"{len(overlap)} evaluation items in the retain set, e.g. {sorted(overlap)[:3]}"
     assert info["excluded_eval_items"] == len(read), (info["excluded_eval_items"], len(read))
@@ -156,10 +157,12 @@ def test_retain_set_excludes_every_gsm8k_item_the_evaluation_reads(tokenizer, mo
 
 
 def test_diverse_retain_set_answers_with_the_model_and_avoids_every_evaluation_prompt(tokenizer):
-    """Source "diverse": everyday prompts of many topics plus GSM8K, targets from `answer_fn`
-    (the base model in training); no prompt of the over-refusal set or the quick suite's GSM8K."""
+    """Source "diverse": everyday prompts of many topics plus MATH problems outside MATH-500,
+    targets from `answer_fn` (the base model in training); no prompt of any evaluation set: not
+    the over-refusal set, no GSM8K test item, no MATH-500 problem."""
     from train.data.benign import over_refusal_records
-    from train.data.retain import build_retain_set, eval_gsm8k_ids
+    from train.data.registry import load_records
+    from train.data.retain import build_retain_set
 
     asked: list[str] = []
 
@@ -168,12 +171,18 @@ def test_diverse_retain_set_answers_with_the_model_and_avoids_every_evaluation_p
         return [f"Here is an answer to item {i}." for i in range(len(prompts))]
 
     _, info = build_retain_set(tokenizer, source="diverse", limit=None, seed=0, targets="self",
-                               answer_fn=answer_fn, gsm8k_share=10, max_length=512)
+                               answer_fn=answer_fn, math_share=10, max_length=512)
     assert len(asked) == info["pool"] == len(info["ids"]) == info["benign_prompts"] + 10
     assert len(info["benign_topics"]) >= 10, info["benign_topics"]
-    forbidden = {r["id"] for r in over_refusal_records()} | eval_gsm8k_ids("quick")
+    assert info["math_prompts"] == 10 and info["disjoint_from_every_evaluation_set"]
+    forbidden = {r["id"] for r in over_refusal_records()} | {r["id"] for r in load_records("gsm8k")}
     assert not forbidden & set(info["ids"])
     assert not {r["prompt"] for r in over_refusal_records()} & set(asked)
+    math500 = {" ".join(r["question"].split()) for r in load_records("math500")}
+    asked_bare = {" ".join(q.split("\nPlease reason")[0].split()) for q in asked}
+    assert not math500 & asked_bare, "a MATH-500 problem reached the retain set"
+    prealgebra = {" ".join(r["question"].split()) for r in load_records("math-prealgebra")}
+    assert prealgebra & math500, "MATH-500 shares problems with the prealgebra file: the filter has work to do"
     with pytest.raises(ValueError, match="--retain-targets self"):
         build_retain_set(tokenizer, source="diverse", targets="gold")
     with pytest.raises(ValueError, match="needs the model"):

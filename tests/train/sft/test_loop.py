@@ -52,7 +52,7 @@ def test_resume_reproduces_uninterrupted_losses_exactly(tmp_path, tokenizer, exa
         path = tmp_path / "retain.jsonl"
         path.write_text("".join(json.dumps({"prompt": p, "response": "Sure, here is an answer."}) + "\n"
                                 for p in PROMPTS[:5]))
-        cfg.update(retain_beta=0.5, retain_data=str(path), retain_per_step=2)
+        cfg.update(retain_beta=0.5, retain_data=str(path), retain_targets="gold", retain_per_step=2)
     full = train(train_config(tmp_path / "a", **cfg), model=tiny_model(model_vocab(tokenizer)), tokenizer=tokenizer,
                  examples=examples, log=lambda *a: None)
 
