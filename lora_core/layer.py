@@ -7,8 +7,8 @@ GPU, addmm path on CPU); merged or disabled adapters use a plain `F.linear`.
 
 merge()/unmerge() use `merge_math.merged_weight` (a float32 sum, float64 for float64 weights; one
 cast back), the arithmetic every merge path shares; unmerge recomputes the delta from A and B
-instead of storing a copy of W, so it restores W within two roundings in W's dtype: |W_restored - W| <= eps(dtype) * (|W| + |delta|)
-elementwise.
+instead of storing a copy of W, so it restores W within two roundings in W's dtype:
+|W_restored - W| <= eps(dtype) * (|W| + |delta|) elementwise.
 """
 from __future__ import annotations
 
