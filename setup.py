@@ -36,7 +36,10 @@ setup(
             # Independent references for parity tests; never imported by the library.
             "transformers>=4.45",
             "peft>=0.13",
+            # The --tensorboard option's optional dependency, so its test runs in CI too.
+            "tensorboard",
         ],
+        "tensorboard": ["tensorboard"],
     },
     entry_points={"console_scripts": ["lora-core=train.cli:main"]},
 )

@@ -192,6 +192,8 @@ class TrainConfig:
                            "(default %(default)s)")
     keep_checkpoints: int = _run(2, min=0, help="checkpoints kept on disk, 0 = all (default %(default)s)")
     eval_every: int = _run(0, min=0, help="quick evaluation every N steps, 0 = never (default %(default)s)")
+    tensorboard: bool = _run(False, help="also write the metrics as TensorBoard event files in <out>/tensorboard "
+                             "(needs pip install 'lora-core[tensorboard]')")
     eval_suite: str = field(default="quick", metadata=_INTERNAL)
     log_every: int = field(default=1, metadata=_INTERNAL)
     progress: bool | None = field(default=None, metadata=_INTERNAL)  # None: bar only on a terminal

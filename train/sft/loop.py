@@ -46,6 +46,7 @@ from train.sft.resume_config import resumed_config
 from train.sft.retain_term import RetainTerm
 from train.sft.rng import rng_state, seed_everything, set_rng_state
 from train.sft.schedule import lr_at, total_steps_of
+from train.sft.tensorboard_log import open_sink
 
 
 class TrainingDiverged(RuntimeError):
@@ -254,6 +255,7 @@ class Trainer:
         self.model.train()
         losses, metrics = [], []
         t_start = time.perf_counter()
+        sink = open_sink(run_dir, config.tensorboard)  # before the first step: a missing package fails now
         bar = progress(total=self.total_steps, initial=self.step, desc=f"train ({config.method})",
                        enabled=config.progress)
         try:
@@ -265,6 +267,7 @@ class Trainer:
                     if config.log_every and (self.step % config.log_every == 0 or self.step == self.total_steps):
                         metrics_file.write(json.dumps(record) + "\n")
                         metrics_file.flush()
+                        sink.write(record)
                     bar.update(1)
                     bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                                     tok_s=f"{record['tokens_per_s'] or 0:.0f}")
@@ -273,9 +276,12 @@ class Trainer:
                     if config.eval_every and self.step % config.eval_every == 0 and self.step < self.total_steps:
                         result = self._evaluate(f"step-{self.step:06d}")
                         if result is not None:
-                            metrics_file.write(json.dumps({"step": self.step, "eval": _scalars(result)}) + "\n")
+                            line = {"step": self.step, "eval": _scalars(result)}
+                            metrics_file.write(json.dumps(line) + "\n")
+                            sink.write(line)
         finally:
             bar.close()
+            sink.close()
         train_seconds = time.perf_counter() - t_start
         self._save()
         self.model.eval()

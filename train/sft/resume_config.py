@@ -23,7 +23,7 @@ from train.sft.config import TrainConfig
 # Never compared: where the run is now, and what the trainer fills in itself.
 _NOT_COMPARED = ("out", "progress", "data_info")
 # Changing these changes what is written or shown, not the adapter that is trained.
-_BOOKKEEPING = ("save_every", "keep_checkpoints", "eval_every", "eval_suite", "log_every")
+_BOOKKEEPING = ("save_every", "keep_checkpoints", "eval_every", "eval_suite", "log_every", "tensorboard")
 
 
 def _flag(name: str) -> str:

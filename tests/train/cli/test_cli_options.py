@@ -26,7 +26,7 @@ TRAIN_FLAGS = {
     "--ortho-side", "--ortho-weighting", "--ortho-normalize", "--ortho-scaled-update", "--retain-beta", "--retain-data",
     "--retain-targets", "--retain-target-tokens", "--retain-in-sft", "--retain-per-step", "--retain-limit",
     "--retain-max-length", "--retain-exclude-suite", "--retain-exclude-limit", "--retain-exclude-seed",
-    "--out", "--resume", "--save-every", "--keep-checkpoints", "--eval-every", "--debug",
+    "--out", "--resume", "--save-every", "--keep-checkpoints", "--eval-every", "--tensorboard", "--debug",
 }
 DEMO_FLAGS = {
     "--model", "--out", "--steps", "--lr", "--rank", "--targets", "--layers", "--batch-size", "--dtype",
