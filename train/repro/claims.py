@@ -14,6 +14,12 @@ The rule, in full:
    on its own, as many seeds as it has, with replacement. So the interval carries the variation of
    the items and of the training seeds. An arm run once (the base model) adds item variation only.
    Fewer than 2 shared units give no interval.
+   For 0/1 measures (refusals, correct answers) the bootstrap can be degenerate: when both arms
+   refuse none of 24 prompts every resample gives 0 and the interval is [0, 0], which would
+   "support" any non-inferiority claim. So when every value is 0 or 1 and either each arm ran
+   once or the bootstrap interval has zero width (then every seed of an arm scored every item
+   alike, and the first seeds' table is the table), the interval is widened to contain Newcombe's
+   paired interval (train.eval.paired.mcnemar) of the first seeds' 2x2 table.
 4. Verdicts (lo, hi = the interval of the oriented D):
    - "better" claims (Y beats X): "supported" when lo > 0, "contradicted" when hi < 0;
    - "reaches" claims (Y is not worse than X by more than the margin m): "supported" when
@@ -100,6 +106,14 @@ def pooled_difference(x: dict, y: dict, resamples: int = 2000, seed: int = 0) ->
         draws[start:start + b] = np.take_along_axis(d, items, axis=1).mean(axis=1)
     lo, hi = np.quantile(draws, [0.025, 0.975])
     out["ci95"] = [float(lo), float(hi)]
+    out["interval"] = "two-level paired bootstrap"
+    binary = bool(np.all((X == 0) | (X == 1)) and np.all((Y == 0) | (Y == 1)))
+    if binary and ((X.shape[0] == 1 and Y.shape[0] == 1) or hi - lo == 0):
+        from train.eval.paired import mcnemar
+
+        n_lo, n_hi = mcnemar(X[0], Y[0])["ci95"]
+        out["ci95"] = [min(float(lo), n_lo), max(float(hi), n_hi)]
+        out["interval"] = "hull of the paired bootstrap and Newcombe's paired interval"
     return out
 
 

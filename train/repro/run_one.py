@@ -8,6 +8,8 @@
         eval/        results.json (+ .md, generations.jsonl) on the grid's one suite and item list
         overlap/     k-<k>.json / .md per k: dW against W's top-k subspace, per module
         done.json    written last, atomically: the completion marker a rerun skips on
+    A full fine-tuning run's checkpoints/ (weights + optimiser moments) are deleted once done.json
+    is written: model/ is what later stages read, and three seeds would otherwise keep ~5 GB.
 
 Stages already on disk are not redone: a finished training run is loaded (adapter or model), an
 interrupted one resumes from its newest checkpoint (train.sft's resume: losses repeat exactly), an
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -198,4 +201,8 @@ def run_one(ctx: GridContext, run: Run) -> dict:
               "train": train_summary, "eval": "eval/results.json", "eval_seconds": results.get("timings", {}),
               "overlap": overlap, "seconds": seconds}
     atomic_write_json(run_dir / DONE, record)  # last: the run counts as finished only now
+    if run.arm.kind == "full":
+        # A full checkpoint holds the weights and AdamW's two moments (~1.6 GB for a 135M model,
+        # three seeds ~5 GB); once the run is done only model/ is ever read again.
+        shutil.rmtree(run_dir / "train" / "checkpoints", ignore_errors=True)
     return record

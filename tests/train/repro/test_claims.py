@@ -111,3 +111,22 @@ def test_pooled_mean_of_one_arm():
     out = pooled_mean(arm([[1.0, 0.0, 1.0, 1.0], [1.0, 1.0, 1.0, 0.0]]), resamples=300)
     assert out["mean"] == pytest.approx(0.75) and out["n"] == 4 and out["seeds"] == 2
     assert out["ci95"][0] <= 0.75 <= out["ci95"][1]
+
+
+def test_all_zero_refusals_do_not_support_non_inferiority():
+    """0/24 refusals in both arms: the bootstrap alone gives [0, 0] and would call LoRA
+    non-inferior; the Newcombe hull (0/24 vs 0/24: about +-0.14) leaves it inconclusive."""
+    zeros = arm([[0.0] * 24 for _ in range(3)])
+    row = compare(zeros, arm([[0.0] * 24 for _ in range(3)]), kind="reaches", margin=0.1)
+    assert row["ci95"][0] < -0.1 < 0.1 < row["ci95"][1]
+    assert row["verdict"] == INCONCLUSIVE
+
+
+def test_one_run_each_binary_interval_contains_newcombes():
+    from train.eval.paired import mcnemar
+
+    rng = np.random.default_rng(4)
+    a, b = binary(0.3, 40, rng), binary(0.5, 40, rng)
+    out = pooled_difference(arm([a]), arm([b]), resamples=1000)
+    lo, hi = mcnemar(a, b)["ci95"]
+    assert out["ci95"][0] <= lo and out["ci95"][1] >= hi

@@ -81,6 +81,8 @@ def test_grid_completes_and_reports_then_a_rerun_trains_nothing(tmp_path, load, 
     lora, full = out / "runs/lora/seed-0", out / "runs/full/seed-0"
     assert (lora / "train/adapter/adapter_model.safetensors").is_file()
     assert (full / "train/model").is_dir()
+    assert not (full / "train/checkpoints").exists(), "a finished full run keeps model/, not its 3x larger checkpoints"
+    assert (lora / "train/checkpoints").is_dir()
     for run in (out / "runs/base", lora, full):
         assert (run / "done.json").is_file() and (run / "eval/results.json").is_file()
     # every arm scored the same items
