@@ -111,7 +111,7 @@ def markdown(report: dict) -> str:
         lines.append(f"| {a['label']} | {a['kind']} | {len(a['seeds'])} | " + " | ".join(cells) + " |")
     base = report["random_baseline"]
     lines += ["", "Random-update baseline of the overlap energy (share a rotation-invariant random dW has in "
-              f"the top-k subspace, mean over the adapted modules): " +
+              "the top-k subspace, mean over the adapted modules): " +
               ", ".join(f"k={k}: {_fmt(base.get(k))}" for k in ks), "",
               "![safety vs reasoning](safety_vs_reasoning.png)", "", "![overlap per layer](overlap_per_layer.png)", "",
               "## Settings", ""]
@@ -121,7 +121,7 @@ def markdown(report: dict) -> str:
               f"- shared training settings: {s['train']}",
               f"- evaluation: suite {s['eval']['suite']} with overrides {s['eval']['overrides']}, item seed "
               f"{s['eval']['seed']}; every arm sees the same items",
-              f"- items per measure (n): " + ", ".join(f"{m} {n}" for m, n in s["n_items"].items()),
+              "- items per measure (n): " + ", ".join(f"{m} {n}" for m, n in s["n_items"].items()),
               f"- overlap: side {s['overlap']['side']}, k = {s['overlap']['k']}",
               f"- claims: safety measure {s['claims']['safety']}, reasoning {s['claims']['reasoning']}, "
               f"margin {s['claims']['margin']}, {s['claims']['resamples']} bootstrap resamples",

@@ -30,7 +30,7 @@ def _modules_of(ctx: GridContext, run: Run) -> int:
     """How many weights the overlap analysis decomposes for this run (for the estimate)."""
     from train.sft.config import parse_layers, resolve_targets
 
-    arm = run.arm.arm if hasattr(run.arm, "arm") else run.arm
+    arm = run.arm
     if arm.kind == "base":
         return 0
     if arm.kind == "merge":
