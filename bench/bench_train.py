@@ -97,6 +97,9 @@ def worker(args) -> None:
     load_s = time.perf_counter() - t0
     for _ in range(args.warmup):
         step()
+    if args.profile:
+        _profile(step, args)
+        return
     times, losses = [], []
     for _ in range(args.steps):
         t = time.perf_counter()
@@ -109,13 +112,31 @@ def worker(args) -> None:
     Path(args.result).write_text(json.dumps(result))
 
 
+def _profile(step, args) -> None:
+    """One step under torch.profiler; its op table (self CPU time first) to args.profile."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=False) as prof:
+        step()
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile_rows)
+    Path(args.result).write_text(json.dumps({"table": table, "threads": torch.get_num_threads()}))
+
+
+def _machine() -> dict:
+    """CPU model, ISA flags and load: figures differ between machines and with other users' load."""
+    from kernels.cpu_caps import cpu_caps
+
+    return cpu_caps().as_json() | {"cores": os.cpu_count(), "loadavg_1_5_15": list(os.getloadavg())}
+
+
 def run_one(stack: str, dtype: str, args, model_dir: Path) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         result_file = Path(tmp) / "result.json"
         cmd = [sys.executable, __file__, "--worker", "--stack", stack, "--dtype", dtype,
                "--model-dir", str(model_dir), "--batch", str(args.batch), "--seq", str(args.seq),
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--result", str(result_file),
-               "--threads", str(args.threads)]
+               "--threads", str(args.threads)] + (["--profile", "1"] if args.profile else [])
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
                                                            os.environ.get("PYTHONPATH", "")])}
         proc = subprocess.Popen(cmd, env=env)
@@ -141,6 +162,9 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=0, help="torch threads per worker (0 = torch default)")
+    parser.add_argument("--profile", help="write a torch.profiler table of one step per dtype (ours only) "
+                        "to this Markdown file instead of timing")
+    parser.add_argument("--profile-rows", type=int, default=30, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_train.json"))
     args = parser.parse_args(argv)
     if args.worker:
@@ -155,6 +179,8 @@ def main(argv=None) -> int:
         from models.registry import pull
 
         model_dir = pull(args.model)
+    if args.profile:
+        return _write_profile(args, model_dir, atomic_write_text)
     rows = []
     for dtype in args.dtype:
         pair = {stack: run_one(stack, dtype, args, model_dir) for stack in ("ours", "hf")}
@@ -168,10 +194,23 @@ def main(argv=None) -> int:
               f"{r['tokens_per_s_ratio']:6.2f}   {r['ours']['peak_rss_mb']:8.0f} {r['hf']['peak_rss_mb']:8.0f} "
               f"{r['peak_rss_ratio']:6.2f}")
     out = Path(args.out)
-    atomic_write_text(out, json.dumps({"setting": vars(args) | {"model_dir": str(model_dir)}, "rows": rows,
+    atomic_write_text(out, json.dumps({"setting": vars(args) | {"model_dir": str(model_dir)},
+                                       "machine": _machine(), "rows": rows,
                                "targets": {"tokens_per_s_ratio": ">= 1.5", "peak_rss_ratio": "<= 0.7"}},
                               indent=2, default=str) + "\n")
     print(f"wrote {out}")
+    return 0
+
+
+def _write_profile(args, model_dir: Path, atomic_write_text) -> int:
+    parts = [f"# Profile of one LoRA training step (ours), batch {args.batch} x {args.seq}, "
+             f"dropout 0.05, r=8 on 7 projections\n", f"CPU: {json.dumps(_machine())}\n"]
+    for dtype in args.dtype:
+        result = run_one("ours", dtype, args, model_dir)
+        parts.append(f"## {dtype}, {result['threads']} thread(s), peak RSS {result['peak_rss_mb']:.0f} MB\n\n"
+                     f"```\n{result['table']}\n```\n")
+    atomic_write_text(Path(args.profile), "\n".join(parts))
+    print(f"wrote {args.profile}")
     return 0
 
 

@@ -1,6 +1,6 @@
-"""What both LoRA autograd Functions (torch path and Triton path) keep between forward and
-backward: the inputs, the fp32 shrink output S = drop(X) A^T, and the scalars that regenerate
-the dropout mask. One definition, so the two backends cannot drift apart."""
+"""What the Triton LoRA autograd Function keeps between forward and backward: the inputs, the
+fp32 shrink output S = drop(X) A^T, and the scalars that regenerate the dropout mask (Philox
+from the seed). The torch path keeps the dropped positions instead (dropout.py)."""
 from __future__ import annotations
 
 from typing import NamedTuple

@@ -11,37 +11,48 @@ intermediates for the unfused sum):
     dS = s * dY B                 (M, r)
     dB = s * dY^T S               (N, r)
     dA = dS^T drop(X)             (r, K)
-    dX = dY W + mask/(1-p) * (dS A)   (M, K); without dropout: one addmm_ into dY W
+    dX = dY W + mask/(1-p) * (dS A)   (M, K)
     db = sum_rows dY              (N,)
     dW = dY^T X                   only when the weight requires grad (frozen base: skipped)
 
-Dropout keeps only a seed; the mask is regenerated in the backward (see dropout.py).
+Dropout (dropout.py) draws the dropped positions once in the forward and keeps them (int32,
+about p * M * K of them). drop(X) is one copy of X with zeros scattered in, built in the
+forward and again in the backward instead of being kept alive between them. The mask lands on
+dX's adapter term only: dX gets the full expand by one addmm_ and the dropped positions are
+then restored to their dY W values (a gather before, a scatter after: p * M * K elements).
+
 For float16/bfloat16 inputs S is computed in the input dtype (CPU BLAS has no mixed-output
 mm, and upcasting X to fp32 would cost a full copy of X per call; BLAS accumulates in fp32
 inside each call, so the only extra error is one rounding of S, relative eps of the dtype).
 
-Half precision on CPU: without native bf16/fp16 instructions (this project's AVX2 machine)
-the oneDNN/ATen paths for the rank-r products are pathological: measured at M=1024, K=N=2048,
-r=16, bf16, one thread: `y.addmm_(S, B^T)` 173-300 ms and `dX.addmm_(dS, A)` 230-260 ms against
-20 ms for an fp32 (M, r) x (r, N) product added into y, and `dY @ B` 85 ms with B row-major
-against 20 ms with B column-major. So on CPU the expands run in fp32 and are added into the
-half result, and B is fed column-major. Elsewhere (CUDA, fp32, fp64) plain addmm_ is fastest.
+Half precision on CPU, two routes chosen by cpu_caps.native_half:
+- without native bf16/fp16 units (an AVX2 machine) the oneDNN/ATen paths for the rank-r
+  products are pathological: measured at M=1024, K=N=2048, r=16, bf16, one thread:
+  `y.addmm_(S, B^T)` 173-300 ms and `dX.addmm_(dS, A)` 230-260 ms against 20 ms for an fp32
+  (M, r) x (r, N) product added into y, and `dY @ B` 85 ms with B row-major against 20 ms with
+  B column-major. So there the expands run in fp32 and are added into the half result, and B
+  is fed column-major.
+- with them (AVX512-BF16/AMX here) the same shapes measured `y.addmm_(S, B^T)` 1.6 ms against
+  30 ms through fp32, and row-major `dY @ B` 0.7 ms against 1.1 ms column-major: plain addmm_,
+  as on CUDA, fp32 and fp64.
 """
 from __future__ import annotations
 
 import torch
 
-from .dropout import torch_dropped
-from .lora_context import load_lora_context, save_lora_context
+from .cpu_caps import native_half
+from .dropout import dropped_copy, dropped_positions
 
 
-def _slow_half(t: torch.Tensor) -> bool:
-    return t.device.type == "cpu" and t.dtype in (torch.float16, torch.bfloat16)
+def _emulated_half(t: torch.Tensor) -> bool:
+    """Half precision on a CPU that has no units for it: take the fp32 route (docstring)."""
+    return (t.device.type == "cpu" and t.dtype in (torch.float16, torch.bfloat16)
+            and not native_half(t.dtype))
 
 
 def _add_expand_(out: torch.Tensor, left: torch.Tensor, right: torch.Tensor, alpha: float) -> None:
     """out += alpha * left @ right for a rank-r product, left (M, r), right (r, P)."""
-    if _slow_half(out):
+    if _emulated_half(out):
         out.add_(torch.mm(left.float(), right.float()), alpha=alpha)
     else:
         out.addmm_(left, right, alpha=alpha)
@@ -58,44 +69,55 @@ class LoRALinearTorch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2d, weight, bias, lora_a, lora_b, scale: float, dropout_p: float, seed):
         # x2d (M, K), weight (N, K), bias (N,)|None, lora_a (r, K), lora_b (N, r)
-        xd = torch_dropped(x2d, seed, dropout_p) if dropout_p > 0.0 else x2d
         if bias is not None:
             y = torch.addmm(bias, x2d, weight.t())  # (M, N)
         else:
             y = torch.mm(x2d, weight.t())  # (M, N)
-        s_act = torch.mm(xd, lora_a.t())  # (M, r)
+        if dropout_p > 0.0:
+            dropped = dropped_positions(seed, x2d.numel(), dropout_p, x2d.device)  # (~pMK,)
+            s_act = torch.mm(dropped_copy(x2d, dropped), lora_a.t())  # (M, r)
+            s_act.mul_(1.0 / (1.0 - dropout_p))
+        else:
+            dropped = None
+            s_act = torch.mm(x2d, lora_a.t())  # (M, r)
         _add_expand_(y, s_act, lora_b.t(), scale)
-        save_lora_context(ctx, x2d, weight, bias, lora_a, lora_b, s_act, scale, dropout_p, seed)
+        ctx.save_for_backward(x2d, weight, lora_a, lora_b, s_act, dropped)
+        ctx.scale, ctx.dropout_p, ctx.has_bias = float(scale), float(dropout_p), bias is not None
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x2d, weight, lora_a, lora_b, s_act, scale, p, seed, has_bias = load_lora_context(ctx)
+        x2d, weight, lora_a, lora_b, s_act, dropped = ctx.saved_tensors
+        scale, p = ctx.scale, ctx.dropout_p
         need_x, need_w, need_b, need_a, need_lb = ctx.needs_input_grad[:5]
         dx = dw = dbias = da = db = None
+        keep_scale = 1.0 / (1.0 - p) if p > 0.0 else 1.0
 
         ds = None
         if need_x or need_a:
-            lb = _col_major(lora_b) if _slow_half(dy) else lora_b
+            lb = _col_major(lora_b) if _emulated_half(dy) else lora_b
             ds = torch.mm(dy, lb).mul_(scale)  # (M, r)
         if need_lb:
             db = torch.mm(s_act.t(), dy).t().mul_(scale)  # (N, r)
         if need_a:
-            xd = torch_dropped(x2d, seed, p) if p > 0.0 else x2d
+            xd = dropped_copy(x2d, dropped) if p > 0.0 else x2d  # (M, K), freed on return
             da = torch.mm(ds.t(), xd)  # (r, K)
-        if need_x:
-            dx = torch.mm(dy, weight)  # (M, K)
             if p > 0.0:
-                # drop() is elementwise on X, so its mask lands on the adapter term of dX only;
-                # the same seed regenerates the forward's mask.
-                lora_term = (torch.mm(ds.float(), lora_a.float()) if _slow_half(dx)
-                             else torch.mm(ds, lora_a))  # (M, K)
-                dx.add_(torch_dropped(lora_term, seed, p))
+                da.mul_(keep_scale)
+        if need_x:
+            dx = torch.mm(dy, weight)  # (M, K), contiguous
+            if p > 0.0:
+                # drop() is elementwise on X, so its mask lands on the adapter term of dX only:
+                # add the whole expand, then put the dropped entries back to dY W.
+                index = dropped.long()
+                base_at_dropped = dx.view(-1).take(index)  # (~pMK,)
+                _add_expand_(dx, ds, lora_a, keep_scale)
+                dx.view(-1).index_copy_(0, index, base_at_dropped)
             else:
                 _add_expand_(dx, ds, lora_a, 1.0)
         if need_w:
             dw = torch.mm(dy.t(), x2d)  # (N, K)
-        if need_b and has_bias:
+        if need_b and ctx.has_bias:
             dbias = dy.sum(0)  # (N,)
         return dx, dw, dbias, da, db, None, None, None
 
