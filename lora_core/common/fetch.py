@@ -82,6 +82,11 @@ def repairing() -> Iterator[None]:
         _REPAIR.on = before
 
 
+def is_repairing() -> bool:
+    """True inside `repairing()` (for callers that keep large files of their own in the cache)."""
+    return bool(getattr(_REPAIR, "on", False))
+
+
 def cache_dir() -> Path:
     """The cache root: $LORA_CORE_CACHE, or ~/.cache/lora-core."""
     root = os.environ.get("LORA_CORE_CACHE")
@@ -367,6 +372,7 @@ __all__ = [
     "FetchError",
     "corrupt_message",
     "repairing",
+    "is_repairing",
     "cache_dir",
     "fetch_package_member",
     "fetch_package_members",
