@@ -29,6 +29,47 @@ from .kv_cache import KVCache
 from .rope import RotaryEmbedding, apply_rotary
 
 
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF's RMSNorm, op for op (the numerics convention of the module docstring)."""
+    dtype = x.dtype
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    # HF order: cast back first, then scale by the weight.
+    return weight * h.to(dtype)
+
+
+class _RMSNormFn(torch.autograd.Function):
+    """rms_norm_reference with a lean backward: keeps x and rstd (one float per row) only.
+
+    Autograd's graph of the reference keeps x in float32, h^2, the normalised float32 h and
+    its cast: for a bf16 (M, D) input that is five more (M, D) tensors per norm, two norms per
+    layer. With n = cast(h * rstd), y = w * n:
+        dw = sum_rows dy * n;  dn = dy * w;  dh = rstd * dn - h * rstd^3 * mean(dn * h)
+    with dn upcast to float32 first (the backward of the cast), dx = dh in x's dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, eps: float):
+        h = x.to(torch.float32)
+        rstd = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
+        ctx.save_for_backward(x, weight, rstd)
+        return weight * (h * rstd).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, rstd = ctx.saved_tensors
+        h = x.to(torch.float32)
+        dx = dw = None
+        if ctx.needs_input_grad[1]:
+            n = (h * rstd).to(x.dtype)
+            dw = (dy * n).reshape(-1, n.shape[-1]).sum(0).to(weight.dtype)
+        if ctx.needs_input_grad[0]:
+            dn = (dy * weight).to(torch.float32)
+            dot = (dn * h).mean(-1, keepdim=True)  # (..., 1)
+            dx = (dn * rstd).sub_(h * (rstd.pow(3) * dot)).to(x.dtype)
+        return dx, dw, None
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -36,11 +77,36 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        h = x.to(torch.float32)
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        # HF order: cast back first, then scale by the weight.
-        return self.weight * h.to(dtype)
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            return _RMSNormFn.apply(x, self.weight, self.eps)
+        return rms_norm_reference(x, self.weight, self.eps)
+
+
+class _SiluMul(torch.autograd.Function):
+    """silu(g) * u keeping g and u only; silu(g) is recomputed in backward (one cheap pass)
+    instead of kept: an (M, intermediate) tensor per layer, the largest activation there is.
+    The backward runs the ops autograd would (mul, aten silu_backward), so results are equal."""
+
+    @staticmethod
+    def forward(ctx, g, u):
+        ctx.save_for_backward(g, u)
+        return F.silu(g) * u
+
+    @staticmethod
+    def backward(ctx, dy):
+        g, u = ctx.saved_tensors
+        dg = du = None
+        if ctx.needs_input_grad[1]:
+            du = dy * F.silu(g)
+        if ctx.needs_input_grad[0]:
+            dg = torch.ops.aten.silu_backward(dy * u, g)
+        return dg, du
+
+
+def silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    if torch.is_grad_enabled() and (g.requires_grad or u.requires_grad):
+        return _SiluMul.apply(g, u)
+    return F.silu(g) * u
 
 
 class Attention(nn.Module):
@@ -84,7 +150,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
 
 
 class DecoderLayer(nn.Module):

@@ -71,6 +71,33 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def _rotate_half_transposed(x: torch.Tensor) -> torch.Tensor:
+    """The adjoint of rotate_half: [x1 | x2] -> [x2 | -x1]."""
+    half = x.shape[-1] // 2
+    return torch.cat((x[..., half:], -x[..., :half]), dim=-1)
+
+
+class _Rotary(torch.autograd.Function):
+    """x * cos + rotate_half(x) * sin, keeping only cos/sin (shared by every layer) for backward.
+
+    Autograd's graph of the same expression keeps x and rotate_half(x) per call, two more
+    (B, H, T, D) tensors for q and for k in every layer. The rotation is linear in x, so
+    dx = dy * cos + rotate_half^T(dy * sin): the ops autograd would run, in the same order.
+    """
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return x * cos + rotate_half(x) * sin
+
+    @staticmethod
+    def backward(ctx, dy):
+        cos, sin = ctx.saved_tensors
+        return dy * cos + _rotate_half_transposed(dy * sin), None, None
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x (B, H, T, D), cos/sin (B, 1, T, D) -> rotated x (B, H, T, D)."""
+    if torch.is_grad_enabled() and x.requires_grad and not (cos.requires_grad or sin.requires_grad):
+        return _Rotary.apply(x, cos, sin)
     return x * cos + rotate_half(x) * sin
