@@ -11,8 +11,10 @@ noisy: compare ratios from the same run, not absolute figures across runs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
+import os
 import platform
 import statistics
 import sys
@@ -35,6 +37,30 @@ QUESTIONS = [
     "What is the boiling point of water?", "Summarise the plot of Cinderella in one sentence.",
     "What is a prime number?", "Recommend a book for a long flight.",
 ]
+
+
+def _cpu_description() -> str:
+    """CPU model name and the ISA flags that decide bf16 speed (Linux /proc/cpuinfo)."""
+    model, flags = platform.processor() or platform.machine(), []
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+                         if f in value.split()]
+                break
+    except OSError:
+        pass
+    return f"{model} ({', '.join(flags) or 'no AVX2/AVX-512 flags'})"
+
+
+def _load_average() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "unknown"
 
 
 def _median_times(fns, repeats: int) -> list[float]:
@@ -95,6 +121,99 @@ def bench(model_dir: Path, batch_sizes, dtypes, new_tokens: int, repeats: int) -
     return rows
 
 
+def _batch_prompts(tok, batch: int) -> list[str]:
+    return [tok.apply_chat_template([{"role": "user", "content": q}])
+            for q in (QUESTIONS * (batch // len(QUESTIONS) + 1))[:batch]]
+
+
+def _dynamic_step(model, tok, prompts):
+    """The decode step generate() used before the static cache: model.hidden_states on one new
+    token with the growing KVCache, lm_head on it, argmax. Returns a zero-argument step."""
+    encoded = [tok.encode(p) for p in prompts]
+    batch, width = len(encoded), max(map(len, encoded))
+    ids = torch.full((batch, width), tok.pad_token_id, dtype=torch.long)
+    mask = torch.zeros(batch, width, dtype=torch.bool)
+    for i, e in enumerate(encoded):
+        ids[i, width - len(e):] = torch.tensor(e)
+        mask[i, width - len(e):] = True
+    cache = model.new_kv_cache(width + 64)
+    with torch.inference_mode():
+        hidden = model.hidden_states(ids, attention_mask=mask, kv_cache=cache)
+        state = dict(positions=mask.long().sum(-1) - 1, next_ids=model.lm_head(hidden[:, -1]).argmax(-1))
+    step_mask = torch.ones(batch, 1, dtype=torch.bool)
+
+    @torch.inference_mode()
+    def step():
+        state["positions"] = state["positions"] + 1
+        h = model.hidden_states(state["next_ids"].unsqueeze(1), attention_mask=step_mask,
+                                position_ids=state["positions"].unsqueeze(1), kv_cache=cache)
+        state["next_ids"] = model.lm_head(h[:, -1]).float().argmax(-1)
+    return step
+
+
+def _static_step(model, tok, prompts, use_compile: bool):
+    """generate()'s decode step today: static cache, packed weights (eager) or the compiled layer."""
+    from models.generate import _decode_step, _prefill
+    from models.packed_linear import packed_linears
+
+    encoded = [tok.encode(p) for p in prompts]
+    packed = None if use_compile else packed_linears(model, len(prompts))
+    with torch.inference_mode(), packed or contextlib.nullcontext():
+        cache, logits, positions = _prefill(model, encoded, 64, tok.pad_token_id)
+    views = cache.layer_views()
+    state = dict(positions=positions, next_ids=logits.argmax(-1))
+
+    @torch.inference_mode()
+    def step():
+        if cache.length >= cache.capacity:  # profiling many steps: wrap around, shapes unchanged
+            cache.length = max(len(e) for e in encoded)
+        state["positions"] = state["positions"] + 1
+        with packed or contextlib.nullcontext():
+            logits = _decode_step(model, cache, views, state["next_ids"], state["positions"], use_compile)
+        state["next_ids"] = logits.argmax(-1)
+    return step
+
+
+def _step_factory(kind: str):
+    if kind == "dynamic":
+        return _dynamic_step
+    return lambda model, tok, prompts: _static_step(model, tok, prompts, use_compile=kind == "compiled")
+
+
+def profile(model_dir: Path, batch_sizes, dtypes, kind: str, steps: int, out_file: Path) -> None:
+    """torch.profiler table of one decode step (averaged over `steps`) per dtype and batch size."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    sections = [f"# One greedy decode step, profiled (`--profile {kind}`)", "",
+                f"{_cpu_description()}; torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
+                f"load average {_load_average()}. Each table: {steps} decode steps after 3 warm-up steps, "
+                "times per step (total / steps), top operators by self CPU time.", ""]
+    for dtype_name in dtypes:
+        model, tok = load_hf_directory(model_dir, dtype=getattr(torch, dtype_name))
+        for batch in batch_sizes:
+            step = _step_factory(kind)(model, tok, _batch_prompts(tok, batch))
+            for _ in range(3):
+                step()
+            start = time.perf_counter()
+            with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(steps):
+                    step()
+            wall = (time.perf_counter() - start) / steps
+            events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+            total_self = sum(e.self_cpu_time_total for e in events) or 1.0
+            sections += [f"## {dtype_name}, batch {batch}: {wall * 1e3:.1f} ms per step under the profiler "
+                         f"({batch / wall:.0f} tok/s)", "",
+                         "| operator | calls/step | self CPU ms/step | share |", "|---|---:|---:|---:|"]
+            for e in events[:15]:
+                sections.append(f"| `{e.key}` | {e.count / steps:.0f} | {e.self_cpu_time_total / 1e3 / steps:.2f} | "
+                                f"{100 * e.self_cpu_time_total / total_self:.1f}% |")
+            sections.append("")
+            print(f"{dtype_name} batch {batch}: {wall * 1e3:.1f} ms/step", flush=True)
+        del model
+    atomic_write_text(out_file, "\n".join(sections) + "\n")
+    print(f"wrote {out_file}")
+
+
 def _markdown(rows, meta) -> str:
     lines = [f"# Greedy generation throughput ({meta['model']}, {meta['new_tokens']} new tokens, CPU)", "",
              f"torch {meta['torch']}, transformers {meta['transformers']}, {meta['threads']} threads, "
@@ -117,6 +236,11 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads for both sides (default: torch's choice). On a CPU shared with other "
                         "jobs, 1 avoids OpenMP spin contention that made 2-thread matmuls ~20x slower here")
+    parser.add_argument("--profile", choices=["dynamic", "static", "compiled"], default=None,
+                        help="instead of the benchmark, write a torch.profiler table of one decode step of this "
+                        "kind (dynamic = the growing-cache path generate() used before) to --profile-out")
+    parser.add_argument("--profile-out", default=None)
+    parser.add_argument("--profile-steps", type=int, default=8)
     args = parser.parse_args(argv)
     if args.threads is not None:
         if args.threads < 1:
@@ -125,6 +249,10 @@ def main(argv=None) -> int:
     import transformers
 
     model_dir = resolve_source(args.model)
+    if args.profile:
+        out_file = Path(args.profile_out or f"{args.out_dir}/profile_decode_{args.profile}.md")
+        profile(model_dir, args.batch_sizes, args.dtypes, args.profile, args.profile_steps, out_file)
+        return 0
     rows = bench(model_dir, args.batch_sizes, args.dtypes, args.max_new_tokens, args.repeats)
     meta = dict(model=str(args.model), new_tokens=args.max_new_tokens, repeats=args.repeats, torch=torch.__version__,
                 transformers=transformers.__version__, threads=torch.get_num_threads(),

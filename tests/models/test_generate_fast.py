@@ -1,0 +1,278 @@
+"""The fast generation path (static cache, packed weights, compiled layer, tail stop check) against
+slow references on tiny random llama / qwen2 models.
+
+References, none of which uses models/generate.py:
+- `_slow_tokens`: the decoder's own incremental path, one prompt at a time with no padding, the
+  growing KVCache, the full logits of every step (what generate() did before the static cache);
+- transformers' generate on the same weights (greedy);
+- for stop strings: the full text generated without stop strings, cut at the first stop string.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from helpers.tokenizers import build_tokenizer_dir  # noqa: E402
+from models import generate, load_hf_directory  # noqa: E402
+from models import compile_utils  # noqa: E402
+from models.generate import _sample, _stop_in_tail  # noqa: E402
+from models.kv_cache import KVCache, StaticKVCache  # noqa: E402
+
+PROMPTS = [
+    "The quick brown fox",
+    "How do I bake bread? Mix flour, water",
+    "I'm",
+    "def add(a, b):\n    return",
+    "Qu'est-ce que c'est? Ünïcödé text, emojis",
+]
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def _build(tmp_path_factory, arch: str):
+    path = tmp_path_factory.mktemp(f"tiny-fast-{arch}")
+    build_tokenizer_dir(path)
+    vocab = len(json.loads((path / "tokenizer.json").read_text())["model"]["vocab"])
+    common = dict(hidden_size=96, num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=2,
+                  intermediate_size=96, vocab_size=vocab, max_position_embeddings=512,
+                  tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    if arch == "llama":
+        config, cls = transformers.LlamaConfig(head_dim=16, **common), transformers.LlamaForCausalLM
+    else:
+        config, cls = transformers.Qwen2Config(**common), transformers.Qwen2ForCausalLM
+    torch.manual_seed(1)
+    hf = cls(config).eval()
+    with torch.no_grad():
+        hf.lm_head.weight.normal_(0.0, 1.0)  # varied greedy text, top-2 gaps far above rounding
+        for name, p in hf.named_parameters():
+            if name.endswith("_proj.bias"):
+                p.normal_(0.0, 0.5)  # qwen2's q/k/v biases must matter
+    from models import Tokenizer
+
+    tok = Tokenizer.from_directory(path)
+    with torch.no_grad():
+        # Lone bytes of multi-byte characters all decode to U+FFFD, and texts made of them compare
+        # equal whatever the ids: make them unlikely so text equality means token equality.
+        for i in range(vocab):
+            if "\ufffd" in tok.decode([i]):
+                hf.lm_head.weight[i].mul_(0.05)
+    hf.save_pretrained(path, safe_serialization=True)
+    model, tok = load_hf_directory(path, dtype=torch.float32)
+    return hf, model, tok
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def tiny(request, tmp_path_factory):
+    return _build(tmp_path_factory, request.param)
+
+
+@torch.inference_mode()
+def _slow_tokens(model, tok, prompt: str, new_tokens: int, temperature=0.0, top_p=1.0, generator=None):
+    """Token ids, stopping at EOS, from the decoder's incremental forward (no padding, growing cache)."""
+    ids = torch.tensor([tok.encode(prompt, add_special_tokens=True)])
+    cache = KVCache(model.config.num_hidden_layers)
+    logits = model(ids, kv_cache=cache)[:, -1].float()
+    out = []
+    for _ in range(new_tokens):
+        nxt = _sample(logits, temperature, top_p, generator)
+        if int(nxt) in tok.eos_token_ids:
+            break
+        out.append(int(nxt))
+        logits = model(nxt.view(1, 1), kv_cache=cache)[:, -1].float()
+    return out
+
+
+def _hf_tokens(hf, tok, prompt: str, new_tokens: int):
+    ids = torch.tensor([tok.encode(prompt, add_special_tokens=True)])
+    out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
+                      eos_token_id=sorted(tok.eos_token_ids), pad_token_id=tok.pad_token_id)
+    new = out[0, ids.shape[1]:].tolist()
+    end = next((i for i, t in enumerate(new) if t in tok.eos_token_ids), len(new))
+    return new[:end]
+
+
+def test_greedy_equals_slow_path_and_transformers(tiny):
+    hf, model, tok = tiny
+    fast = generate(model, tok, PROMPTS, max_new_tokens=20, batch_size=4, progress=False, compile=False)
+    for prompt, text in zip(PROMPTS, fast):
+        slow = _slow_tokens(model, tok, prompt, 20)
+        theirs = _hf_tokens(hf, tok, prompt, 20)
+        assert slow == theirs, f"{prompt!r}: the slow reference already disagrees with transformers"
+        assert text == tok.decode(slow), f"{prompt!r}: fast {text!r} != slow {tok.decode(slow)!r}"
+    assert sum(len(t) for t in fast) > 20, "nothing generated: the comparison would be vacuous"
+
+
+def test_sampling_equals_slow_path_with_the_same_seed(tiny):
+    _, model, tok = tiny
+    # One prompt per batch so the generator's draws line up with the one-row reference.
+    fast = generate(model, tok, PROMPTS[:3], max_new_tokens=10, temperature=1.3, top_p=0.9, seed=5,
+                    batch_size=1, progress=False)
+    gen = torch.Generator().manual_seed(5)
+    # generate() sorts prompts longest first; replay the reference in that order.
+    order = sorted(range(3), key=lambda i: len(tok.encode(PROMPTS[i], add_special_tokens=True)), reverse=True)
+    expected = {}
+    for i in order:
+        expected[i] = tok.decode(_slow_tokens(model, tok, PROMPTS[i], 10, 1.3, 0.9, gen))
+    assert fast == [expected[i] for i in range(3)]
+    again = generate(model, tok, PROMPTS[:3], max_new_tokens=10, temperature=1.3, top_p=0.9, seed=5,
+                     batch_size=1, progress=False)
+    assert again == fast, "same seed, different samples"
+
+
+def test_last_token_costs_no_forward_pass(tiny):
+    """Before: a decoder forward ran after the last token and its logits were thrown away."""
+    _, model, tok = tiny
+    calls = []
+    handle = model.model.layers[0].register_forward_hook(lambda *a: calls.append(1))
+    try:
+        no_eos = copy.copy(tok)
+        no_eos.eos_token_ids = set()
+        generate(model, no_eos, PROMPTS[:1], max_new_tokens=6, progress=False)
+    finally:
+        handle.remove()
+    assert len(calls) == 1 + 5, f"{len(calls)} layer-0 passes for a prefill and 6 tokens (want 6)"
+
+
+def test_weight_change_between_calls_is_seen(tiny):
+    """Packed copies of the weights must not outlive an in-place update (an optimizer step, merge)."""
+    _, model, tok = tiny
+    before = generate(model, tok, PROMPTS[:2], max_new_tokens=8, progress=False)
+    before_tokens = [_slow_tokens(model, tok, p, 8) for p in PROMPTS[:2]]
+    with torch.no_grad():
+        saved = model.lm_head.weight.clone()
+        model.lm_head.weight.mul_(-1.0)  # in place: same tensor, new version
+    try:
+        after = generate(model, tok, PROMPTS[:2], max_new_tokens=8, progress=False)
+        after_tokens = [_slow_tokens(model, tok, p, 8) for p in PROMPTS[:2]]
+    finally:
+        with torch.no_grad():
+            model.lm_head.weight.copy_(saved)
+    assert after_tokens != before_tokens, "negating lm_head changed nothing: the test would be vacuous"
+    assert after == [tok.decode(t) for t in after_tokens], f"stale weights: {after} (before the change: {before})"
+
+
+# ---------------------------------------------------------------------------- stop strings
+def test_stop_strings_equal_cutting_the_full_text(tiny):
+    _, model, tok = tiny
+    full = generate(model, tok, PROMPTS, max_new_tokens=24, progress=False)
+    for prompt, text in zip(PROMPTS, full):
+        if len(text) < 8:
+            continue
+        # A stop string late in the text (spans tokens), an early one, two at once, and one absent.
+        for stop in ([text[5:8]], [text[1:3], text[6:9]], ["\u2603 never"], [text[-3:]]):
+            cut = generate(model, tok, [prompt], max_new_tokens=24, stop=stop, progress=False)[0]
+            first = min((i for i in (text.find(s) for s in stop) if i >= 0), default=len(text))
+            assert cut == text[:first], f"stop {stop!r}: {cut!r}, expected {text[:first]!r}"
+
+
+def test_stop_check_decodes_only_a_tail(tiny):
+    """Before: every step decoded every row from its first token (quadratic in the length)."""
+    _, model, tok = tiny
+    decoded = []
+    counting = copy.copy(tok)
+    counting.eos_token_ids = set()  # run the full length
+
+    def decode(ids, skip_special_tokens=True):
+        decoded.append(len(ids))
+        return tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    counting.decode = decode
+    steps = 60
+    generate(model, counting, [PROMPTS[0]], max_new_tokens=steps, stop=["\u2603"], progress=False)
+    per_step = sorted(decoded)[:-1]  # the final decode of the whole answer is not a check
+    assert max(per_step) <= 16, f"a stop check decoded {max(per_step)} tokens at once"
+    assert sum(per_step) < steps * 20
+
+
+def test_tail_check_equals_full_decode_on_random_ids(tiny):
+    _, _, tok = tiny
+    vocab = tok.vocab_size if hasattr(tok, "vocab_size") else 300
+    gen = torch.Generator().manual_seed(0)
+    specials = sorted(tok.eos_token_ids) + [0, 1]
+    for trial in range(200):
+        ids = torch.randint(0, min(vocab, 400), (30,), generator=gen).tolist()
+        ids[int(torch.randint(0, 30, (1,), generator=gen))] = specials[trial % len(specials)]
+        text = tok.decode(ids)
+        if len(text) < 6:
+            continue
+        start = int(torch.randint(0, len(text) - 3, (1,), generator=gen))
+        stop = [text[start:start + 3]]
+        # The first prefix whose full decode contains the stop string is where the tail check fires.
+        want = next(n for n in range(1, 31) if stop[0] in tok.decode(ids[:n]))
+        got = next((n for n in range(1, 31) if _stop_in_tail(tok, ids[:n], stop, 3)), None)
+        assert got == want, f"ids {ids}: stop {stop!r} found at {got}, full decode at {want}"
+
+
+# ---------------------------------------------------------------------------- static cache
+def test_static_cache_prefill_equals_growing_cache(tiny):
+    _, model, tok = tiny
+    ids = torch.tensor([tok.encode(PROMPTS[1])])
+    with torch.inference_mode():
+        grow = model.hidden_states(ids, kv_cache=KVCache(model.config.num_hidden_layers))
+        cfg = model.config
+        static = StaticKVCache(cfg.num_hidden_layers, 1, cfg.num_key_value_heads, cfg.head_dim, 64, model.dtype)
+        fixed = model.hidden_states(ids, kv_cache=static)
+    torch.testing.assert_close(fixed, grow, rtol=0, atol=0)
+
+
+def test_static_cache_refuses_overflow_and_bad_sizes():
+    cache = StaticKVCache(2, 1, 1, 4, 3, torch.float32)
+    with pytest.raises(ValueError, match="static cache full"):
+        cache.append_mask(torch.ones(1, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="batch size 2"):
+        cache.append_mask(torch.ones(2, 1, dtype=torch.bool))
+    with pytest.raises(ValueError, match="capacity=0"):
+        StaticKVCache(2, 1, 1, 4, 0, torch.float32)
+
+
+# ---------------------------------------------------------------------------- compile switch
+def test_compile_switch_reads_argument_then_environment(monkeypatch):
+    monkeypatch.delenv(compile_utils.ENV_VAR, raising=False)
+    assert compile_utils.compile_requested(None) is False
+    monkeypatch.setenv(compile_utils.ENV_VAR, "1")
+    assert compile_utils.compile_requested(None) is True
+    assert compile_utils.compile_requested(False) is False
+    monkeypatch.setenv(compile_utils.ENV_VAR, "maybe")
+    with pytest.raises(ValueError, match="LORA_CORE_COMPILE must be 1 or 0"):
+        compile_utils.compile_requested(None)
+    with pytest.raises(TypeError, match="compile must be"):
+        compile_utils.compile_requested("yes")
+
+
+def test_compile_failure_falls_back_to_eager_with_one_warning(tiny, monkeypatch):
+    _, model, tok = tiny
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("inductor: no C++ compiler\nmore detail")
+
+    monkeypatch.setattr(compile_utils, "_state", {"failed": False, "compiled": broken})
+    eager = generate(model, tok, PROMPTS[:2], max_new_tokens=6, progress=False, compile=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = generate(model, tok, PROMPTS[:2], max_new_tokens=6, progress=False, compile=True)
+    assert out == eager
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1 and "no C++ compiler" in messages[0] and "more detail" not in messages[0]
+
+
+def test_compiled_step_equals_eager_with_one_graph_for_all_layers(tmp_path_factory, monkeypatch):
+    """The compiled path on a tiny model (seconds): the same greedy text, and every layer shares
+    one compiled graph (a per-layer specialisation would compile num_layers times)."""
+    from torch._dynamo.utils import counters
+
+    _, model, tok = _build(tmp_path_factory, "qwen2")
+    monkeypatch.setattr(compile_utils, "_state", {"failed": False, "compiled": None})
+    torch._dynamo.reset()
+    counters.clear()
+    eager = generate(model, tok, PROMPTS, max_new_tokens=10, batch_size=8, progress=False, compile=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a fallback would hide a broken compile
+        compiled = generate(model, tok, PROMPTS, max_new_tokens=10, batch_size=8, progress=False, compile=True)
+    assert compiled == eager
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
