@@ -57,8 +57,11 @@ PRE_TOKENIZERS: dict[str, tuple[str, str | None]] = {
 # ("ignore_merges", as HF's Llama 3 tokenizer.json also says), and BOS is added unless the file's
 # tokenizer.ggml.add_bos_token says otherwise.
 _LLAMA3_FAMILY = {"llama-bpe", "llama3", "llama-v3", "falcon3"}
-# The original Qwen2 tokenizer.json normalises to NFC before splitting.
-_NFC = {"qwen2", "deepseek-r1-qwen"}
+# The original Qwen2 tokenizer.json normalises to NFC before splitting. DeepSeek-R1-Distill-Qwen's
+# GGUF ("deepseek-r1-qwen") does not: llama.cpp never normalises, and transformers' GGUF conversion
+# of that file has no normaliser either, so composing "e" + U+0301 into "é" would change its ids
+# (checked on its real vocabulary, tests/models/test_deepseek_tokenizer.py).
+_NFC = {"qwen2"}
 
 
 def _token_text(tokens: list[str], index, path, what: str) -> str | None:

@@ -7,8 +7,10 @@ from train.sft.config import TrainConfig
 
 
 def _template_is_reasoning(tokenizer) -> bool:
+    # DeepSeek-R1-Distill's template (the paper's 7B GGUF) names only "</think>", to cut reasoning
+    # from the chat history; newer versions also open "<think>" in the generation prompt.
     template = getattr(tokenizer, "chat_template", None) or ""
-    return isinstance(template, str) and "<think>" in template
+    return isinstance(template, str) and ("<think>" in template or "</think>" in template)
 
 
 def build_examples(config: TrainConfig, tokenizer) -> tuple[list[dict], dict]:
