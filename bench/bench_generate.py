@@ -77,7 +77,7 @@ def _median_times(fns, repeats: int) -> list[float]:
     return [statistics.median(t) for t in times]
 
 
-def bench(model_dir: Path, batch_sizes, dtypes, new_tokens: int, repeats: int) -> list[dict]:
+def bench(model_dir: Path, batch_sizes, dtypes, new_tokens: int, repeats: int, with_compile: bool) -> list[dict]:
     import transformers
 
     rows = []
@@ -99,7 +99,12 @@ def bench(model_dir: Path, batch_sizes, dtypes, new_tokens: int, repeats: int) -
                 mask[i, width - len(e):] = 1
 
             def run_ours():
-                return generate(ours, no_eos, prompts, max_new_tokens=new_tokens, batch_size=batch, progress=False)
+                return generate(ours, no_eos, prompts, max_new_tokens=new_tokens, batch_size=batch, progress=False,
+                                compile=False)
+
+            def run_compiled():
+                return generate(ours, no_eos, prompts, max_new_tokens=new_tokens, batch_size=batch, progress=False,
+                                compile=True)
 
             def run_theirs():
                 with torch.inference_mode():
@@ -109,13 +114,28 @@ def bench(model_dir: Path, batch_sizes, dtypes, new_tokens: int, repeats: int) -
 
             out_theirs = run_theirs()
             assert out_theirs.shape[1] == width + new_tokens, "transformers did not generate the full length"
-            t_ours, t_theirs = _median_times([run_ours, run_theirs], repeats)
+            fns = [run_ours, run_theirs]
+            compile_s = None
+            if with_compile:
+                # First call of a new shape bucket = compile + one run; the steady time is subtracted.
+                start = time.perf_counter()
+                run_compiled()
+                first = time.perf_counter() - start
+                fns.append(run_compiled)
+            times = _median_times(fns, repeats)
+            t_ours, t_theirs = times[:2]
             row = dict(dtype=dtype_name, batch=batch, new_tokens=new_tokens, prompt_tokens=width,
                        ours_tok_s=batch * new_tokens / t_ours, transformers_tok_s=batch * new_tokens / t_theirs,
                        ours_s=t_ours, transformers_s=t_theirs)
-            row["ratio"] = row["ours_tok_s"] / row["transformers_tok_s"]
+            row["ratio"] = row["tokens_per_s_ratio"] = row["ours_tok_s"] / row["transformers_tok_s"]
+            if with_compile:
+                row["compiled_tok_s"] = batch * new_tokens / times[2]
+                row["compiled_ratio"] = row["compiled_tok_s"] / row["transformers_tok_s"]
+                row["compile_s"] = compile_s = max(first - times[2], 0.0)
             print(f"{dtype_name:9s} batch {batch:3d}: ours {row['ours_tok_s']:8.1f} tok/s, "
-                  f"transformers {row['transformers_tok_s']:8.1f} tok/s, ratio {row['ratio']:.2f}x", flush=True)
+                  f"transformers {row['transformers_tok_s']:8.1f} tok/s, ratio {row['ratio']:.2f}x"
+                  + (f"; compiled {row['compiled_tok_s']:.1f} tok/s ({row['compiled_ratio']:.2f}x), "
+                     f"compile {compile_s:.1f} s" if with_compile else ""), flush=True)
             rows.append(row)
         del ours, theirs
     return rows
@@ -215,13 +235,20 @@ def profile(model_dir: Path, batch_sizes, dtypes, kind: str, steps: int, out_fil
 
 
 def _markdown(rows, meta) -> str:
+    compiled = any("compiled_tok_s" in r for r in rows)
     lines = [f"# Greedy generation throughput ({meta['model']}, {meta['new_tokens']} new tokens, CPU)", "",
              f"torch {meta['torch']}, transformers {meta['transformers']}, {meta['threads']} threads, "
-             f"{meta['cpu']}. Shared CPU: ratios are the figure to read.", "",
-             "| dtype | batch | ours tok/s | transformers tok/s | ratio |", "|---|---:|---:|---:|---:|"]
+             f"{meta['cpu']}, load average before/after {meta['load_before']} / {meta['load_after']}. "
+             "Ratios are the figure to read.", "",
+             "| dtype | batch | ours tok/s | transformers tok/s | ratio |"
+             + (" compiled tok/s | compiled ratio | compile s |" if compiled else ""),
+             "|---|---:|---:|---:|---:|" + ("---:|---:|---:|" if compiled else "")]
     for r in rows:
-        lines.append(f"| {r['dtype']} | {r['batch']} | {r['ours_tok_s']:.1f} | {r['transformers_tok_s']:.1f} | "
-                     f"{r['ratio']:.2f}x |")
+        line = (f"| {r['dtype']} | {r['batch']} | {r['ours_tok_s']:.1f} | {r['transformers_tok_s']:.1f} | "
+                f"{r['ratio']:.2f}x |")
+        if compiled:
+            line += f" {r['compiled_tok_s']:.1f} | {r['compiled_ratio']:.2f}x | {r['compile_s']:.1f} |"
+        lines.append(line)
     return "\n".join(lines) + "\n"
 
 
@@ -236,6 +263,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads for both sides (default: torch's choice). On a CPU shared with other "
                         "jobs, 1 avoids OpenMP spin contention that made 2-thread matmuls ~20x slower here")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time generate(compile=True) and report its one-off compile cost")
     parser.add_argument("--profile", choices=["dynamic", "static", "compiled"], default=None,
                         help="instead of the benchmark, write a torch.profiler table of one decode step of this "
                         "kind (dynamic = the growing-cache path generate() used before) to --profile-out")
@@ -253,11 +282,14 @@ def main(argv=None) -> int:
         out_file = Path(args.profile_out or f"{args.out_dir}/profile_decode_{args.profile}.md")
         profile(model_dir, args.batch_sizes, args.dtypes, args.profile, args.profile_steps, out_file)
         return 0
-    rows = bench(model_dir, args.batch_sizes, args.dtypes, args.max_new_tokens, args.repeats)
+    load_before = _load_average()
+    rows = bench(model_dir, args.batch_sizes, args.dtypes, args.max_new_tokens, args.repeats, args.compile)
     meta = dict(model=str(args.model), new_tokens=args.max_new_tokens, repeats=args.repeats, torch=torch.__version__,
-                transformers=transformers.__version__, threads=torch.get_num_threads(),
-                cpu=platform.processor() or platform.machine())
+                transformers=transformers.__version__, threads=torch.get_num_threads(), cpu=_cpu_description(),
+                cpu_capability=torch.backends.cpu.get_cpu_capability(), load_before=load_before,
+                load_after=_load_average())
     out = Path(args.out_dir)
+    print(f"load average before/after: {load_before} / {meta['load_after']}")
     atomic_write_text(out / "bench_generate.json", json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     atomic_write_text(out / "bench_generate.md", _markdown(rows, meta))
     print(f"wrote {out / 'bench_generate.json'} and {out / 'bench_generate.md'}")
