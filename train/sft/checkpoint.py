@@ -64,14 +64,18 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, state: dict,
-                    keep: int = 2) -> Path:
-    """Write checkpoint `step` atomically and point LATEST at it; keep the newest `keep`."""
+                    keep: int = 2, trainable: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write checkpoint `step` atomically and point LATEST at it; keep the newest `keep`.
+
+    `trainable`: the tensors to store, when the model's own are shards (train.sft.distributed
+    gathers them); default: the model's trainable parameters."""
     ckpt_root = Path(run_dir) / "checkpoints"
     final = ckpt_root / f"step-{step:06d}"
     # The same step may be saved again (end of run on a save boundary): it is replaced whole.
     with naming_write_failures(final):
         with atomic_directory(final) as tmp:
-            save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+            tensors = trainable_state(model) if trainable is None else trainable
+            save_file(tensors, str(tmp / "trainable.safetensors"))
             torch.save(state, tmp / "state.pt")
             meta = {"step": step, "sha256": {name: sha256_of(tmp / name)
                                              for name in ("trainable.safetensors", "state.pt")}}

@@ -10,13 +10,16 @@ from models.registry import is_pulled, model_dir
 from train.sft.config import TrainConfig
 
 
-def write_final_output(model, tokenizer, config: TrainConfig, run_dir: Path, lora_cfg) -> Path:
+def write_final_output(model, tokenizer, config: TrainConfig, run_dir: Path, lora_cfg,
+                       state: dict | None = None) -> Path:
+    """`state`: the full model's tensors when the model's own are shards (train.sft.distributed
+    gathers them); default: model.state_dict()."""
     if config.method == "lora":
         out = run_dir / "adapter"
         save_adapter(model, out, base_model=config.model, config=lora_cfg)
         return out
     hf_config = model.config.to_hf_dict()
-    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    tensors = {k: v.detach().contiguous() for k, v in (model.state_dict() if state is None else state).items()}
     if hf_config.get("tie_word_embeddings"):
         tensors.pop("lm_head.weight", None)  # shares storage with the embeddings; HF re-ties it
     return write_hf_directory(run_dir / "model", hf_config, tensors, extra_files=_tokenizer_files(config.model, tokenizer),

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,8 @@ from train.sft.batches import IGNORE_INDEX, collate, micro_batches, pad_token_id
 from train.sft.checkpoint import (clean_interrupted_writes, latest_checkpoint, load_checkpoint,
                                   naming_write_failures, restore_trainable, save_checkpoint)
 from train.sft.config import TrainConfig
+from train.sft import distributed as dist_mod
+from train.sft.distributed import Distributed
 from train.sft.examples import build_examples
 from train.sft.export import write_final_output
 from train.sft.losses import retain_kl
@@ -69,8 +72,11 @@ class Trainer:
     """Owns the model, data and optimiser of one run; `train()` runs it to the end."""
 
     def __init__(self, config: TrainConfig, model, tokenizer, examples: list[dict] | None = None,
-                 data_info: dict | None = None, evaluate_fn=None, log=print):
+                 data_info: dict | None = None, evaluate_fn=None, log=print, dist: Distributed | None = None):
         self.config = config.validate()
+        # One process, or this rank of a torchrun group (train.sft.distributed: sharding, data split).
+        self.dist = dist or Distributed(device=next(model.parameters()).device)
+        dist_mod.check_config(config, self.dist)
         # LoRA initialisation and dropout masks draw from torch's RNG: --seed must fix them, or two
         # identical commands train different adapters (a resume restores the RNG state it saved).
         seed_everything(config.seed)
@@ -92,6 +98,7 @@ class Trainer:
                 data_info["benign_sft_examples"] = len(benign)
         self.tokenized, token_stats = tokenize_examples(tokenizer, examples, config.max_length)
         config.data_info = {**data_info, **token_stats}
+        dist_mod.check_data(len(self.tokenized), config.batch_size, self.dist)
         self.trainable_count = sum(p.numel() for p in self.params)
         self.regularizer = None
         if config.ortho_beta > 0:
@@ -99,6 +106,7 @@ class Trainer:
                                                         weighting=config.ortho_weighting,
                                                         normalize=config.ortho_normalize,
                                                         scaled_update=config.ortho_scaled_update)
+        self.params = dist_mod.shard(model, self.dist, config.seed)  # before the optimiser sees them
         self.optimizer = build_optimizer(model, config)
         self.total_steps = total_steps_of(config, len(self.tokenized))
         self.evaluate_fn = evaluate_fn
@@ -108,9 +116,12 @@ class Trainer:
         self.vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
 
     def state(self) -> dict:
-        return {"step": self.step, "epoch": self.epoch, "batch_index": self.batch_index,
-                "optimizer": self.optimizer.state_dict(), "scheduler": {"step": self.step},
-                "rng": rng_state(), "total_steps": self.total_steps}
+        state = {"step": self.step, "epoch": self.epoch, "batch_index": self.batch_index,
+                 "optimizer": dist_mod.optimizer_state(self.model, self.optimizer, self.dist),
+                 "scheduler": {"step": self.step}, "rng": rng_state(), "total_steps": self.total_steps}
+        if self.dist.active:  # every rank's own dropout stream, and the layout it belongs to
+            state.update(rng=self.dist.gather_objects(state["rng"]), world_size=self.dist.world_size)
+        return state
 
     def resume(self) -> int:
         """Restore the newest checkpoint of the run directory; returns its step."""
@@ -118,17 +129,25 @@ class Trainer:
         if path is None:
             raise FileNotFoundError(f"--resume: no checkpoint in {self.run_dir / 'checkpoints'}")
         ckpt = load_checkpoint(path)
-        restore_trainable(self.model, ckpt.trainable)
+        saved_world = int(ckpt.state.get("world_size", 1))
+        if saved_world != self.dist.world_size:
+            raise ValueError(f"--resume: {path} was written by {saved_world} process(es); resume it with "
+                             f"{saved_world} (this run has {self.dist.world_size})")
+        if self.dist.active:
+            dist_mod.load_trainable(self.model, ckpt.trainable, self.dist)
+        else:
+            restore_trainable(self.model, ckpt.trainable)
         try:
-            self.optimizer.load_state_dict(ckpt.state["optimizer"])
+            dist_mod.load_optimizer_state(self.model, self.optimizer, ckpt.state["optimizer"], self.dist)
             self.step, self.epoch = int(ckpt.state["step"]), int(ckpt.state["epoch"])
             self.batch_index = int(ckpt.state["batch_index"])
-            set_rng_state(ckpt.state["rng"])
+            rng = ckpt.state["rng"]
+            set_rng_state(rng[self.dist.rank] if self.dist.active else rng)
         except (KeyError, ValueError, TypeError, RuntimeError) as error:
             raise ValueError(f"corrupt checkpoint {path}: state.pt unusable ({error})") from None
         # Metrics past the checkpoint belong to the abandoned tail of the interrupted run.
         metrics = self.run_dir / "metrics.jsonl"
-        if metrics.is_file():
+        if metrics.is_file() and self.dist.is_main:
             lines = [l for l in metrics.read_text().splitlines()
                      if l.strip() and json.loads(l).get("step", 0) <= self.step]
             atomic_write_text(metrics, "".join(l + "\n" for l in lines))
@@ -162,18 +181,22 @@ class Trainer:
         loss_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
         total_loss, tokens = 0.0, 0
         for batch in batches:
+            batch = dist_mod.local_rows(batch, self.dist)  # this rank's rows (all of them in one process)
             n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
             with self._autocast():
                 loss = causal_lm_loss(self.model, batch["input_ids"], batch["labels"],
                                       attention_mask=batch["attention_mask"])
             if not torch.isfinite(loss):
                 raise self._diverged(f"loss became {loss.item()}")
-            (loss * (n / loss_tokens)).backward()
+            (loss * (n / loss_tokens * self.dist.grad_scale)).backward()
             total_loss += loss.item() * n / loss_tokens
             tokens += int(batch["attention_mask"].sum())
+        if self.dist.active:
+            total_loss, tokens = self.dist.sum(total_loss, tokens)
+            tokens = int(tokens)
         retain_value = None
         if self.retain is not None:
-            batch = self.retain.batch(self.step)
+            batch = dist_mod.local_rows(self.retain.batch(self.step), self.dist)
             with self._autocast():
                 kl = retain_kl(self.model, batch["input_ids"], batch["labels"], batch["attention_mask"])
             if not torch.isfinite(kl):
@@ -187,7 +210,7 @@ class Trainer:
             (config.ortho_beta * reg).backward()
             reg_value = float(reg.detach())
         max_norm = config.clip if config.clip else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        grad_norm = dist_mod.grad_norm_and_clip(self.params, max_norm)
         if not math.isfinite(grad_norm):
             raise self._diverged(f"gradient norm became {grad_norm}")
         if grad_norm == 0.0:
@@ -221,9 +244,14 @@ class Trainer:
 
     def _save(self) -> None:
         """Checkpoint the current step, unless its weights are no longer finite (lr inf)."""
-        if not all(bool(torch.isfinite(p).all()) for p in self.params):
+        if not dist_mod.all_finite(self.params, self.dist):
             raise self._diverged("weights became non-finite after the optimiser update", step=self.step)
-        save_checkpoint(self.run_dir, self.step, self.model, self.state(), self.config.keep_checkpoints)
+        # Gathering is collective; rank 0 alone writes, and the others wait until it has.
+        trainable, state = dist_mod.trainable_tensors(self.model), self.state()
+        if self.dist.is_main:
+            save_checkpoint(self.run_dir, self.step, self.model, state, self.config.keep_checkpoints,
+                            trainable=trainable)
+        self.dist.barrier()
 
     # --- the run ---------------------------------------------------------------------------
     def _evaluate(self, tag: str) -> dict | None:
@@ -244,22 +272,26 @@ class Trainer:
         if not resume and latest_checkpoint(run_dir) is not None:
             raise ValueError(f"--out {run_dir} already holds checkpoints: pass --resume to continue "
                              "that run, or choose another --out")
-        for path in clean_interrupted_writes(run_dir):
+        main = self.dist.is_main  # only rank 0 writes, logs and shows progress
+        for path in clean_interrupted_writes(run_dir) if main else []:
             self.log(f"removed {path}, left by a write that was interrupted")
+        self.dist.barrier()
         if resume:
             self.resume()
-        else:
+        elif main:
             atomic_write_text(run_dir / "metrics.jsonl", "")
-        atomic_write_json(run_dir / "config.json", {**config.to_dict(), "total_steps": self.total_steps,
-                                                    "trainable_params": self.trainable_count})
+        if main:
+            atomic_write_json(run_dir / "config.json", {**config.to_dict(), "total_steps": self.total_steps,
+                                                        "trainable_params": self.trainable_count})
+        self.dist.barrier()
         self.model.train()
         losses, metrics = [], []
         t_start = time.perf_counter()
-        sink = open_sink(run_dir, config.tensorboard)  # before the first step: a missing package fails now
+        sink = open_sink(run_dir, config.tensorboard and main)  # before the first step: a missing package fails now
         bar = progress(total=self.total_steps, initial=self.step, desc=f"train ({config.method})",
-                       enabled=config.progress)
+                       enabled=config.progress if main else False)
         try:
-            with (run_dir / "metrics.jsonl").open("a") as metrics_file:
+            with (run_dir / "metrics.jsonl" if main else Path(os.devnull)).open("a") as metrics_file:
                 while self.step < self.total_steps:
                     record = self.train_step()
                     losses.append(record["loss"])
@@ -286,8 +318,16 @@ class Trainer:
         self._save()
         self.model.eval()
         final = "adapter" if config.method == "lora" else "model"
-        with naming_write_failures(run_dir / final, what=f"the final {final}"):
-            output = write_final_output(self.model, self.tokenizer, config, run_dir, self.lora_cfg)
+        output = run_dir / final
+        # Under torchrun every rank gathers the whole model, and rank 0 writes the files one process does.
+        state = dist_mod.full_state(self.model, self.dist) if config.method == "full" else None
+        whole = dist_mod.unsharded(self.model, self.dist) if state is None else contextlib.nullcontext()
+        with whole, naming_write_failures(run_dir / final, what=f"the final {final}"):
+            if main:
+                output = write_final_output(self.model, self.tokenizer, config, run_dir, self.lora_cfg, state=state)
+        self.dist.barrier()
+        if not main:
+            return TrainResult(run_dir, self.step, losses, train_seconds, output, metrics, self.trainable_count)
         atomic_write_json(run_dir / "summary.json", {
             "steps": self.step, "final_loss": losses[-1] if losses else None,
             "train_seconds": train_seconds, "output": output.relative_to(run_dir).as_posix(),
@@ -310,21 +350,31 @@ def _scalars(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def load_model_for(config: TrainConfig):
-    """The model (fp32 master weights: bf16 runs under autocast) and tokenizer of `config.model`."""
-    return load_model(config.model, dtype=torch.float32)
+def load_model_for(config: TrainConfig, device="cpu"):
+    """The model and tokenizer of `config.model`, loaded straight into the dtype it trains in:
+    LoRA in bf16 keeps its frozen base in bf16 (no fp32 copy on the way); full fine-tuning keeps
+    fp32 master weights (bf16 runs under autocast)."""
+    dtype = torch.bfloat16 if config.method == "lora" and config.dtype == "bfloat16" else torch.float32
+    return load_model(config.model, dtype=dtype, device=device)
 
 
 def train(config: TrainConfig, resume: bool = False, model=None, tokenizer=None, examples=None,
           evaluate_fn=None, log=print, given: set[str] | None = None,
-          make_evaluate_fn=None) -> TrainResult:
+          make_evaluate_fn=None, device=None) -> TrainResult:
     """Run `config` end to end; with `resume`, continue the run in `config.out`.
 
     `given` (with `resume`): the fields set for this invocation, compared with the run's stored
     config (train.sft.resume_config); None compares every field of `config`.
     `make_evaluate_fn(config)`, if given, builds `evaluate_fn` from the config the run goes on
     with (on resume, the stored one rather than the flags of this invocation).
+    `device`: where the model is loaded and trained (default: the given model's device, else cpu);
+    under torchrun each process joins its group here (train.sft.distributed).
     """
+    if device is None:
+        device = next(model.parameters()).device if model is not None else "cpu"
+    dist = dist_mod.from_environment(device)
+    if not dist.is_main:
+        log = _quiet
     if resume:
         # The run is the one --out names, wherever it was first written: a copied or moved run
         # resumes where it is, never into the path stored in its config.json.
@@ -332,9 +382,14 @@ def train(config: TrainConfig, resume: bool = False, model=None, tokenizer=None,
     else:
         config = config.anchored()
     config.validate()
+    dist_mod.check_config(config, dist)
     if make_evaluate_fn is not None:
         evaluate_fn = make_evaluate_fn(config)
     if model is None:
-        model, tokenizer = load_model_for(config)
-    trainer = Trainer(config, model, tokenizer, examples=examples, evaluate_fn=evaluate_fn, log=log)
+        model, tokenizer = load_model_for(config, dist.device)
+    trainer = Trainer(config, model, tokenizer, examples=examples, evaluate_fn=evaluate_fn, log=log, dist=dist)
     return trainer.train(resume=resume)
+
+
+def _quiet(*_args, **_kwargs) -> None:
+    """The log of ranks other than 0."""
