@@ -49,6 +49,7 @@ class DemoConfig:
     layers: str | None = None
     batch_size: int = 8
     dtype: str = "float32"
+    device: str = field(default="cpu", metadata={"cli": False})  # set from --device (train/cli/_device.py)
     suite: str = field(default="quick", metadata={"help": "evaluation suite (default %(default)s)"})
     eval_limit: int | None = field(default=None, metadata={"help": "cap every evaluation subset"})
     seed: int = 0
@@ -258,7 +259,8 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
         raise ValueError(f"--out {out} already exists and is not empty; choose another run directory")
     out.mkdir(parents=True, exist_ok=True)
     log(f"[1/4] loading {cfg.model} (pulled on first use)")
-    model, tokenizer = load_model(cfg.model, dtype=torch.float32)
+    # Straight into the dtype it trains in: a bf16 run keeps its frozen base in bf16 (no fp32 copy).
+    model, tokenizer = load_model(cfg.model, dtype=getattr(torch, cfg.dtype), device=cfg.device)
     eval_kw = dict(suite=cfg.suite, limit=cfg.eval_limit, progress=cfg.progress, seed=cfg.seed)
     log(f"[2/4] evaluating the base model ({cfg.suite} suite)")
     t = time.perf_counter()

@@ -19,8 +19,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
-                        help="compute dtype (default: the checkpoint's, float32 on CPU for float16)")
+    from train.cli._device import add_device_arguments
+
+    add_device_arguments(parser)
     parser.add_argument("--adapter", default=None, help="optional PEFT-format LoRA adapter directory to apply")
     parser.add_argument("--chatml-fallback", action="store_true",
                         help="use a ChatML template if the checkpoint has none (otherwise that is an error)")
@@ -36,11 +37,14 @@ def run(args) -> int:
     if args.max_new_tokens <= 0:
         raise ValueError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
     torch.manual_seed(args.seed)
-    model, tokenizer = load_model(args.model, dtype=args.dtype)
+    from train.cli._device import placement
+
+    device, dtype = placement(args)
+    model, tokenizer = load_model(args.model, dtype=dtype, device=device)
     if args.adapter:
         from lora_core import load_adapter
 
-        load_adapter(model, args.adapter)
+        load_adapter(model, args.adapter, base_model=str(args.model))  # warns when it names another model
     messages = [{"role": "system", "content": args.system}] if args.system else []
     messages.append({"role": "user", "content": args.message})
     prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True,

@@ -15,13 +15,22 @@ def add_arguments(parser) -> None:
     # The demo's knobs are TrainConfig's under the same names (run_demo passes them through), so a
     # field without help or choices of its own takes TrainConfig's: --dtype's choices are the trainer's.
     add_dataclass_arguments(parser, DemoConfig, exclude=_NOT_FLAGS, inherit=TrainConfig)
+    from train.cli._device import add_device_argument
+
+    add_device_argument(parser)
 
 
 def run(args) -> int:
     from train.cli._options import dataclass_from_args
     from train.demo import DemoConfig, run_demo
 
-    cfg = dataclass_from_args(DemoConfig, args, exclude=_NOT_FLAGS)
+    from train.cli._device import default_dtype, resolve_device
+    from train.cli._options import given_fields
+
+    device = resolve_device(args.device)
+    # An untyped --dtype follows the hardware (bf16 on a GPU or a CPU with bf16 units), as everywhere.
+    dtype = args.dtype if "dtype" in given_fields(args) else default_dtype(device)
+    cfg = dataclass_from_args(DemoConfig, args, exclude=_NOT_FLAGS, device=str(device), dtype=dtype)
     if cfg.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {cfg.steps}")
     run_demo(cfg)

@@ -34,6 +34,9 @@ def add_arguments(parser) -> None:
                         "with time/memory limits, empty environment and a temp dir - not a security sandbox")
     parser.add_argument("--label", default=None, help="name of this run in comparisons")
     parser.add_argument("--out", required=True, help="output directory for results.json/.md and generations.jsonl")
+    from train.cli._device import add_device_arguments
+
+    add_device_arguments(parser)
 
 
 def run(args) -> int:
@@ -50,16 +53,19 @@ def run(args) -> int:
     if args.adapter is not None and not Path(args.adapter).is_dir():
         raise FileNotFoundError(f"--adapter {args.adapter} is not a directory")
     suite = _suite_with_sampling(SUITES[args.suite], args)
+    from train.cli._device import placement
+
+    device, dtype = placement(args)  # a device this machine lacks is refused before the load
     _check_writable(out)
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, dtype=dtype, device=device)
     base_model = None
     if args.adapter is not None:
         from lora_core import load_adapter
 
         if not args.no_drift:
-            base_model, _ = load_model(args.model)
+            base_model, _ = load_model(args.model, dtype=dtype, device=device)
             base_model.eval()
-        load_adapter(model, args.adapter)
+        load_adapter(model, args.adapter, base_model=str(args.model))  # warns when it names another model
     judge = None
     if args.guard is not None:
         from train.eval.judges import GuardModelJudge

@@ -35,6 +35,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dtype of the exported weights (default: the source checkpoint's)")
     parser.add_argument("--svd-dtype", choices=["float32", "float64"], default="float32",
                         help="dtype of the SVD and of the merge sum")
+    from train.cli._device import add_device_argument
+
+    # --dtype here keeps its own default (the source checkpoint's): an export should not change
+    # its dtype because of the machine it was merged on.
+    add_device_argument(parser)
     parser.add_argument("--max-shard-gb", type=float, default=2.0, help="shard size of the safetensors files")
     parser.add_argument("--unsafe", action="store_true",
                         help="skip the check that every merged weight is finite (on by default: one cheap pass "
@@ -64,15 +69,18 @@ def run(args) -> int:
     if not adapter.is_dir():
         raise FileNotFoundError(f"--adapter directory not found: {adapter}")
 
+    from train.cli._device import resolve_device
+
+    device = resolve_device(args.device)
     source = resolve_source(args.model)
     config = json.loads((source / "config.json").read_text(encoding="utf-8"))
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    model, _ = load_hf_directory(source, dtype=dtype)
+    model, _ = load_hf_directory(source, dtype=dtype, device=device)
     load_adapter(model, adapter, base_model=str(args.model))  # warns when the file names another model
     svd_dtype = torch.float64 if args.svd_dtype == "float64" else torch.float32
     report = merge_lora(model, projection=args.project, k=args.k, svd_dtype=svd_dtype, safe=not args.unsafe)
 
-    tensors = {name: t.detach().contiguous() for name, t in model.state_dict().items()}
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()}
     if config.get("tie_word_embeddings"):
         head, emb = tensors.get("lm_head.weight"), tensors.get("model.embed_tokens.weight")
         if head is not None and emb is not None and head.data_ptr() == emb.data_ptr():

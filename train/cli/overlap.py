@@ -24,6 +24,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--svd-dtype", choices=["float32", "float64"], default="float32")
     parser.add_argument("--svd-cache", default=None,
                         help="safetensors file to read top-k SVDs from (if present) and write them back to")
+    from train.cli._device import add_device_arguments
+
+    # float32 by default, unlike the other commands: dW = tuned - base must not carry the rounding
+    # of a base checkpoint stored in fp32 and loaded as bf16.
+    add_device_arguments(parser, dtype_help="dtype the base model loads in (default float32: exact for any "
+                         "checkpoint; bfloat16 halves the memory and is exact for a bf16 checkpoint)")
 
 
 def _load_tensors(path: Path) -> dict:
@@ -69,6 +75,10 @@ def run(args) -> int:
     if cache_path is not None and cache_path.is_file():
         cache.load(cache_path)  # a damaged file is a ValueError naming it
     dtype = torch.float64 if args.svd_dtype == "float64" else torch.float32
+    from train.cli._device import resolve_device
+
+    device = resolve_device(args.device)
+    load_dtype = getattr(torch, args.dtype or "float32")
 
     if args.adapter:
         from lora_core import load_adapter
@@ -76,12 +86,12 @@ def run(args) -> int:
         adapter = Path(args.adapter)
         if not adapter.is_dir():
             raise FileNotFoundError(f"--adapter directory not found: {adapter}")
-        model, _ = load_model(args.model, dtype=torch.float32)
-        load_adapter(model, adapter)
+        model, _ = load_model(args.model, dtype=load_dtype, device=device)
+        load_adapter(model, adapter, base_model=str(args.model))  # warns when it names another model
         report = analyse_adapter(model, args.k, svd_dtype=dtype, cache=cache)
     else:
-        tuned = _load_tensors(Path(args.tuned))
-        model, _ = load_model(args.model, dtype=torch.float32)
+        tuned = {n: t.to(device) for n, t in _load_tensors(Path(args.tuned)).items()}
+        model, _ = load_model(args.model, dtype=load_dtype, device=device)
         base = {n: t.detach() for n, t in model.state_dict().items()}
         names = [n for n in default_update_names(base) if n in tuned]
         if not names:

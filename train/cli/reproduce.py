@@ -14,14 +14,30 @@ def add_arguments(parser) -> None:
                         "missing and skips finished runs")
     parser.add_argument("--estimate-only", action="store_true",
                         help="print the grid and the time estimate, run nothing")
+    from train.cli._device import add_device_argument
+
+    # No --dtype: each arm trains in its preset's dtype from fp32 weights (a bf16 LoRA arm casts its
+    # frozen base itself); loading the shared base in bf16 would make fp32 arms train bf16 adapters.
+    add_device_argument(parser)
 
 
 def run(args) -> int:
     from train.repro.preset import load_preset, load_preset_file
     from train.repro.runner import reproduce
 
+    import torch
+
+    from train.cli._device import resolve_device
+
+    device = resolve_device(args.device)
     preset = load_preset_file(args.config) if args.config else load_preset(args.preset or "paper-small")
-    result = reproduce(preset, args.out, estimate_only=args.estimate_only)
+
+    def load(name):
+        from models import load_model
+
+        return load_model(name, dtype=torch.float32, device=device)
+
+    result = reproduce(preset, args.out, estimate_only=args.estimate_only, load=load)
     if args.estimate_only:
         return 0
     for row in result["claims"]:

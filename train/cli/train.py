@@ -15,14 +15,27 @@ def add_arguments(parser) -> None:
                                help="continue the run in --out from its last checkpoint, with its stored "
                                "config: flags that differ from it are refused, except a larger --max-steps "
                                "and --save-every/--keep-checkpoints/--eval-every, which are applied")
+    # Where the run computes is about this invocation, not the run: a run may resume elsewhere.
+    from train.cli._device import add_device_argument
+
+    add_device_argument(placed["dtype"])
+    placed["dtype"].add_argument("--nproc", type=int, default=1,
+                                 help="processes to train with (FSDP2, one per GPU; gloo on the CPU): starts "
+                                 "torchrun --standalone --nproc-per-node N for you; for several nodes run "
+                                 "torchrun yourself (README)")
 
 
-def config_from_args(args):
-    from train.cli._options import dataclass_from_args
+def config_from_args(args, device=None):
+    from train.cli._options import dataclass_from_args, given_fields
     from train.sft.config import TrainConfig
 
-    # --clip 0 means "off"; the config records that as None.
-    return dataclass_from_args(TrainConfig, args, clip=args.clip or None).validate()
+    overrides = {"clip": args.clip or None}  # --clip 0 means "off"; the config records that as None
+    if device is not None and "dtype" not in given_fields(args):
+        from train.cli._device import default_dtype
+
+        # An untyped --dtype follows the hardware (bf16 where it is native), as in every command.
+        overrides["dtype"] = default_dtype(device)
+    return dataclass_from_args(TrainConfig, args, **overrides).validate()
 
 
 def _evaluator(config):
@@ -45,16 +58,42 @@ def _evaluator(config):
 
 
 def run(args) -> int:
+    import os
+
     from train.cli import UserError
+    from train.cli._device import resolve_device
     from train.cli._options import given_fields
     from train.sft.loop import TrainingDiverged, train
 
-    config = config_from_args(args)
+    device = resolve_device(args.device)
+    config = config_from_args(args, device)
+    if _should_launch(args):
+        from train.cli._launch import launch_torchrun
+
+        return launch_torchrun(args, config, device)
     try:
         # With --resume only the flags typed now are compared with the run's stored config.
-        result = train(config, resume=args.resume, make_evaluate_fn=_evaluator, given=given_fields(args))
+        result = train(config, resume=args.resume, make_evaluate_fn=_evaluator, given=given_fields(args),
+                       device=device)
     except TrainingDiverged as error:
         raise UserError(str(error)) from None
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # under torchrun, rank 0 alone reports
     print(f"trained {result.steps} steps in {result.train_seconds:.1f} s, final loss "
           f"{result.losses[-1] if result.losses else float('nan'):.4f}; wrote {result.output_path}")
     return 0
+
+
+def _should_launch(args) -> bool:
+    """--nproc N > 1 outside torchrun: start torchrun. Inside it, --nproc must agree or be absent."""
+    import os
+
+    if args.nproc < 1:
+        raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
+    world = os.environ.get("WORLD_SIZE")
+    if world is None:
+        return args.nproc > 1
+    if args.nproc not in (1, int(world)):
+        raise ValueError(f"--nproc {args.nproc} inside torchrun's {world} processes: leave --nproc out "
+                         "when you start torchrun yourself")
+    return False

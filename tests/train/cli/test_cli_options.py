@@ -27,9 +27,10 @@ TRAIN_FLAGS = {
     "--retain-targets", "--retain-target-tokens", "--retain-in-sft", "--retain-per-step", "--retain-limit",
     "--retain-max-length", "--retain-exclude-suite", "--retain-exclude-limit", "--retain-exclude-seed",
     "--out", "--resume", "--save-every", "--keep-checkpoints", "--eval-every", "--tensorboard", "--debug",
+    "--device", "--nproc",  # about the invocation, not the run (train/cli/_device.py, _launch.py)
 }
 DEMO_FLAGS = {
-    "--model", "--out", "--steps", "--lr", "--rank", "--targets", "--layers", "--batch-size", "--dtype",
+    "--model", "--out", "--steps", "--lr", "--rank", "--targets", "--layers", "--batch-size", "--dtype", "--device",
     "--suite", "--eval-limit", "--seed", "--retain-beta", "--retain-per-step", "--retain-data",
     "--retain-targets", "--debug",
 }
