@@ -126,4 +126,4 @@ def test_real_deepseek_vocabulary_splits_like_transformers(tmp_path):
     config = json.loads(files["tokenizer_config.json"])
     assert config["add_bos_token"] is True
     assert ours.encode("hi").ids[0] == int(gguf_file.metadata["tokenizer.ggml.bos_token_id"]) == 151646
-    assert "<think>" in config["chat_template"]
+    assert "</think>" in config["chat_template"]  # it cuts reasoning from history; it never opens <think>
