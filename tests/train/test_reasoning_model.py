@@ -35,7 +35,10 @@ def _offline_advbench(patch):
     """The harmful-prompt source and the held-out evaluation sets without the data wheels."""
     from train.data import refusal, registry
 
-    patch.setattr(registry, "load_records", lambda name, *a, **k: [{"prompt": p} for p in PROMPTS])
+    real = registry.load_records
+    # Only AdvBench is faked: a module imported meanwhile may keep this function for good.
+    patch.setattr(registry, "load_records", lambda name, *a, **k: (
+        [{"prompt": p} for p in PROMPTS] if name == "advbench" else real(name, *a, **k)))
     patch.setattr(refusal, "held_out_prompts", lambda names: ([], list(names)))
 
 
