@@ -32,11 +32,13 @@ def run(args) -> int:
     device = resolve_device(args.device)
     preset = load_preset_file(args.config) if args.config else load_preset(args.preset or "paper-small")
 
-    def load(name):
+    def load_on_device(name):
         from models import load_model
 
         return load_model(name, dtype=torch.float32, device=device)
 
+    # On the CPU the runner's own loader (fp32, CPU) is the same thing; keep it.
+    load = None if device.type == "cpu" else load_on_device
     result = reproduce(preset, args.out, estimate_only=args.estimate_only, load=load)
     if args.estimate_only:
         return 0
