@@ -11,8 +11,6 @@ decodes only the tail of a row that could complete one. The batch stops when eve
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from lora_core.common.progress import progress as progress_bar
@@ -190,10 +188,9 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperat
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     # progress True/None: a bar on a terminal, a line now and then in a log; False: silent.
     bar = progress_bar(batches, desc="generate", unit="batch", enabled=False if progress is False else None)
-    # Packed weights serve the eager step; the compiled step keeps plain F.linear (inductor cannot
-    # trace the rerouting mode's weight lookup).
-    packed = None if use_compile or max_new_tokens == 0 else packed_linears(model, min(batch_size, len(prompts)))
-    with packed if packed is not None else contextlib.nullcontext():
+    # Packed weights serve the eager step; the compiled step keeps the modules' own forward, so
+    # dynamo traces plain F.linear (packs are per-weight state it would have to guard on).
+    with packed_linears(model, min(batch_size, len(prompts)), enabled=not use_compile and max_new_tokens > 0):
         for indices in bar:
             texts = _generate_batch(model, tokenizer, [encoded[i] for i in indices], max_new_tokens,
                                     temperature, top_p, stop, generator, use_compile)

@@ -6,32 +6,36 @@ oneDNN and MKL run those faster when the weight is re-laid out once into their b
 instead of on every call: measured on the 2-core AVX512-BF16/AMX box, the model's 211 matmuls at
 M = 16 took 168 -> 100 ms (fp32, MKL packed sgemm) and 52 -> 34 ms (bf16, oneDNN); at M = 1 in
 bf16 44 -> 26 ms. This is what inductor's freezing pass does, but freezing compiles the whole
-model for minutes and bakes the weights in as constants; here the packs are kept beside the
-parameters and checked against them on every generate() call.
+model for minutes and bakes the weights in as constants; here the packs are made per generate() call (see
+Lifetime below).
 
-How it is applied: `packed_linears(model, rows)` returns a TorchFunctionMode that reroutes
-`F.linear(x, W, b)` to the packed kernel when W is a weight it packed, and leaves every other call
-alone. The decoder's code runs unchanged (one source of numerics), and a LoRA layer, which calls
-its own kernel and not F.linear on its frozen weight, keeps its exact path. The results equal
-F.linear's to rounding (tests compare greedy tokens with the unpacked path).
+How it is applied: inside `with packed_linears(model, rows):` every plain nn.Linear of the model
+(on CPU, in a dtype with a packed kernel) runs a forward that calls the packed kernel with the same
+weight and bias; on exit the class's forward is back. The decoder's code runs unchanged (one
+source of numerics); LoRA layers keep their own forward and exact path. Patching the instances
+costs nothing per call, where a TorchFunctionMode that inspected every torch call (tried first)
+added ~50% to each small op's dispatch, which at batch 1 ate the gain. Results equal F.linear's
+to rounding (tests compare greedy tokens with the unpacked path).
 
-Staleness: a pack is keyed by the parameter's identity, storage and version counter, so an
-optimizer step, merge() or load_state_dict (in-place writes bump `_version`) repacks it. Memory:
-a pack is a second copy of the weight, so models whose linear weights exceed
-MAX_PACKED_BYTES are not packed (a 7B model would need 14 GB more in bf16).
+Lifetime: packs are kept between calls (packing SmolLM2-135M costs ~0.3 s, a fifth of a 32-token
+answer at batch 1) in a table keyed weakly by the model and, per weight, by its storage and
+version counter: an optimizer step, merge() or load_state_dict writes in place and bumps the
+version, and the next call repacks that weight. The cost is memory: a pack is a second copy of the
+weight (0.54 GB for SmolLM2-135M in fp32, 0.27 GB in bf16), held until `release(model)` or until
+the model is freed; models whose linear weights exceed MAX_PACKED_BYTES are never packed (a 7B
+model would need 14 GB more in bf16).
 """
 from __future__ import annotations
 
+import contextlib
 import weakref
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
-MAX_PACKED_BYTES = 2 << 30  # 2 GiB of packed copies at most (SmolLM2-135M: 0.54 GB in fp32)
+MAX_PACKED_BYTES = 2 << 30  # 2 GiB of packed copies at most
 
-# model -> {id(weight): (stamp, packed)}; weak so a dropped model frees its packs.
+# model -> {id(weight): (stamp, packed)}; weak, so a dropped model frees its packs.
 _PACKS: "weakref.WeakKeyDictionary[nn.Module, dict[int, tuple[tuple, torch.Tensor]]]" = weakref.WeakKeyDictionary()
 
 
@@ -47,10 +51,6 @@ def _route(dtype: torch.dtype) -> str | None:
     return None
 
 
-def _stamp(weight: torch.Tensor, rows: int) -> tuple:
-    return weight.data_ptr(), weight._version, tuple(weight.shape), weight.dtype, rows
-
-
 def _pack(weight: torch.Tensor, route: str, rows: int) -> torch.Tensor:
     w = weight.detach()
     if route == "mkl":
@@ -58,55 +58,50 @@ def _pack(weight: torch.Tensor, route: str, rows: int) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(w, rows)
 
 
-class _PackedLinearMode(TorchFunctionMode):
-    def __init__(self, table: dict[int, tuple[torch.Tensor, torch.Tensor, str]]):
-        super().__init__()
-        self.table = table  # id(weight) -> (weight, packed, route)
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.linear and len(args) >= 2:
-            entry = self.table.get(id(args[1]))
-            if entry is not None and entry[0] is args[1]:
-                weight, packed, route = entry
-                bias = args[2] if len(args) > 2 else kwargs.get("bias")
-                x = args[0]
-                flat = x.reshape(-1, x.shape[-1])  # (M, K)
-                if route == "mkl":
-                    out = torch.ops.mkl._mkl_linear(flat, packed, weight, bias, flat.shape[0])
-                else:
-                    out = torch.ops.mkldnn._linear_pointwise(flat, packed, bias, "none", [], "")
-                return out.reshape(*x.shape[:-1], out.shape[-1])
-        return func(*args, **kwargs)
+def _packed_forward(module: nn.Linear, packed: torch.Tensor, route: str):
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])  # (M, K)
+        if route == "mkl":
+            out = torch.ops.mkl._mkl_linear(flat, packed, module.weight, module.bias, flat.shape[0])
+        else:
+            out = torch.ops.mkldnn._linear_pointwise(flat, packed, module.bias, "none", [], "")
+        return out.reshape(*x.shape[:-1], out.shape[-1])  # (..., N)
+    return forward
 
 
-def packed_linears(model: nn.Module, rows: int) -> TorchFunctionMode | None:
-    """A mode that runs `model`'s linear weights through packed kernels, or None
-    when nothing qualifies (not CPU, unsupported dtype, too large). `rows` is the batch the packs
-    are laid out for; other row counts still give correct results."""
-    # nn.Linear and anything shaped like it (a LoRA layer's frozen base weight when merged or
-    # disabled goes through F.linear too).
-    linears = [m for m in model.modules() if hasattr(m, "in_features") and isinstance(getattr(m, "weight", None), torch.Tensor)
-               and m.weight.device.type == "cpu"]
-    if not linears:
-        return None
+def release(model: nn.Module) -> None:
+    """Drop the packed copies kept for `model` (they are rebuilt by the next packed call)."""
+    _PACKS.pop(model, None)
+
+
+@contextlib.contextmanager
+def packed_linears(model: nn.Module, rows: int, enabled: bool = True):
+    """Within the block, `model`'s nn.Linear layers run on packed weights where that applies
+    (CPU, fp32 with MKL, bf16 with native oneDNN bf16, total size within MAX_PACKED_BYTES).
+    `rows` is the batch the packs are laid out for; other row counts are still correct."""
+    linears = [m for m in model.modules() if type(m) is nn.Linear and m.weight.device.type == "cpu"
+               and "forward" not in m.__dict__ and _route(m.weight.dtype) is not None]
     total = sum(m.weight.numel() * m.weight.element_size() for m in linears)
-    if total > MAX_PACKED_BYTES:
-        return None
+    if not enabled or not linears or total > MAX_PACKED_BYTES:
+        yield
+        return
     store = _PACKS.setdefault(model, {})
-    table = {}
-    seen = set()
-    for module in linears:
-        weight = module.weight
-        route = _route(weight.dtype)
-        if route is None or weight.dim() != 2 or id(weight) in seen:
-            continue
-        seen.add(id(weight))
-        stamp = _stamp(weight, rows)
-        cached = store.get(id(weight))
-        if cached is None or cached[0] != stamp:
-            cached = store[id(weight)] = (stamp, _pack(weight, route, rows))
-        table[id(weight)] = (weight, cached[1], route)
-    for key in [k for k in store if k not in seen]:
-        del store[key]  # weights no longer in the model: free their packs
-    return _PackedLinearMode(table) if table else None
+    live: set[int] = set()
+    patched = []
+    try:
+        for module in linears:
+            weight = module.weight
+            route = _route(weight.dtype)
+            stamp = (weight.data_ptr(), weight._version, tuple(weight.shape), weight.dtype, rows)
+            cached = store.get(id(weight))
+            if cached is None or cached[0] != stamp:  # new, or written since it was packed
+                cached = store[id(weight)] = (stamp, _pack(weight, route, rows))
+            live.add(id(weight))  # a tied weight (lm_head = embeddings) is packed once
+            module.forward = _packed_forward(module, cached[1], route)
+            patched.append(module)
+        for key in [k for k in store if k not in live]:
+            del store[key]  # weights no longer in the model
+        yield
+    finally:
+        for module in patched:
+            del module.forward  # the class's forward again

@@ -276,3 +276,19 @@ def test_compiled_step_equals_eager_with_one_graph_for_all_layers(tmp_path_facto
         compiled = generate(model, tok, PROMPTS, max_new_tokens=10, batch_size=8, progress=False, compile=True)
     assert compiled == eager
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+
+
+def test_packed_forwards_are_restored_even_after_an_error(tiny):
+    from models import packed_linear
+
+    _, model, tok = tiny
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    with packed_linear.packed_linears(model, 4):
+        patched = sum("forward" in m.__dict__ for m in linears)
+    assert patched == len(linears), "the fp32 tiny model should run every linear packed (MKL build)"
+    with pytest.raises(RuntimeError, match="boom"):
+        with packed_linear.packed_linears(model, 4):
+            raise RuntimeError("boom")
+    assert not any("forward" in m.__dict__ for m in linears)
+    packed_linear.release(model)
+    assert model not in packed_linear._PACKS
