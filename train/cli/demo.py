@@ -26,6 +26,7 @@ def run(args) -> int:
 
     from train.cli._device import default_dtype, resolve_device
     from train.cli._options import given_fields
+    from train.cli._paths import check_output_dir
 
     device = resolve_device(args.device)
     # An untyped --dtype follows the hardware (bf16 on a GPU or a CPU with bf16 units), as everywhere.
@@ -33,5 +34,6 @@ def run(args) -> int:
     cfg = dataclass_from_args(DemoConfig, args, exclude=_NOT_FLAGS, device=str(device), dtype=dtype)
     if cfg.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {cfg.steps}")
+    check_output_dir(cfg.out)
     run_demo(cfg)
     return 0

@@ -46,6 +46,7 @@ def run(args) -> int:
     from train.eval.runner import evaluate
     from train.eval.reports import results_markdown
     from train.eval.suites import SUITES
+    from train.cli._paths import check_output_dir
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -56,7 +57,7 @@ def run(args) -> int:
     from train.cli._device import placement
 
     device, dtype = placement(args)  # a device this machine lacks is refused before the load
-    _check_writable(out)
+    check_output_dir(out)
     model, tokenizer = load_model(args.model, dtype=dtype, device=device)
     base_model = None
     if args.adapter is not None:
@@ -97,14 +98,3 @@ def _suite_with_sampling(cfg, args):
     except ValueError as error:
         raise ValueError(f"--samples/--temperature/--top-p: {error}") from None
     return dataclasses.replace(cfg, sampling=sampling)
-
-
-def _check_writable(out) -> None:
-    """Fail before an evaluation of minutes, not after it: the results must have somewhere to go."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".lora-core-write-probe"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as error:
-        raise ValueError(f"--out {out} is not writable ({error.strerror or error}); choose another folder") from None

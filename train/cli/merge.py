@@ -55,6 +55,7 @@ def run(args) -> int:
     from models.hf_format import write_hf_directory
     from models.loading import resolve_source
     from train.cli import UserError
+    from train.cli._paths import check_output_dir
 
     if args.project is None and args.k is not None:
         raise UserError("--k is only used with --project column|row|both|either")
@@ -65,6 +66,7 @@ def run(args) -> int:
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out {out} exists and is not an empty directory")
+    check_output_dir(out)
     adapter = Path(args.adapter)
     if not adapter.is_dir():
         raise FileNotFoundError(f"--adapter directory not found: {adapter}")

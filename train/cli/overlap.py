@@ -61,12 +61,11 @@ def run(args) -> int:
     from lora_core.svd_cache import SVDCache
     from models import load_model
     from train.cli import UserError
+    from train.cli._paths import check_output_dir
 
     if args.k < 1:
         raise UserError(f"--k must be >= 1, got {args.k}")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a directory")
+    out = check_output_dir(args.out)
     cache = SVDCache()
     cache_path = Path(args.svd_cache) if args.svd_cache else None
     # Checked before any model loads: the cache is written back only after all the work.

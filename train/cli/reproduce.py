@@ -28,8 +28,10 @@ def run(args) -> int:
     import torch
 
     from train.cli._device import resolve_device
+    from train.cli._paths import check_output_dir
 
     device = resolve_device(args.device)
+    check_output_dir(args.out)
     preset = load_preset_file(args.config) if args.config else load_preset(args.preset or "paper-small")
 
     def load_on_device(name):

@@ -63,10 +63,12 @@ def run(args) -> int:
     from train.cli import UserError
     from train.cli._device import resolve_device
     from train.cli._options import given_fields
+    from train.cli._paths import check_output_dir
     from train.sft.loop import TrainingDiverged, train
 
     device = resolve_device(args.device)
     config = config_from_args(args, device)
+    check_output_dir(config.out)
     if _should_launch(args):
         from train.cli._launch import launch_torchrun
 
