@@ -28,7 +28,7 @@ def markdown(report: OverlapReport) -> str:
     s = report.summary()
     kind = "LoRA adapter (dW = s B A)" if report.source == "lora" else "full fine-tuning (dW = tuned - base)"
     lines = [
-        f"# Overlap of the update with the base weights' top-k subspace",
+        "# Overlap of the update with the base weights' top-k subspace",
         "",
         f"Update: {kind}. k = {report.k} (capped per module by min(N, K)); SVD dtype {report.svd_dtype}.",
         "Energy = share of ||dW||_F^2 inside W's top-k left (column) / right (row) / both subspaces;",

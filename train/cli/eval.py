@@ -87,8 +87,6 @@ def _suite_with_sampling(cfg, args):
     """The suite with --samples/--temperature/--top-p applied (checked before any model loads)."""
     import dataclasses
 
-    from train.eval.suites import Sampling
-
     changes = {k: v for k, v in (("k", args.samples), ("temperature", args.temperature),
                                  ("top_p", args.top_p)) if v is not None}
     if not changes:

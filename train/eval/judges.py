@@ -22,7 +22,6 @@ conversation goes through the guard's chat template, the guard generates a verdi
 """
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from typing import Sequence

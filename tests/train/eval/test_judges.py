@@ -113,7 +113,6 @@ def test_guard_likelihood_verdicts_follow_an_independent_computation():
     """mode="likelihood" calls a response unsafe exactly when log p("unsafe") > log p("safe") after
     the rendered conversation, computed here by a plain forward pass; over several random
     decoders both verdicts occur, so the comparison can fail."""
-    torch = pytest.importorskip("torch")
     from helpers.checkpoints import continuation_logprob
     from helpers.tiny_models import tiny_causal_lm
     from helpers.tokenizers import WordTokenizer
