@@ -26,7 +26,11 @@ import torch.nn.functional as F
 
 from .config import ModelConfig
 from .kv_cache import KVCache
-from .rope import RotaryEmbedding, apply_rotary
+from .rope import RotaryEmbedding, apply_rotary, rotate_half
+
+# torch.compile'd forms of the elementwise ops, used on the training (grad) path once
+# compile_elementwise() succeeded; empty = the eager autograd Functions below.
+_COMPILED: dict[str, object] = {}
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -78,6 +82,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            compiled = _COMPILED.get("rms_norm")
+            if compiled is not None:
+                return compiled(x, self.weight, self.eps)
             return _RMSNormFn.apply(x, self.weight, self.eps)
         return rms_norm_reference(x, self.weight, self.eps)
 
@@ -103,10 +110,70 @@ class _SiluMul(torch.autograd.Function):
         return dg, du
 
 
+def _silu_mul_reference(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    return F.silu(g) * u
+
+
 def silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     if torch.is_grad_enabled() and (g.requires_grad or u.requires_grad):
-        return _SiluMul.apply(g, u)
-    return F.silu(g) * u
+        compiled = _COMPILED.get("silu_mul")
+        return compiled(g, u) if compiled is not None else _SiluMul.apply(g, u)
+    return _silu_mul_reference(g, u)
+
+
+def _rotary_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + rotate_half(x) * sin
+
+
+def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    compiled = _COMPILED.get("rotary")
+    if compiled is not None and torch.is_grad_enabled() and x.requires_grad:
+        return compiled(x, cos, sin)
+    return apply_rotary(x, cos, sin)
+
+
+def compile_elementwise(config: ModelConfig, dtype: torch.dtype, device="cpu") -> float:
+    """torch.compile RMSNorm, SiLU-mul and RoPE for training; returns the seconds it took.
+
+    Why these and not the block: the LoRA linears draw their dropout mask with host-side
+    control flow (kernels/dropout.py), a graph break per projection, while these three are
+    pure elementwise chains that inductor fuses into one loop each, forward and backward.
+    Measured on SmolLM2-135M shapes (4 x 256 tokens, bf16, one thread): RMSNorm fwd+bwd 15.8 ->
+    4.7 ms, SiLU-mul 27.5 -> 16.8 ms, RoPE 6.8 -> 5.5 ms, about 1.1 s of an 8 s step, for about
+    20 s of compilation on a cold cache: it pays from a few dozen steps on.
+
+    Compiles with dynamic shapes and runs one forward and backward of each on small tensors of
+    `dtype`, so failures (no C++ compiler, an unsupported platform) surface here, not in the
+    middle of training. On failure nothing is switched on and RuntimeError names the cause.
+    """
+    import time
+
+    start = time.perf_counter()
+    kw = {"dtype": dtype, "device": device}
+    d, inter, hd = config.hidden_size, config.intermediate_size, config.head_dim
+    samples = {
+        "rms_norm": (torch.randn(2, 3, d, **kw, requires_grad=True), torch.ones(d, **kw), config.rms_norm_eps),
+        "silu_mul": (torch.randn(2, 3, inter, **kw, requires_grad=True),
+                     torch.randn(2, 3, inter, **kw, requires_grad=True)),
+        "rotary": (torch.randn(2, config.num_attention_heads, 3, hd, **kw, requires_grad=True),
+                   torch.randn(2, 1, 3, hd, **kw), torch.randn(2, 1, 3, hd, **kw)),
+    }
+    try:
+        candidates = {name: torch.compile(fn, dynamic=True) for name, fn in
+                      (("rms_norm", rms_norm_reference), ("silu_mul", _silu_mul_reference),
+                       ("rotary", _rotary_reference))}
+        for name, fn in candidates.items():
+            fn(*samples[name]).sum().backward()
+    except Exception as error:  # any compiler/toolchain failure means: stay eager
+        raise RuntimeError(f"torch.compile failed ({type(error).__name__}: "
+                           f"{str(error).splitlines()[0] if str(error) else 'no message'})") from error
+    _COMPILED.update(candidates)
+    return time.perf_counter() - start
+
+
+def disable_compiled_elementwise() -> None:
+    """Back to the eager autograd Functions (compile_elementwise undone)."""
+    _COMPILED.clear()
 
 
 class Attention(nn.Module):
@@ -128,8 +195,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(batch, steps, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(batch, steps, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.v_proj(x).view(batch, steps, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        q = apply_rotary(q, cos, sin)
-        k = apply_rotary(k, cos, sin)
+        q = _rotary(q, cos, sin)
+        k = _rotary(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, Hkv, L, D)
         out = F.scaled_dot_product_attention(
