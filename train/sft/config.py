@@ -150,6 +150,9 @@ class TrainConfig:
                         help="bfloat16: LoRA keeps the frozen base in bf16 and the adapters in fp32; "
                         "full fine-tuning uses autocast with fp32 master weights")
     grad_checkpointing: bool = _optim(False, help="recompute activations in the backward pass (less memory)")
+    compile: bool = _optim(False, help="torch.compile the decoder's elementwise ops (RMSNorm, SiLU-mul, RoPE) for "
+                           "training: ~13%% faster steps on CPU for ~20 s of compiling, so it pays on long runs; "
+                           "falls back to eager with a warning when compiling fails")
     seed: int = _optim(0, help="random seed (default %(default)s)")
     # orthogonality regulariser (paper): loss += beta * sum R (lora_core.regularizer)
     ortho_beta: float = _ortho(0.0, min=0, help="weight beta of the paper's R on dW = B A "
