@@ -22,7 +22,7 @@ TRAIN_FLAGS = {
     "--model", "--method", "--data", "--dataset", "--limit", "--reasoning-line", "--no-reasoning-line",
     "--max-length", "--rank", "-r", "--alpha", "--dropout", "--targets", "--layers", "--rslora", "--init",
     "--lr", "--weight-decay", "--scheduler", "--warmup-steps", "--epochs", "--max-steps", "--batch-size",
-    "--grad-accum", "--clip", "--dtype", "--grad-checkpointing", "--seed", "--ortho-beta", "--ortho-k",
+    "--grad-accum", "--clip", "--dtype", "--grad-checkpointing", "--compile", "--seed", "--ortho-beta", "--ortho-k",
     "--ortho-side", "--ortho-weighting", "--ortho-normalize", "--ortho-scaled-update", "--retain-beta", "--retain-data",
     "--retain-targets", "--retain-target-tokens", "--retain-in-sft", "--retain-per-step", "--retain-limit",
     "--retain-max-length", "--retain-exclude-suite", "--retain-exclude-limit", "--retain-exclude-seed",
