@@ -29,6 +29,7 @@ from tqdm import tqdm  # tqdm.write keeps the bar intact
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kernels import lora_linear  # noqa: E402
+from kernels.cpu_caps import cpu_caps  # noqa: E402
 from lora_core.common.files import atomic_write_text  # noqa: E402
 from lora_core.common.progress import progress  # noqa: E402
 
@@ -205,7 +206,11 @@ def main(argv=None) -> int:
     table = markdown(rows, device_name)
     print(table)
     if args.out is not None:
+        import os
+
+        # Figures differ between machines (native bf16 or not) and with other users' load.
         meta = {"device": device_name, "torch": torch.__version__, "dropout": args.dropout,
+                "cpu": cpu_caps().as_json(), "loadavg_1_5_15": list(os.getloadavg()),
                 "timer": "triton.testing.do_bench" if args.device == "cuda"
                 else "interleaved perf_counter medians"}
         atomic_write_text(args.out, json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")

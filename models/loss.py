@@ -98,7 +98,54 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         return out[0], out[1], out[2], None, None
 
 
-def _fusable(lm_head: torch.nn.Module, device: torch.device) -> bool:
+class _FusedLinearKL(torch.autograd.Function):
+    """sum_rows KL(softmax(z_ref) || softmax(z)), z = h W^T + b, z_ref = h_ref W^T + b (no grad
+    through h_ref), with the gradient formed in the forward chunk by chunk, as for the CE above:
+    d KL / dz = softmax(z) - softmax(z_ref) (the CE gradient with soft targets)."""
+
+    @staticmethod
+    def forward(ctx, h, h_ref, weight, bias, chunk_size: int):
+        need_h, _, need_w, need_b = ctx.needs_input_grad[:4]
+        acc = torch.promote_types(h.dtype, torch.float32)
+        total = torch.zeros((), dtype=acc, device=h.device)
+        dh = torch.empty_like(h) if need_h else None  # (N, D)
+        dw = torch.zeros(weight.shape, dtype=acc, device=h.device) if need_w else None
+        db = torch.zeros(weight.shape[0], dtype=acc, device=h.device) if need_b else None
+        for start in range(0, h.shape[0], chunk_size):
+            rows = slice(start, start + chunk_size)
+            lp_ref = torch.log_softmax(F.linear(h_ref[rows], weight, bias).to(acc), dim=-1)  # (C, V)
+            lp = torch.log_softmax(F.linear(h[rows], weight, bias).to(acc), dim=-1)  # (C, V)
+            total += token_kl(lp_ref, lp).sum()
+            if not (need_h or need_w or need_b):
+                continue
+            dz = lp.exp_().sub_(lp_ref.exp_()).to(h.dtype)  # softmax(z) - softmax(z_ref)
+            if need_h:
+                torch.mm(dz, weight, out=dh[rows])
+            if need_w:
+                dw.addmm_(dz.t().to(acc), h[rows].to(acc))
+            if need_b:
+                db += dz.sum(0, dtype=acc)
+        ctx.save_for_backward(*(t for t in (dh, dw, db) if t is not None))
+        ctx.needs = (need_h, need_w, need_b)
+        ctx.dtypes = (h.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        saved = list(ctx.saved_tensors)
+        dh, dw, db = (saved.pop(0).mul(grad).to(dtype) if need else None
+                      for need, dtype in zip(ctx.needs, ctx.dtypes))
+        return dh, None, dw, db, None
+
+
+def fused_linear_kl(h: torch.Tensor, h_ref: torch.Tensor, lm_head: torch.nn.Linear,
+                    chunk_size: int) -> torch.Tensor:
+    """Sum over rows of KL(softmax(lm_head(h_ref)) || softmax(lm_head(h))), h_ref constant;
+    logits built once, by chunks (see _FusedLinearKL)."""
+    return _FusedLinearKL.apply(h, h_ref.detach(), lm_head.weight, lm_head.bias, chunk_size)
+
+
+def fusable(lm_head: torch.nn.Module, device: torch.device) -> bool:
     """A plain linear head with ordinary tensors, outside autocast (see module docstring)."""
     plain = lambda t: t is None or type(t) in (torch.Tensor, torch.nn.Parameter)
     return (isinstance(lm_head, torch.nn.Linear) and plain(lm_head.weight) and plain(lm_head.bias)
@@ -152,7 +199,7 @@ def causal_lm_loss(
     if int(y.min()) < 0 or int(y.max()) >= vocab:
         raise ValueError(f"labels outside [0, {vocab}) other than ignore_index={ignore_index}: "
                          f"min {int(y.min())}, max {int(y.max())}")
-    if _fusable(model.lm_head, h.device):
+    if fusable(model.lm_head, h.device):
         return fused_linear_cross_entropy(h, model.lm_head, y, chunk_size) / count
     needs_grad = torch.is_grad_enabled() and (h.requires_grad or model.lm_head.weight.requires_grad)
     return chunked_row_sum(_chunk_loss_sum, (h, y), chunk_size, needs_grad, model.lm_head) / count

@@ -141,3 +141,51 @@ def test_no_grad_returns_the_same_loss():
         got = causal_lm_loss(model, ids, labels, attention_mask=mask, chunk_size=3)
         want = _plain(model, ids, labels, mask)
     assert not got.requires_grad and abs(got.item() - want.item()) < 1e-12
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("head_trains", [False, True])
+@pytest.mark.parametrize("chunk", [1, 4, 1000])
+def test_fused_kl_matches_plain(dtype, head_trains, chunk):
+    from models.loss import fused_linear_kl, token_kl
+
+    vocab, dim, rows = 31, 7, 10
+    gen = torch.Generator().manual_seed(2)
+    head = torch.nn.Linear(dim, vocab, bias=True, dtype=dtype)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(vocab, dim, generator=gen))
+        head.bias.copy_(torch.randn(vocab, generator=gen))
+    head.requires_grad_(head_trains)
+    h = torch.randn(rows, dim, generator=gen, dtype=torch.float64).to(dtype).requires_grad_(True)
+    h_ref = h.detach() + 0.3 * torch.randn(rows, dim, generator=gen, dtype=torch.float64).to(dtype)
+    leaves = [h] + ([head.weight, head.bias] if head_trains else [])
+    got = fused_linear_kl(h, h_ref, head, chunk)
+    got_grads = torch.autograd.grad(got * 0.6, leaves)
+    with torch.no_grad():
+        lp_ref = torch.log_softmax(head(h_ref), dim=-1)
+    want = token_kl(lp_ref, torch.log_softmax(head(h), dim=-1)).sum()
+    want_grads = torch.autograd.grad(want * 0.6, leaves)
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    assert abs(got.item() - want.item()) <= tol * max(1.0, abs(want.item())), f"KL {got.item()} vs {want.item()}"
+    for g, w in zip(got_grads, want_grads):
+        err = (g - w).abs().max().item()
+        assert err <= tol * max(1.0, w.abs().max().item()), f"grad {tuple(g.shape)}: max error {err:.3e}"
+
+
+def test_retain_kl_builds_each_logit_chunk_once():
+    # Base and adapted logits once per chunk each (2 products); checkpointing ran both again.
+    from helpers.tiny_models import tiny_causal_lm
+    from lora_core import LoRAConfig, inject_lora
+    from train.sft.losses import retain_kl
+
+    model = tiny_causal_lm(vocab=40, seed=1).train()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    inject_lora(model, LoRAConfig(r=2, alpha=4, target_modules=["q_proj", "v_proj"]))
+    ids = torch.randint(0, 40, (2, 7), generator=torch.Generator().manual_seed(0))
+    chunk = 5
+    rows = 2 * 6
+    with _HeadProducts(40) as counter:
+        kl = retain_kl(model, ids, ids, chunk_size=chunk)
+        kl.backward()
+    assert counter.count == 2 * math.ceil(rows / chunk), f"{counter.count} logit products for {math.ceil(rows / chunk)} chunks"

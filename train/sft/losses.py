@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from lora_core import disable_adapters
-from models.loss import chunked_row_sum, token_kl
+from models.loss import chunked_row_sum, fusable, fused_linear_kl, token_kl
 from train.sft.batches import IGNORE_INDEX
 
 
@@ -25,7 +25,9 @@ def retain_kl(model, input_ids: torch.Tensor, labels: torch.Tensor, attention_ma
     The base is the same model under lora_core.disable_adapters (no copy in memory). input_ids,
     labels, attention_mask: (B, T), labels aligned with input_ids as for models.causal_lm_loss.
     Decoder states are computed once per model; the (N, V) logits only per chunk of `chunk_size`
-    rows, recomputed in backward (checkpoint), so full fp32 logits are never held.
+    rows, so full fp32 logits are never held. A plain linear head (the usual case: adapters
+    sit on the projections) gets the fused form, gradient formed with the logits, nothing
+    recomputed; an adapted head is recomputed in backward (checkpoint).
     Exactly 0 while every LoRA B is 0. Differentiable in the adapters only.
     """
     if input_ids.shape != labels.shape:
@@ -40,5 +42,8 @@ def retain_kl(model, input_ids: torch.Tensor, labels: torch.Tensor, attention_ma
     count = h.shape[0]
     if count == 0:
         return hidden.sum().float() * 0.0
+    if fusable(model.lm_head, h.device):
+        # The same head serves base and adapted rows: no adapter on it, so nothing to switch off.
+        return fused_linear_kl(h, hb, model.lm_head, chunk_size) / count
     checkpointed = torch.is_grad_enabled() and h.requires_grad
     return chunked_row_sum(_chunk_kl_sum, (h, hb), chunk_size, checkpointed, model) / count
