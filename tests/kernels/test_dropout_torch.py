@@ -119,3 +119,16 @@ def test_random_numbers_drawn_scale_with_p_not_with_x(monkeypatch):
     mean = p * M * K
     assert forward_draws <= mean + 6 * math.sqrt(mean) + 16, f"forward drew {forward_draws} numbers for {M * K} inputs"
     assert sum(drawn) == forward_draws, f"backward drew {sum(drawn) - forward_draws} more random numbers"
+
+
+@pytest.mark.parametrize("M", [0, 1])
+def test_dropout_on_empty_and_single_row(M):
+    x = torch.randn(M, 6, dtype=torch.float64, requires_grad=True)
+    w, a = torch.randn(5, 6, dtype=torch.float64), torch.randn(2, 6, dtype=torch.float64, requires_grad=True)
+    lb = torch.randn(5, 2, dtype=torch.float64, requires_grad=True)
+    y = lora_linear(x, w, None, a, lb, 1.0, dropout_p=0.5, training=True, backend="torch", seed=4)
+    y.sum().backward()
+    keep = torch_keep_mask(4, (M, 6), 0.5, "cpu").double() / 0.5
+    want = x.detach() @ w.T + ((x.detach() * keep) @ a.detach().T) @ lb.detach().T
+    assert y.shape == (M, 5) and torch.allclose(y, want, rtol=1e-12, atol=1e-12)
+    assert x.grad.shape == (M, 6) and a.grad.shape == (2, 6)
