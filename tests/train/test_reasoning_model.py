@@ -4,7 +4,8 @@ qwen2 with a DeepSeek-R1-style chat template and `<think>` tokens, built here, n
 What a reasoning model changes in the workflow, each checked here: the refusal set gets its
 `<think>` line without being asked (the template only mentions `</think>`, as the 7B's does); that
 line is trained on although the template cuts reasoning from assistant turns; and a short
-`lora-core train` and a tiny `lora-core eval` run end to end on the checkpoint.
+`lora-core train`, a tiny `lora-core eval` and a tiny `lora-core reproduce` grid run end to end
+on the checkpoint.
 """
 from __future__ import annotations
 
@@ -99,3 +100,25 @@ def test_train_then_eval_end_to_end(tmp_path, checkpoint, monkeypatch, capsys):
                  "--limit", "1", "--samples", "0", "--max-new-tokens", "6", "--out", str(out)]) == 0, capsys.readouterr().err
     results = json.loads((out / "results.json").read_text())
     assert results["metrics"]["safety.strongreject.refusal_rate"]["n"] == 1
+
+
+def test_reproduce_runs_a_tiny_grid_on_it(tmp_path, checkpoint, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    import yaml
+
+    where = Path(__file__).parent / "repro" / "test_runner.py"
+    spec = importlib.util.spec_from_file_location("repro_test_runner_r1", where)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    raw = module.tiny_raw()
+    raw["model"] = str(checkpoint)  # the grid's own loader, no stand-in
+    config = tmp_path / "tiny-r1.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "grid"
+    assert main(["reproduce", "--config", str(config), "--out", str(out)]) == 0, capsys.readouterr().err
+    assert (out / "report.md").is_file()
+    infos = [json.loads(p.read_text()).get("data_info", {}) for p in out.rglob("config.json")
+             if "data_info" in p.read_text()]
+    assert infos and all(info.get("reasoning_line") is True for info in infos)
