@@ -20,6 +20,7 @@ file's parts 0002..0047 are not published. Writes bench/results/parity_7b.json.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import tempfile
 import time
@@ -91,26 +92,10 @@ def _compare(reference: torch.Tensor, ours: torch.Tensor) -> dict:
             "kl_max": float(kl.max()), "kl_mean": float(kl.mean())}
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--gguf", help="the 7B GGUF (default: the registry's, pulled if needed)")
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--synthetic-seed", type=int, default=None)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "parity_7b.json"))
-    args = parser.parse_args()
-    if args.layers < 1:
-        parser.error("--layers must be at least 1")
-    torch.set_num_threads(args.threads)
-    from lora_core.common.files import atomic_write_json
-    from models import registry
+def _run(source: Path, work: Path, args) -> dict:
     from models.gguf_import import convert_gguf
     from models.loading import load_model
 
-    source = Path(args.gguf) if args.gguf else registry.gguf_path("deepseek-r1-distill-qwen-7b")
-    if not source.is_file():
-        parser.error(f"no such file: {source}")
-    work = Path(tempfile.mkdtemp(prefix="parity-7b-"))
     truncated = work / "truncated.gguf"
     start = time.perf_counter()
     truncate_gguf(source, truncated, args.layers, args.synthetic_seed)
@@ -141,6 +126,34 @@ def main() -> int:
             for kind in ("bf16", "fp32"):
                 results[kind].append(_compare(expected, ours_logits[kind][i]))
 
+    return results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--gguf", help="the 7B GGUF (default: the registry's, pulled if needed)")
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--synthetic-seed", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "parity_7b.json"))
+    args = parser.parse_args()
+    if args.layers < 1:
+        parser.error("--layers must be at least 1")
+    torch.set_num_threads(args.threads)
+    from lora_core.common.files import atomic_write_json
+    from models import registry
+
+    try:
+        source = Path(args.gguf) if args.gguf else registry.gguf_path("deepseek-r1-distill-qwen-7b")
+    except ValueError as error:  # a missing or corrupt part: the message says where to put it
+        raise SystemExit(f"parity_7b: {error}") from None
+    if not source.is_file():
+        parser.error(f"no such file: {source}")
+    work = Path(tempfile.mkdtemp(prefix="parity-7b-"))
+    try:  # the truncated GGUF and its import take ~4 GB: never left behind
+        results = _run(source, work, args)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     print(f"{'prompt':<10}{'dtype':<6}{'max|err|':>10}{'err/std':>9}{'top-1':>7}{'KL max':>10}")
     for kind in ("fp32", "bf16"):
         for i, row in enumerate(results[kind]):
