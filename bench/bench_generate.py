@@ -190,6 +190,7 @@ def _static_step(model, tok, prompts, use_compile: bool):
         state["positions"] = state["positions"] + 1
         logits = _decode_step(model, cache, views, state["next_ids"], state["positions"], use_compile)
         state["next_ids"] = logits.argmax(-1)
+    step.packed = packed  # the packs stay patched in while the step is alive
     return step
 
 
@@ -228,6 +229,7 @@ def profile(model_dir: Path, batch_sizes, dtypes, kind: str, steps: int, out_fil
                                 f"{100 * e.self_cpu_time_total / total_self:.1f}% |")
             sections.append("")
             print(f"{dtype_name} batch {batch}: {wall * 1e3:.1f} ms/step", flush=True)
+            del step  # restores the patched forwards before the next step packs them again
         del model
     atomic_write_text(out_file, "\n".join(sections) + "\n")
     print(f"wrote {out_file}")

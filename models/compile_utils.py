@@ -7,10 +7,14 @@ specialise on it and recompile once per layer). Compiling the whole 30-layer ste
 118 s on the 2-core box against ~25 s for one layer, for the same code.
 
 The switch: `generate(..., compile=True/False)`, or the environment variable LORA_CORE_COMPILE=1/0
-when the argument is left at None. Off by default: a decode step here is ~75% matmuls that
-inductor hands back to the same BLAS calls (profile in bench/results/), so compiling saves only
-the elementwise glue and Python overhead, and its one-off cost (tens of seconds per shape bucket
-on this machine) only pays off in long runs; see bench/RESULTS.md for the measured figures.
+when the argument is left at None. Off by default, because here it does not pay. Measured on the
+2-core AVX512-BF16/AMX box (SmolLM2-135M, fp32, 1 thread, load ~5, one decode step, interleaved):
+batch 1: 111 ms eager with packed weights, 104 ms compiled (-7%); batch 16: 213 ms eager packed,
+272 ms compiled (+28%: the compiled layers keep plain F.linear, because packed weights patched into
+each layer would make dynamo compile once per layer). Compiling costs 8-14 s per shape bucket with
+inductor's on-disk cache warm and ~60 s cold (load ~9), once per process per bucket. A decode step
+is ~80% skinny matmuls that inductor hands to the same BLAS calls, so compiling only removes the
+elementwise glue and Python overhead. lm_head runs outside the compiled layers and stays packed.
 
 Fallback: if compiling or running the compiled layer raises, a one-line warning is given, the
 process stops trying, and the step runs eagerly (the same numerics, no compile).

@@ -188,9 +188,11 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperat
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     # progress True/None: a bar on a terminal, a line now and then in a log; False: silent.
     bar = progress_bar(batches, desc="generate", unit="batch", enabled=False if progress is False else None)
-    # Packed weights serve the eager step; the compiled step keeps the modules' own forward, so
-    # dynamo traces plain F.linear (packs are per-weight state it would have to guard on).
-    with packed_linears(model, min(batch_size, len(prompts)), enabled=not use_compile and max_new_tokens > 0):
+    # Packed weights serve the eager step. The compiled layers keep their modules' own forward
+    # (a patched forward closes over per-layer packs, and dynamo would compile once per layer);
+    # lm_head runs outside them, a fifth of the weights, and stays packed either way.
+    packed_root = model.lm_head if use_compile else model
+    with packed_linears(packed_root, min(batch_size, len(prompts)), enabled=max_new_tokens > 0):
         for indices in bar:
             texts = _generate_batch(model, tokenizer, [encoded[i] for i in indices], max_new_tokens,
                                     temperature, top_p, stop, generator, use_compile)

@@ -3,11 +3,12 @@
 A decode step is a chain of skinny matmuls (M = batch rows, 1 to 16) over every weight of the
 model, and they are most of its time (bench/results/profile_decode_before.md: aten::mm 65-78%).
 oneDNN and MKL run those faster when the weight is re-laid out once into their blocked format
-instead of on every call: measured on the 2-core AVX512-BF16/AMX box, the model's 211 matmuls at
-M = 16 took 168 -> 100 ms (fp32, MKL packed sgemm) and 52 -> 34 ms (bf16, oneDNN); at M = 1 in
-bf16 44 -> 26 ms. This is what inductor's freezing pass does, but freezing compiles the whole
-model for minutes and bakes the weights in as constants; here the packs are made per generate() call (see
-Lifetime below).
+instead of on every call. Measured on the 2-core AVX512-BF16/AMX box, 1 thread: the model's 211
+matmuls alone at M = 16 took 168 -> 100 ms (fp32, MKL packed sgemm) and 52 -> 34 ms (bf16,
+oneDNN); a whole decode step at batch 16 (load ~5, interleaved) 259 -> 209 ms in fp32 and
+165 -> 129 ms in bf16. At batch 1 the step did not change measurably (the matmuls are bound by
+reading the weights, not by their layout). Inductor's freezing pass does the same packing, but it
+needs the whole step compiled (118 s here) with the weights baked in as constants.
 
 How it is applied: inside `with packed_linears(model, rows):` every plain nn.Linear of the model
 (on CPU, in a dtype with a packed kernel) runs a forward that calls the packed kernel with the same
