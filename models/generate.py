@@ -181,6 +181,8 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperat
         if not ids:
             raise ValueError(f"prompt {prompt!r} encodes to no tokens")
         encoded.append(ids)
+    if max_new_tokens == 0:
+        return [""] * len(prompts)  # nothing to generate: no prefill either
 
     generator = torch.Generator(device=model.device).manual_seed(seed)
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]), reverse=True)
@@ -192,7 +194,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperat
     # (a patched forward closes over per-layer packs, and dynamo would compile once per layer);
     # lm_head runs outside them, a fifth of the weights, and stays packed either way.
     packed_root = model.lm_head if use_compile else model
-    with packed_linears(packed_root, min(batch_size, len(prompts)), enabled=max_new_tokens > 0):
+    with packed_linears(packed_root, min(batch_size, len(prompts)), ):
         for indices in bar:
             texts = _generate_batch(model, tokenizer, [encoded[i] for i in indices], max_new_tokens,
                                     temperature, top_p, stop, generator, use_compile)

@@ -134,9 +134,11 @@ def test_last_token_costs_no_forward_pass(tiny):
         no_eos = copy.copy(tok)
         no_eos.eos_token_ids = set()
         generate(model, no_eos, PROMPTS[:1], max_new_tokens=6, progress=False)
+        assert len(calls) == 1 + 5, f"{len(calls)} layer-0 passes for a prefill and 6 tokens (want 6)"
+        assert generate(model, no_eos, PROMPTS[:2], max_new_tokens=0, progress=False) == ["", ""]
+        assert len(calls) == 6, "max_new_tokens=0 still ran a prefill"
     finally:
         handle.remove()
-    assert len(calls) == 1 + 5, f"{len(calls)} layer-0 passes for a prefill and 6 tokens (want 6)"
 
 
 def test_weight_change_between_calls_is_seen(tiny):
