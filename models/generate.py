@@ -7,9 +7,7 @@ same step can be compiled once per shape bucket (compile_utils.py), and on CPU i
 pre-packed weights (packed_linear.py). Only the last position goes through lm_head (the full
 (B, T, V) logits of the prompt are never built). A sequence stops at any EOS id of the tokenizer or
 when a stop string appears in its new text (the text is cut before the stop string); each step
-decodes only the tail of a row that could complete one. In greedy eager decoding, finished rows
-leave the batch once a quarter of it has finished (COMPACT_BELOW); the batch stops when every row
-has.
+decodes only the tail of a row that could complete one. The batch stops when every row has.
 """
 from __future__ import annotations
 
@@ -100,12 +98,6 @@ def _decode_step(model, cache: StaticKVCache, views, ids: torch.Tensor, position
     return model.lm_head(model.model.norm(h[:, 0])).float()
 
 
-# Drop finished rows from the batch once at most this fraction of it is still generating. A batch
-# otherwise runs at full width until its longest answer ends: in evaluation, refusals end after a
-# sentence while other answers run to the budget. One compaction copies the cache once.
-COMPACT_BELOW = 0.75
-
-
 @torch.inference_mode()
 def _generate_batch(model, tokenizer, batch_ids: list[list[int]], max_new_tokens: int, temperature: float,
                     top_p: float, stop: list[str], generator, use_compile: bool) -> list[str]:
@@ -114,39 +106,34 @@ def _generate_batch(model, tokenizer, batch_ids: list[list[int]], max_new_tokens
     cache, logits, positions = _prefill(model, batch_ids, max_new_tokens, pad_id)
     views = cache.layer_views()
     eos = torch.tensor(sorted(tokenizer.eos_token_ids), dtype=torch.long, device=model.device)
-    done = torch.zeros(batch, dtype=torch.bool, device=model.device)  # per cache row
-    active = list(range(batch))  # the caller's row of each cache row
-    tokens: list[list[int]] = [[] for _ in range(batch)]  # per caller row, up to its EOS or stop
+    done = torch.zeros(batch, dtype=torch.bool, device=model.device)
+    new_tokens: list[torch.Tensor] = []
+    rows: list[list[int]] = [[] for _ in range(batch)]  # host copy, only kept for stop strings
     longest = max((len(s) for s in stop), default=0)
-    # Compaction changes the rows sampled per step, and with them a sampler's random stream, and
-    # a compiled step's shapes: greedy eager decoding only.
-    compact = temperature <= 0.0 and not use_compile
     for step in range(max_new_tokens):
         next_ids = _sample(logits, temperature, top_p, generator)  # (B,)
         next_ids = next_ids.masked_fill(done, pad_id)
-        was_done = done.tolist()
+        new_tokens.append(next_ids)
         if eos.numel():
             done = done | torch.isin(next_ids, eos)
-        for row, token in enumerate(next_ids.tolist()):
-            if was_done[row]:
-                continue
-            tokens[active[row]].append(token)
-            if stop and not bool(done[row]) and _stop_in_tail(tokenizer, tokens[active[row]], stop, longest):
-                done[row] = True
-        live = (~done).nonzero().squeeze(1)  # (live,)
-        if step == max_new_tokens - 1 or live.numel() == 0:
+        if stop:
+            finished = done.tolist()
+            for row, token in enumerate(next_ids.tolist()):
+                if finished[row]:
+                    continue
+                rows[row].append(token)
+                if _stop_in_tail(tokenizer, rows[row], stop, longest):
+                    done[row] = True
+        if step == max_new_tokens - 1 or bool(done.all()):
             break  # the last token needs no forward pass
-        if compact and live.numel() <= COMPACT_BELOW * len(active):
-            cache.keep_rows(live)
-            views = cache.layer_views()
-            active = [active[i] for i in live.tolist()]
-            next_ids, positions, done = next_ids[live], positions[live], done[live]
         positions = positions + 1
         logits = _decode_step(model, cache, views, next_ids, positions, use_compile)
 
+    generated = torch.stack(new_tokens, dim=1).tolist() if new_tokens else [[] for _ in range(batch)]
     eos_set = tokenizer.eos_token_ids
     texts = []
-    for ids in tokens:
+    for row in range(batch):
+        ids = generated[row]
         end = next((i for i, t in enumerate(ids) if t in eos_set), len(ids))
         text = tokenizer.decode(ids[:end], skip_special_tokens=True)
         if stop:

@@ -144,15 +144,6 @@ class StaticKVCache:
         self.visible = None if fixed_shape else end
         return self.key_mask[:, None, None, : self.capacity if fixed_shape else end]
 
-    def keep_rows(self, rows: torch.Tensor) -> None:
-        """Keep only the batch rows `rows` (a long tensor of row indices), in that order: one copy of
-        the cache, after which every step costs only the rows still generating. Views taken before
-        this call point at the old buffers; take new ones."""
-        self.keys = [k.index_select(0, rows) for k in self.keys]
-        self.values = [v.index_select(0, rows) for v in self.values]
-        self.key_mask = self.key_mask.index_select(0, rows)
-        self.batch = int(rows.numel())
-
     def layer_views(self) -> list["LayerCacheView"]:
         return [LayerCacheView(self, k, v) for k, v in zip(self.keys, self.values)]
 

@@ -294,28 +294,3 @@ def test_packed_forwards_are_restored_even_after_an_error(tiny):
     assert not any("forward" in m.__dict__ for m in linears)
     packed_linear.release(model)
     assert model not in packed_linear._PACKS
-
-
-def test_finished_rows_leave_the_batch_and_the_answers_stay_the_same(tiny):
-    """Before: a batch ran at full width until its longest answer ended."""
-    _, model, tok = tiny
-    full = generate(model, tok, PROMPTS, max_new_tokens=20, batch_size=1, progress=False)
-    # Stop strings found early in two answers and in no other end those two rows only.
-    stops = []
-    for i, text in enumerate(full[:3]):
-        others = [t for j, t in enumerate(full) if j != i]
-        piece = next((text[k:k + 3] for k in range(2, len(text) - 3)
-                      if not any(text[k:k + 3] in o for o in others)), None)
-        if piece and len(stops) < 2:
-            stops.append(piece)
-    assert len(stops) == 2, f"no distinctive stop strings in {full}"
-    alone = [generate(model, tok, [p], max_new_tokens=20, stop=stops, progress=False)[0] for p in PROMPTS]
-    widths = []
-    handle = model.model.layers[0].register_forward_pre_hook(lambda mod, args: widths.append(args[0].shape[0]))
-    try:
-        batched = generate(model, tok, PROMPTS, max_new_tokens=20, stop=stops, batch_size=len(PROMPTS),
-                           progress=False)
-    finally:
-        handle.remove()
-    assert batched == alone
-    assert widths[0] == len(PROMPTS) and min(widths) < len(PROMPTS), f"rows per pass: {widths}"
