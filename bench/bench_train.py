@@ -171,6 +171,8 @@ def main(argv=None) -> int:
     parser.add_argument("--profile", help="write a torch.profiler table of one step per dtype (ours only) "
                         "to this Markdown file instead of timing")
     parser.add_argument("--profile-rows", type=int, default=30, help=argparse.SUPPRESS)
+    parser.add_argument("--profile-stacks", nargs="+", choices=("ours", "hf"), default=["ours"],
+                        help="which stacks --profile profiles (default ours)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_train.json"))
     args = parser.parse_args(argv)
     if args.worker:
@@ -209,12 +211,13 @@ def main(argv=None) -> int:
 
 
 def _write_profile(args, model_dir: Path, atomic_write_text) -> int:
-    parts = [f"# Profile of one LoRA training step (ours), batch {args.batch} x {args.seq}, "
+    parts = [f"# Profile of one LoRA training step, batch {args.batch} x {args.seq}, "
              f"dropout 0.05, r=8 on 7 projections\n", f"CPU: {json.dumps(_machine())}\n"]
     for dtype in args.dtype:
-        result = run_one("ours", dtype, args, model_dir)
-        parts.append(f"## {dtype}, {result['threads']} thread(s), peak RSS {result['peak_rss_mb']:.0f} MB\n\n"
-                     f"```\n{result['table']}\n```\n")
+        for stack in args.profile_stacks:
+            result = run_one(stack, dtype, args, model_dir)
+            parts.append(f"## {stack}, {dtype}, {result['threads']} thread(s), peak RSS "
+                         f"{result['peak_rss_mb']:.0f} MB\n\n```\n{result['table']}\n```\n")
     atomic_write_text(Path(args.profile), "\n".join(parts))
     print(f"wrote {args.profile}")
     return 0

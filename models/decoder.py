@@ -20,6 +20,8 @@ Numerics conventions (each tested against transformers on the same weights):
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -207,6 +209,33 @@ class Attention(nn.Module):
         return self.o_proj(out)
 
 
+class _Rebuild(NamedTuple):
+    """What is stored instead of a view of the rebuilt tensor: its geometry only."""
+    shape: torch.Size
+    stride: tuple[int, ...]
+    offset: int
+
+
+def _rebuilt_from(target: torch.Tensor, rebuild):
+    """Saved-tensor hooks under which autograd stores no copy of `target` (nor of its views):
+    rebuild() makes it again, in the same layout, when the backward unpacks it."""
+    storage = target.untyped_storage().data_ptr()
+
+    def pack(t: torch.Tensor):
+        if t.untyped_storage().data_ptr() == storage and t.device == target.device:
+            return _Rebuild(t.shape, t.stride(), t.storage_offset())
+        return t
+
+    def unpack(saved):
+        if not isinstance(saved, _Rebuild):
+            return saved
+        with torch.no_grad():
+            fresh = rebuild().contiguous()  # the layout silu_mul returned
+        return fresh.as_strided(saved.shape, saved.stride, saved.offset)
+
+    return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+
+
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
@@ -217,7 +246,17 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
+        g, u = self.gate_proj(x), self.up_proj(x)  # (B, T, I)
+        p = silu_mul(g, u)
+        if not (torch.is_grad_enabled() and p.requires_grad) or _COMPILED:
+            return self.down_proj(p)
+        # down_proj keeps its input p for its own backward (dA needs it), while silu_mul already
+        # keeps g and u: p is rebuilt from them instead (one elementwise pass in backward, the
+        # ops of _SiluMul.forward, so bit-identical), an (M, I) activation less per layer:
+        # 180 MB of a fp32 SmolLM2-135M step at 4 x 256 tokens. Not with --compile, whose fused
+        # kernel need not round exactly as the eager recompute.
+        with _rebuilt_from(p, lambda: F.silu(g) * u):
+            return self.down_proj(p)
 
 
 class DecoderLayer(nn.Module):

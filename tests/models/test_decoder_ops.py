@@ -95,3 +95,70 @@ def test_saved_activations_are_lean():
     cos, sin = angles.cos(), angles.sin()
     _, kept = _saved_bytes(lambda: apply_rotary(q, cos, sin))
     assert kept <= cos.numel() * 4 * 2, f"rotary keeps {kept} bytes besides the shared cos/sin tables"
+
+
+def _mlp_grads(model, ids, seed=5):
+    torch.manual_seed(seed)  # dropout seeds come from the global RNG
+    params = [p for p in model.parameters() if p.requires_grad]
+    out = model.hidden_states(ids)
+    return [g.clone() for g in torch.autograd.grad(out.float().pow(2).sum(), params)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_mlp_rebuilds_down_proj_input_bit_identically(monkeypatch, dtype, checkpointed):
+    import contextlib
+
+    import models.decoder as decoder
+    from helpers.tiny_models import tiny_causal_lm
+    from lora_core import LoRAConfig, inject_lora
+    from train.sft.model_prep import enable_gradient_checkpointing
+
+    model = tiny_causal_lm(vocab=40, seed=2).to(dtype).train()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    inject_lora(model, LoRAConfig(r=2, alpha=4, dropout=0.2, target_modules=["gate_proj", "down_proj", "q_proj"]))
+    if checkpointed:
+        enable_gradient_checkpointing(model)
+    ids = torch.randint(0, 40, (2, 7), generator=torch.Generator().manual_seed(0))
+    got = _mlp_grads(model, ids)
+    # Reference: the same model storing down_proj's input as usual.
+    monkeypatch.setattr(decoder, "_rebuilt_from", lambda *a: contextlib.nullcontext())
+    want = _mlp_grads(model, ids)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w), f"grad {tuple(g.shape)} differs: max {(g - w).abs().max():.3e}"
+
+
+def test_mlp_keeps_no_copy_of_the_down_proj_input(monkeypatch):
+    import models.decoder as decoder
+    from helpers.tiny_models import tiny_causal_lm
+    from lora_core import LoRAConfig, inject_lora
+
+    model = tiny_causal_lm(vocab=40, seed=2).train()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    inject_lora(model, LoRAConfig(r=2, alpha=4, target_modules=["gate_proj", "up_proj", "down_proj"]))
+    mlp = model.model.layers[0].mlp
+    kept, replaced = [], []
+    real = decoder._rebuilt_from
+
+    def spying(target, rebuild):
+        hooks = real(target, rebuild)
+        pack = hooks.pack_hook
+
+        def spy(t):
+            out = pack(t)
+            (replaced if out is not t else kept).append(t)
+            return out
+
+        hooks.pack_hook = spy
+        return hooks
+
+    monkeypatch.setattr(decoder, "_rebuilt_from", spying)
+    x = torch.randn(3, 5, model.config.hidden_size, requires_grad=True)
+    mlp(x).sum().backward()
+    inter = 3 * 5 * model.config.intermediate_size
+    assert [t.numel() for t in replaced] == [inter], f"replaced: {[tuple(t.shape) for t in replaced]}"
+    p_storage = replaced[0].untyped_storage().data_ptr()
+    assert all(t.untyped_storage().data_ptr() != p_storage for t in kept), "a view of p was still saved"
+    assert x.grad is not None and mlp.down_proj.lora_A.grad is not None
