@@ -101,15 +101,16 @@ class SuiteConfig:
 
 SUITES: dict[str, SuiteConfig] = {
     "quick": SuiteConfig(),
-    # Sizes measured on the 2-core CPU (see the README's evaluation section): about 5 minutes for
-    # the base model with 2 threads, plus the KL drift when a base model is given.
+    # Sizes chosen from per-item costs measured on the 2-core CPU (see the README's evaluation
+    # section) so that the 135M default, with 2 threads, takes at most 6 minutes, KL drift included.
     "standard": SuiteConfig(
         safety={"strongreject": 64, "harmbench": 48}, over_refusal=None,
         robustness={"past-tense": 32, "future-tense": 32}, jailbreak=12,
-        math_generation={"gsm8k": 16, "math500": 0}, sampling=Sampling(k=4),
+        math_generation={"gsm8k": 8, "math500": 0}, sampling=Sampling(k=4),
         bpb={"gsm8k": 48, "math500": 24, "mbpp": 32, "humaneval": 32},
         arc={"arc-easy": 96, "arc-challenge": 96}, drift=24,
-        max_new_tokens=_budgets(over_refusal=32, robustness=40, jailbreak=40, gsm8k=160),
+        # An explicit refusal opens the answer, so the benign set is read from its first 24 tokens.
+        max_new_tokens=_budgets(over_refusal=24, robustness=40, jailbreak=40, gsm8k=160),
         batch_size=16),
     "full": SuiteConfig(
         safety={"strongreject": None, "harmbench": None}, over_refusal=None,
