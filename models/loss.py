@@ -71,11 +71,16 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         for start in range(0, h.shape[0], chunk_size):
             h_c, y_c = h[start:start + chunk_size], targets[start:start + chunk_size]  # (C, D), (C,)
             z = F.linear(h_c, weight, bias).to(acc)  # (C, V), a new tensor: edited in place
-            lse = torch.logsumexp(z, dim=-1)  # (C,)
-            total += (lse - z.gather(1, y_c[:, None]).squeeze(1)).sum()
+            # logsumexp by hand, in place: a (256, 49152) chunk measured 74 ms against 106 ms
+            # for logsumexp + sub_ + exp_, and the shifted exponentials are the softmax's.
+            z_target = z.gather(1, y_c[:, None])  # (C, 1)
+            top = z.amax(dim=-1, keepdim=True)  # (C, 1)
+            z.sub_(top).exp_()
+            denom = z.sum(dim=-1, keepdim=True)  # (C, 1)
+            total += (top + denom.log() - z_target).sum()
             if not (need_h or need_w or need_b):
                 continue
-            dz = z.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+            dz = z.div_(denom)  # softmax
             dz[torch.arange(dz.shape[0], device=dz.device), y_c] -= 1.0
             dz_low = dz.to(h.dtype)  # (C, V)
             if need_h:
