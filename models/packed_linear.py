@@ -62,13 +62,15 @@ def _pack(weight: torch.Tensor, route: str, rows: int) -> torch.Tensor:
 
 def _packed_forward(module: nn.Linear, packed: torch.Tensor, route: str, rows: int):
     # MKL's packed sgemm is laid out for `rows`; on a prefill's hundreds of rows it was slower than
-    # the plain path (16 x 42 tokens, fp32: 1586 ms packed, 1342 ms plain), so many rows go plain.
-    # oneDNN's bf16 packs stayed ahead there (374 vs 414 ms) and are always used.
+    # the plain path (16 x 42 tokens, fp32: 1586 ms packed, 1342 ms plain), and on one row too
+    # (a batch-1 decode step, interleaved: 67-119 ms plain, 89-124 ms packed; the plain path is a
+    # matrix-vector product there), so those go plain. oneDNN's bf16 packs stayed ahead on both
+    # (prefill 374 vs 414 ms, batch-1 step 88 vs 111 ms) and are always used.
     plain_above = 4 * rows
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])  # (M, K)
-        if route == "mkl" and flat.shape[0] > plain_above:
+        if route == "mkl" and not 1 < flat.shape[0] <= plain_above:
             return F.linear(x, module.weight, module.bias)
         if route == "mkl":
             out = torch.ops.mkl._mkl_linear(flat, packed, module.weight, module.bias, flat.shape[0])
@@ -89,7 +91,8 @@ def packed_linears(model: nn.Module, rows: int, enabled: bool = True):
     (CPU, fp32 with MKL, bf16 with native oneDNN bf16, total size within MAX_PACKED_BYTES).
     `rows` is the batch the packs are laid out for; other row counts are still correct."""
     linears = [m for m in model.modules() if type(m) is nn.Linear and m.weight.device.type == "cpu"
-               and "forward" not in m.__dict__ and _route(m.weight.dtype) is not None]
+               and "forward" not in m.__dict__ and _route(m.weight.dtype) is not None
+               and not (rows < 2 and _route(m.weight.dtype) == "mkl")]  # fp32 at one row: plain (above)
     total = sum(m.weight.numel() * m.weight.element_size() for m in linears)
     if not enabled or not linears or total > MAX_PACKED_BYTES:
         yield

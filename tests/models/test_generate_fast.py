@@ -294,3 +294,22 @@ def test_packed_forwards_are_restored_even_after_an_error(tiny):
     assert not any("forward" in m.__dict__ for m in linears)
     packed_linear.release(model)
     assert model not in packed_linear._PACKS
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3, 16, 100])
+def test_packed_linear_equals_plain_linear(dtype, rows):
+    """Inside the context every row count (one row, the packed layout's, a prefill's) gives the
+    plain nn.Linear's result to the dtype's rounding, with and without bias."""
+    from models import packed_linear
+
+    torch.manual_seed(0)
+    layers = torch.nn.Sequential(torch.nn.Linear(96, 160, bias=True), torch.nn.Linear(160, 48, bias=False)).to(dtype)
+    x = torch.randn(rows, 7, 96).to(dtype) if rows == 100 else torch.randn(rows, 96).to(dtype)
+    with torch.inference_mode():
+        plain = layers(x).float()
+        with packed_linear.packed_linears(layers, 16):
+            packed = layers(x).float()
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(packed, plain, rtol=8 * eps, atol=8 * eps * float(plain.abs().max()))
+    packed_linear.release(layers)
