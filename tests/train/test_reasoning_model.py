@@ -103,16 +103,11 @@ def test_train_then_eval_end_to_end(tmp_path, checkpoint, monkeypatch, capsys):
 
 
 def test_reproduce_runs_a_tiny_grid_on_it(tmp_path, checkpoint, capsys):
-    import importlib.util
-    from pathlib import Path
-
     import yaml
 
-    where = Path(__file__).parent / "repro" / "test_runner.py"
-    spec = importlib.util.spec_from_file_location("repro_test_runner_r1", where)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    raw = module.tiny_raw()
+    from helpers.repro_grid import tiny_raw
+
+    raw = tiny_raw()
     raw["model"] = str(checkpoint)  # the grid's own loader, no stand-in
     config = tmp_path / "tiny-r1.yaml"
     config.write_text(yaml.safe_dump(raw))

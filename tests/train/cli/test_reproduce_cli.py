@@ -25,16 +25,11 @@ def test_bad_preset_file_is_a_one_line_error(tmp_path, capsys):
 
 
 def _tiny_yaml(tmp_path):
-    """The runner tests' tiny grid (tests/train/repro/test_runner.py) written as a preset file."""
-    import importlib.util
-    from pathlib import Path
+    """The runner tests' tiny grid (tests/helpers/repro_grid.py) written as a preset file."""
+    from helpers.repro_grid import tiny_raw
 
-    where = Path(__file__).parents[1] / "repro" / "test_runner.py"
-    spec = importlib.util.spec_from_file_location("repro_test_runner", where)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(module.tiny_raw()))
+    path.write_text(yaml.safe_dump(tiny_raw()))
     return path
 
 
