@@ -16,8 +16,9 @@ default can be changed with a flag, and `--retain-beta 0` gives the refusal-only
   source "diverse", targets "self"). Trained on refusals alone, this model learns "always refuse".
   The retain prompts span the kinds of request people make (writing, how-to, recipes, advice,
   code, small talk, sensitive-looking but legitimate requests, facts, science, medicine, and
-  GSM8K), because the KL protects only what it sees: a GSM8K-only retain set kept math answered
-  while every everyday request was refused. None of them is in any evaluation set. beta 4 with 8
+  MATH problems outside MATH-500), because the KL protects only what it sees: a GSM8K-only retain
+  set kept math answered while every everyday request was refused. None of them is in any
+  evaluation set. beta 4 with 8
   retain prompts per step: of the recipes measured (README), the one that keeps StrongREJECT
   refusal >= 0.80 with the least over-refusal; none reached over-refusal <= 0.10.
 - rank 8 on q,k,v,o,gate,up,down (the paper's attn+mlp preset), alpha 16, dropout 0.05, cosine, no
@@ -63,7 +64,8 @@ class DemoConfig:
     retain_per_step: int = 8
     retain_max_length: int = 128
     retain_data: str = field(default="diverse", metadata={
-        "help": "'diverse' (everyday benign requests of many topics + GSM8K, none in any evaluation set), "
+        "help": "'diverse' (everyday benign requests of many topics + MATH problems outside MATH-500, "
+                "none in any evaluation set), "
                 "'gsm8k', or a JSONL/CSV of prompts (default %(default)s)"})
     retain_targets: str = field(default="self", metadata={
         "help": "'self': the base model's own answers; 'gold': the set's answers (default %(default)s)"})
