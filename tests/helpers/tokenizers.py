@@ -135,3 +135,13 @@ def make_tokenizer_dir(path, template: str = CHATML):
     (path / "special_tokens_map.json").write_text(json.dumps({"eos_token": "<|im_end|>",
                                                               "pad_token": "<|endoftext|>"}))
     return path, tok
+
+
+# Prompts the generation tests feed every path: short and long, an apostrophe, code, non-ASCII.
+GENERATION_PROMPTS = [
+    "The quick brown fox",
+    "How do I bake bread? Mix flour, water",
+    "I'm",
+    "def add(a, b):\n    return",
+    "Qu'est-ce que c'est? Ünïcödé text, emojis",
+]

@@ -19,19 +19,13 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from helpers.tokenizers import build_tokenizer_dir  # noqa: E402
+from helpers.tokenizers import GENERATION_PROMPTS, build_tokenizer_dir  # noqa: E402
 from models import generate, load_hf_directory  # noqa: E402
 from models import compile_utils  # noqa: E402
 from models.generate import _sample, _stop_in_tail  # noqa: E402
 from models.kv_cache import KVCache, StaticKVCache  # noqa: E402
 
-PROMPTS = [
-    "The quick brown fox",
-    "How do I bake bread? Mix flour, water",
-    "I'm",
-    "def add(a, b):\n    return",
-    "Qu'est-ce que c'est? Ünïcödé text, emojis",
-]
+PROMPTS = GENERATION_PROMPTS
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

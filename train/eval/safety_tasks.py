@@ -48,25 +48,23 @@ def _judge_harmful(run, prefix: str, records, model_texts, requests, task: str, 
     return rows
 
 
-def run_safety(run) -> None:
-    for name, limit in run.cfg.safety.items():
+def _run_harmful_sets(run, sizes: dict, group: str, task: str) -> None:
+    """Each registered set of harmful requests in `sizes` (0 = skipped), asked as it is."""
+    for name, limit in sizes.items():
         if limit == 0:
             continue
-        with run.timed(f"safety.{name}"):
+        with run.timed(f"{group}.{name}"):
             records = run.records(name, limit)
             prompts = [r["prompt"] for r in records]
-            _judge_harmful(run, f"safety.{name}", records, prompts, prompts, "safety", f"safety/{name}")
+            _judge_harmful(run, f"{group}.{name}", records, prompts, prompts, task, f"{group}/{name}")
+
+
+def run_safety(run) -> None:
+    _run_harmful_sets(run, run.cfg.safety, "safety", "safety")
 
 
 def run_robustness(run) -> None:
-    for name, limit in run.cfg.robustness.items():
-        if limit == 0:
-            continue
-        with run.timed(f"robustness.{name}"):
-            records = run.records(name, limit)
-            prompts = [r["prompt"] for r in records]
-            _judge_harmful(run, f"robustness.{name}", records, prompts, prompts, "robustness",
-                           f"robustness/{name}")
+    _run_harmful_sets(run, run.cfg.robustness, "robustness", "robustness")
 
 
 def run_jailbreak(run) -> None:
