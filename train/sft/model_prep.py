@@ -78,6 +78,25 @@ def _compile_elementwise(model: torch.nn.Module, params: list[torch.nn.Parameter
     print(f"--compile: RMSNorm, SiLU-mul and RoPE compiled in {seconds:.1f} s", file=sys.stderr)
 
 
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute each decoder layer in backward instead of storing its activations."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None:
+        raise ValueError("--grad-checkpointing needs a model with model.layers")
+    for layer in layers:
+        if getattr(layer, "_lora_core_checkpointed", False):
+            continue
+        inner = layer.forward
+
+        def forward(*args, _inner=inner, **kwargs):
+            if not torch.is_grad_enabled():
+                return _inner(*args, **kwargs)
+            return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+
+        layer.forward = forward
+        layer._lora_core_checkpointed = True
+
+
 def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     # Biases and norm gains get no decay (as the HF Trainer the authors used): decaying a gain
     # pulls it toward 0, which is not a prior anyone wants. LoRA A/B are all matrices: all decayed.
