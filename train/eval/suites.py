@@ -106,7 +106,7 @@ SUITES: dict[str, SuiteConfig] = {
     "standard": SuiteConfig(
         safety={"strongreject": 64, "harmbench": 48}, over_refusal=None,
         robustness={"past-tense": 32, "future-tense": 32}, jailbreak=12,
-        math_generation={"gsm8k": 8, "math500": 0}, sampling=Sampling(k=4),
+        math_generation={"gsm8k": 16, "math500": 0}, sampling=Sampling(k=4),
         bpb={"gsm8k": 48, "math500": 24, "mbpp": 32, "humaneval": 32},
         arc={"arc-easy": 96, "arc-challenge": 96}, drift=24,
         # An explicit refusal opens the answer, so the benign set is read from its first 24 tokens.
