@@ -54,13 +54,21 @@ def randomize(params, seed, scale=0.1):
 
 
 def peft_ranks(model):
-    """Qualified name -> (r, scaling) of every PEFT LoRA layer."""
-    return {n.removeprefix("base_model.model."): (m.r["default"], m.scaling["default"])
-            for n, m in model.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)}
+    """'<qualified name>.r' -> rank and '<qualified name>.scaling' -> scale of every PEFT LoRA layer
+    (flat, so pytest.approx compares the scales)."""
+    flat = {}
+    for n, m in model.named_modules():
+        if isinstance(m, peft.tuners.lora.LoraLayer):
+            name = n.removeprefix("base_model.model.")
+            flat[f"{name}.r"], flat[f"{name}.scaling"] = m.r["default"], m.scaling["default"]
+    return flat
 
 
 def our_ranks(model):
-    return {n: (m.r, m.scaling) for n, m in lora_modules(model).items()}
+    flat = {}
+    for n, m in lora_modules(model).items():
+        flat[f"{n}.r"], flat[f"{n}.scaling"] = m.r, m.scaling
+    return flat
 
 
 @pytest.mark.parametrize("keys, name", [
