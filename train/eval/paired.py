@@ -206,12 +206,18 @@ def paired_difference(ids_a: Sequence[str], values_a: Sequence[float], ids_b: Se
                       values_b: Sequence[float], resamples: int = 10_000, seed: int = 0) -> dict:
     """Run B minus run A on the items both scored.
 
-    Returns {"n_shared", "difference", "ci95" (paired bootstrap), "method", "resamples", "seed",
-    "mcnemar": `mcnemar(...)` when every value is 0 or 1, else None}.
+    Returns {"n_shared", "difference", "ci95", "method", "bootstrap_ci95", "resamples", "seed",
+    "mcnemar": `mcnemar(...)` when every value is 0 or 1, else None}. "ci95" is the paired
+    bootstrap interval, except for 0/1 outcomes, where it is Newcombe's paired score interval:
+    when the two runs agree on every item the bootstrap interval is [0, 0] whatever n is, which
+    claims certainty 96 items cannot give; the score interval still has width there.
     """
     shared, a, b = align_items(ids_a, values_a, ids_b, values_b)
     boot = bootstrap_difference(a, b, resamples=resamples, seed=seed)
     binary = is_binary(a) and is_binary(b)
-    return {"n_shared": len(shared), "difference": boot["difference"], "ci95": boot["ci95"],
-            "method": "paired bootstrap", "resamples": boot["resamples"], "seed": boot["seed"],
-            "mcnemar": mcnemar(a, b) if binary else None}
+    exact = mcnemar(a, b) if binary else None
+    return {"n_shared": len(shared), "difference": boot["difference"],
+            "ci95": exact["ci95"] if binary and len(shared) >= 2 else boot["ci95"],
+            "method": "Newcombe's paired score interval" if binary else "paired bootstrap",
+            "bootstrap_ci95": boot["ci95"], "resamples": boot["resamples"], "seed": boot["seed"],
+            "mcnemar": exact}

@@ -334,10 +334,11 @@ def compare_markdown(results_list: Sequence[dict], labels: Sequence[str],
 def _legend(labels: Sequence[str], bootstrap: int, seed: int, notes: Sequence[str]) -> str:
     if len(labels) < 2:
         return ""
-    lines = ["", f"Differences are each run minus `{labels[0]}` on the items both scored "
-             f"(paired bootstrap, {bootstrap} resamples, seed {seed}, percentile 95% interval); "
-             "p: McNemar's exact test on 0/1 outcomes; n: items shared. Bits per byte is compared "
-             "as the mean of per-item values. Values are ± 1 s.e.",
+    lines = ["", f"Differences are each run minus `{labels[0]}` on the items both scored; the 95% "
+             "interval is Newcombe's paired score interval for 0/1 outcomes (p: McNemar's exact "
+             f"test) and a paired bootstrap otherwise ({bootstrap} resamples, seed {seed}, "
+             "percentile); n: items shared. Bits per byte is compared as the mean of per-item "
+             "values. Values are ± 1 s.e.",
              "'unpaired': a file without per-item results; the interval combines the two files' own "
              "intervals (Newcombe's square-and-add for rates, ±1.96·√(s.e.₁² + s.e.₂²) for means)."]
     return "\n".join(lines + [f"- {note}" for note in notes]) + "\n"

@@ -61,7 +61,7 @@ def test_paired_differences_against_the_first_file(runs, tmp_path):
     rate = report["comparisons"]["tuned"][RATE]
     ids = [f"q{i}" for i in range(len(base_ref))]
     expected = paired_difference(ids, base_ref.tolist(), ids, tuned_ref.tolist(), resamples=2000, seed=3)
-    assert rate["paired"] and rate["method"] == "paired bootstrap" and rate["n_shared"] == 60
+    assert rate["paired"] and rate["method"] == "Newcombe's paired score interval" and rate["n_shared"] == 60
     assert rate["difference"] == pytest.approx(tuned_ref.mean() - base_ref.mean())
     assert rate["ci95"] == pytest.approx(expected["ci95"])
     assert rate["mcnemar"]["p_value"] == pytest.approx(expected["mcnemar"]["p_value"])
@@ -75,7 +75,7 @@ def test_paired_differences_against_the_first_file(runs, tmp_path):
     assert "| metric | base | tuned | tuned − base (95% CI) | better |" in table
     row = next(line for line in table.splitlines() if line.startswith(f"| {RATE} |"))
     assert f"[{rate['ci95'][0]:+.3f}, {rate['ci95'][1]:+.3f}]" in row and "n=60" in row and "p" in row
-    assert "paired bootstrap, 2000 resamples, seed 3" in table
+    assert "paired bootstrap otherwise (2000 resamples, seed 3" in table
     assert made["plot"] and (tmp_path / "cmp" / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

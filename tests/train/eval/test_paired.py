@@ -148,3 +148,15 @@ def test_bad_pairings_are_refused_by_name(ids_a, values_a, ids_b, values_b, mess
 def test_one_shared_item_gives_no_interval():
     result = paired_difference(["a"], [0.0], ["a"], [1.0], resamples=10)
     assert result["difference"] == 1.0 and result["ci95"] is None
+
+
+def test_agreeing_runs_still_get_an_interval_with_width():
+    """Two runs that agree on all 96 items: the bootstrap interval is [0, 0], which would claim
+    certainty; the 0/1 difference's interval is Newcombe's score interval, which has width."""
+    ids = [f"q{i}" for i in range(96)]
+    values = [1.0] * 24 + [0.0] * 72
+    result = paired_difference(ids, values, ids, values, resamples=500)
+    assert result["bootstrap_ci95"] == [0.0, 0.0]
+    lo, hi = result["ci95"]
+    assert lo < 0.0 < hi and hi - lo > 0.05, result["ci95"]
+    assert result["method"] == "Newcombe's paired score interval"
