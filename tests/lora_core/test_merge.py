@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from lora_core import LoRAConfig, LoRALinear, inject_lora, lora_modules, save_adapter
+from lora_core import LoRAConfig, inject_lora, lora_modules, save_adapter
 from lora_core.merge import merge_lora
 from lora_core.svd_cache import SVDCache
 

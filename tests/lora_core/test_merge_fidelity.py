@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 
-from lora_core import LoRAConfig, lora_modules, merged_weight
+from lora_core import lora_modules, merged_weight
 from lora_core.merge import merge_lora
 from lora_core.merge_math import project_update
 from lora_core.overlap import analyse_weight

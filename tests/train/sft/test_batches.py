@@ -5,10 +5,7 @@ character span of each assistant reply (plus the template's end-of-turn marker) 
 rendered text by plain string search, and the tokenizer's own character offsets say which tokens
 fall inside it.
 """
-import random
-
 import pytest
-import torch
 
 from helpers.tokenizers import CHATML, make_tokenizer_dir
 from train.sft.batches import IGNORE_INDEX, collate, micro_batches, tokenize_example, tokenize_examples
