@@ -136,12 +136,3 @@ def make_tokenizer_dir(path, template: str = CHATML):
                                                               "pad_token": "<|endoftext|>"}))
     return path, tok
 
-
-# Prompts the generation tests feed every path: short and long, an apostrophe, code, non-ASCII.
-GENERATION_PROMPTS = [
-    "The quick brown fox",
-    "How do I bake bread? Mix flour, water",
-    "I'm",
-    "def add(a, b):\n    return",
-    "Qu'est-ce que c'est? Ünïcödé text, emojis",
-]

@@ -14,7 +14,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from helpers.tokenizers import GENERATION_PROMPTS, build_tokenizer_dir  # noqa: E402
+from helpers.generation import GENERATION_PROMPTS, hf_greedy_tokens  # noqa: E402
+from helpers.tokenizers import build_tokenizer_dir  # noqa: E402
 from models import generate, load_hf_directory  # noqa: E402
 
 PROMPTS = GENERATION_PROMPTS
@@ -46,18 +47,9 @@ def tiny(tmp_path_factory):
     return hf, model, tok, path
 
 
-def _hf_greedy(hf, tok, prompt, new_tokens):
-    ids = torch.tensor([tok.encode(prompt, add_special_tokens=True)])
-    out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
-                      eos_token_id=sorted(tok.eos_token_ids), pad_token_id=tok.pad_token_id)
-    new = out[0, ids.shape[1]:].tolist()
-    end = next((i for i, t in enumerate(new) if t in tok.eos_token_ids), len(new))
-    return new[:end]
-
-
 def test_greedy_matches_transformers_batched(tiny):
     hf, model, tok, model_dir = tiny
-    expected = [tok.decode(_hf_greedy(hf, tok, p, NEW_TOKENS)) for p in PROMPTS]
+    expected = [tok.decode(hf_greedy_tokens(hf, tok, p, NEW_TOKENS)) for p in PROMPTS]
     actual = generate(model, tok, PROMPTS, max_new_tokens=NEW_TOKENS, batch_size=3, progress=False)
     for prompt, a, e in zip(PROMPTS, actual, expected):
         assert a == e, f"prompt {prompt!r}: ours {a!r} != transformers {e!r}"

@@ -19,7 +19,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from helpers.tokenizers import GENERATION_PROMPTS, build_tokenizer_dir  # noqa: E402
+from helpers.generation import GENERATION_PROMPTS, hf_greedy_tokens  # noqa: E402
+from helpers.tokenizers import build_tokenizer_dir  # noqa: E402
 from models import generate, load_hf_directory  # noqa: E402
 from models import compile_utils  # noqa: E402
 from models.generate import _sample, _stop_in_tail  # noqa: E402
@@ -83,21 +84,12 @@ def _slow_tokens(model, tok, prompt: str, new_tokens: int, temperature=0.0, top_
     return out
 
 
-def _hf_tokens(hf, tok, prompt: str, new_tokens: int):
-    ids = torch.tensor([tok.encode(prompt, add_special_tokens=True)])
-    out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
-                      eos_token_id=sorted(tok.eos_token_ids), pad_token_id=tok.pad_token_id)
-    new = out[0, ids.shape[1]:].tolist()
-    end = next((i for i, t in enumerate(new) if t in tok.eos_token_ids), len(new))
-    return new[:end]
-
-
 def test_greedy_equals_slow_path_and_transformers(tiny):
     hf, model, tok = tiny
     fast = generate(model, tok, PROMPTS, max_new_tokens=20, batch_size=4, progress=False, compile=False)
     for prompt, text in zip(PROMPTS, fast):
         slow = _slow_tokens(model, tok, prompt, 20)
-        theirs = _hf_tokens(hf, tok, prompt, 20)
+        theirs = hf_greedy_tokens(hf, tok, prompt, 20)
         assert slow == theirs, f"{prompt!r}: the slow reference already disagrees with transformers"
         assert text == tok.decode(slow), f"{prompt!r}: fast {text!r} != slow {tok.decode(slow)!r}"
     assert len(set(fast)) == len(fast), f"answers repeat across prompts, a weak comparison: {fast}"

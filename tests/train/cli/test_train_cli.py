@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers.tiny_models import tiny_model
-from helpers.training import PROMPTS, model_vocab
+from helpers.training import write_cli_inputs
 from train.cli import main
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -18,19 +17,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory, tokenizer):
     """A tiny HF model directory and a user JSONL of refusals."""
-    from models.hf_format import write_hf_directory
-
-    root = tmp_path_factory.mktemp("inputs")
-    model = tiny_model(model_vocab(tokenizer))
-    tensors = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    tok_dir = Path(tokenizer.name)
-    extra = {n: (tok_dir / n).read_bytes() for n in ("tokenizer.json", "tokenizer_config.json",
-                                                    "special_tokens_map.json")}
-    model_dir = write_hf_directory(root / "tiny", model.config.to_hf_dict(), tensors, extra_files=extra)
-    data = root / "data.jsonl"
-    data.write_text("".join(json.dumps({"prompt": p, "response": "I can't help with that."}) + "\n"
-                            for p in PROMPTS))
-    return model_dir, data
+    return write_cli_inputs(tmp_path_factory.mktemp("inputs"), tokenizer)
 
 
 @pytest.fixture

