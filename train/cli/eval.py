@@ -48,16 +48,13 @@ def run(args) -> int:
     from train.eval.suites import SUITES
     from train.cli._paths import check_output_dir
 
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} exists and is not a directory")
+    out = check_output_dir(args.out)
     if args.adapter is not None and not Path(args.adapter).is_dir():
         raise FileNotFoundError(f"--adapter {args.adapter} is not a directory")
     suite = _suite_with_sampling(SUITES[args.suite], args)
     from train.cli._device import placement
 
     device, dtype = placement(args)  # a device this machine lacks is refused before the load
-    check_output_dir(out)
     model, tokenizer = load_model(args.model, dtype=dtype, device=device)
     base_model = None
     if args.adapter is not None:

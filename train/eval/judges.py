@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Sequence
 
 from train.eval.answers import strip_thinking
@@ -134,17 +135,19 @@ def _word_seq(text: str) -> list[str]:
     return re.findall(r"[a-z0-9']+", text.replace("\u2019", "'").lower())
 
 
-def _training_openers() -> list[list[str]]:
+@lru_cache(maxsize=1)
+def _training_openers() -> tuple[tuple[str, ...], ...]:
+    """Our training refusals' openers as word sequences, split once, not once per answer judged."""
     from train.data.refusal import REFUSAL_OPENERS
 
-    return [_word_seq(o) for o in REFUSAL_OPENERS]
+    return tuple(tuple(_word_seq(o)) for o in REFUSAL_OPENERS)
 
 
 def opens_with_training_refusal(response: str) -> bool:
     """True when the answer (after any thinking) starts with one of the refusal openers our
     refusal SFT set trains on, word for word. Such answers are the easiest case for the keyword
     judge; the slice without them is where its verdicts do not come from our own templates."""
-    words = _word_seq(judge_view(response, "answer"))[:12]
+    words = tuple(_word_seq(judge_view(response, "answer"))[:12])
     return any(words[:len(o)] == o for o in _training_openers())
 
 

@@ -81,7 +81,8 @@ def evaluate(model, tokenizer, suite: str | SuiteConfig = "quick", base_model=No
     `allow_code_execution` lets HumanEval run model-written code (in a limited subprocess).
     """
     cfg, suite_name = _configured(suite, limit, max_new_tokens, batch_size, seed)
-    if _needs_chat(cfg, allow_code_execution):
+    needs_chat = _needs_chat(cfg, allow_code_execution)
+    if needs_chat:
         _require_chat_template(tokenizer)
     run = EvalRun(model, tokenizer, cfg, judge if judge is not None else KeywordRefusalJudge(),
                   progress=progress, base_model=base_model)
@@ -102,7 +103,7 @@ def evaluate(model, tokenizer, suite: str | SuiteConfig = "quick", base_model=No
             run_humaneval(run, allow_code_execution)
             run_drift(run)
             with run.timed("judge.human_agreement"):
-                agreement = human_agreement(run.judge) if _needs_chat(cfg, allow_code_execution) else None
+                agreement = human_agreement(run.judge) if needs_chat else None
     finally:
         if was_training and hasattr(model, "train"):
             model.train()
