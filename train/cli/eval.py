@@ -43,6 +43,7 @@ def run(args) -> int:
     from pathlib import Path
 
     from models import load_model
+    from models.loading import resolve_source
     from train.eval.runner import evaluate
     from train.eval.reports import results_markdown
     from train.eval.suites import SUITES
@@ -55,6 +56,8 @@ def run(args) -> int:
     from train.cli._device import placement
 
     device, dtype = placement(args)  # a device this machine lacks is refused before the load
+    # A guard that cannot be found is reported before minutes of model loading, not after.
+    guard_source = resolve_source(args.guard) if args.guard is not None else None
     model, tokenizer = load_model(args.model, dtype=dtype, device=device)
     base_model = None
     if args.adapter is not None:
@@ -68,7 +71,7 @@ def run(args) -> int:
     if args.guard is not None:
         from train.eval.judges import GuardModelJudge
 
-        judge = GuardModelJudge.from_source(args.guard, mode=args.guard_mode)
+        judge = GuardModelJudge.from_source(str(guard_source), mode=args.guard_mode)
     meta = {"model": args.model, "adapter": args.adapter, "guard": args.guard, "suite": args.suite,
             "label": args.label or (Path(args.adapter).name if args.adapter else str(args.model))}
     results = evaluate(model, tokenizer, suite=suite, base_model=base_model, out_dir=out,

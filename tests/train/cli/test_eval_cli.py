@@ -44,3 +44,12 @@ def test_unknown_suite_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["eval", "--suite", "medium", "--out", str(tmp_path / "r")])
     assert exc.value.code == 2 and "invalid choice: 'medium'" in capsys.readouterr().err
+
+
+def test_a_missing_guard_is_refused_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    import models
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("loaded a model first"))
+    assert cli.main(["eval", "--guard", str(tmp_path / "no-guard"), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "no-guard" in err and "Traceback" not in err
