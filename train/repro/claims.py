@@ -78,6 +78,31 @@ def shared_units(x: dict, y: dict) -> list[str]:
     return sorted(set.intersection(*sets)) if sets else []
 
 
+def _bootstrap(X: np.ndarray, Y: np.ndarray | None, resamples: int, seed: int) -> list[float]:
+    """95% percentile interval of mean(Y) - mean(X) (X None: of mean(Y)) under rule 3's two-level
+    bootstrap: units drawn once per resample for both arms (the pairing), seeds per arm."""
+    n = Y.shape[1]
+    rng = np.random.default_rng(seed)
+    draws = np.empty(resamples)
+    rows = max(Y.shape[0], 1 if X is None else X.shape[0])
+    chunk = max(1, 2_000_000 // (n * rows))
+    for start in range(0, resamples, chunk):
+        b = min(resamples, start + chunk) - start
+        sy = rng.integers(0, Y.shape[0], size=(b, Y.shape[0]))
+        d = Y[sy].mean(axis=1)  # (b, n)
+        if X is not None:
+            sx = rng.integers(0, X.shape[0], size=(b, X.shape[0]))  # seeds drawn for X per resample
+            d = d - X[sx].mean(axis=1)
+        items = rng.integers(0, n, size=(b, n))  # one unit draw shared by both arms: the pairing
+        draws[start:start + b] = np.take_along_axis(d, items, axis=1).mean(axis=1)
+    lo, hi = np.quantile(draws, [0.025, 0.975])
+    return [float(lo), float(hi)]
+
+
+def _is_binary(*arrays: np.ndarray) -> bool:
+    return all(bool(np.all((a == 0) | (a == 1))) for a in arrays)
+
+
 def pooled_difference(x: dict, y: dict, resamples: int = 2000, seed: int = 0) -> dict:
     """mean(Y) - mean(X) over shared units, seeds pooled, with the two-level paired bootstrap
     interval of rule 3. `x`, `y`: {seed: {unit id: value}}. Not oriented (see `compare`)."""
@@ -91,28 +116,16 @@ def pooled_difference(x: dict, y: dict, resamples: int = 2000, seed: int = 0) ->
     X, Y = _matrix(x, units), _matrix(y, units)  # (Sx, n), (Sy, n)
     out["mean_x"], out["mean_y"] = float(X.mean()), float(Y.mean())
     out["difference"] = float(Y.mean(0).mean() - X.mean(0).mean())
-    n = len(units)
-    if n < 2:
+    if len(units) < 2:
         return out
-    rng = np.random.default_rng(seed)
-    draws = np.empty(resamples)
-    chunk = max(1, 2_000_000 // (n * max(X.shape[0], Y.shape[0])))
-    for start in range(0, resamples, chunk):
-        b = min(resamples, start + chunk) - start
-        sx = rng.integers(0, X.shape[0], size=(b, X.shape[0]))  # seeds drawn for X per resample
-        sy = rng.integers(0, Y.shape[0], size=(b, Y.shape[0]))
-        items = rng.integers(0, n, size=(b, n))  # one unit draw shared by both arms: the pairing
-        d = Y[sy].mean(axis=1) - X[sx].mean(axis=1)  # (b, n)
-        draws[start:start + b] = np.take_along_axis(d, items, axis=1).mean(axis=1)
-    lo, hi = np.quantile(draws, [0.025, 0.975])
-    out["ci95"] = [float(lo), float(hi)]
+    lo, hi = _bootstrap(X, Y, resamples, seed)
+    out["ci95"] = [lo, hi]
     out["interval"] = "two-level paired bootstrap"
-    binary = bool(np.all((X == 0) | (X == 1)) and np.all((Y == 0) | (Y == 1)))
-    if binary and ((X.shape[0] == 1 and Y.shape[0] == 1) or hi - lo == 0):
+    if _is_binary(X, Y) and ((X.shape[0] == 1 and Y.shape[0] == 1) or hi - lo == 0):
         from train.eval.paired import mcnemar
 
         n_lo, n_hi = mcnemar(X[0], Y[0])["ci95"]
-        out["ci95"] = [min(float(lo), n_lo), max(float(hi), n_hi)]
+        out["ci95"] = [min(lo, n_lo), max(hi, n_hi)]
         out["interval"] = "hull of the paired bootstrap and Newcombe's paired interval"
     return out
 
@@ -131,11 +144,26 @@ def compare(x: dict, y: dict, *, kind: str, higher_is_better: bool = True, margi
 
 
 def pooled_mean(y: dict, resamples: int = 2000, seed: int = 0) -> dict:
-    """One arm's mean over its units (seeds pooled) with the same two-level bootstrap interval:
-    the arm's row in the per-arm table. `y`: {seed: {unit id: value}}."""
+    """One arm's mean over its units (seeds pooled) with rule 3's bootstrap interval: the arm's row
+    in the per-arm table. `y`: {seed: {unit id: value}}. For 0/1 values run once (or with a
+    zero-width bootstrap) the interval is widened to contain the Wilson interval of the first
+    seed, the one-arm counterpart of rule 3's Newcombe widening: a rate of 0 of 24 is not known
+    to be exactly 0, and a rate's interval never leaves [0, 1]."""
     if not y:
         raise ValueError("an arm needs at least one run")
     units = sorted(set.intersection(*[set(v) for v in y.values()]))
-    zero = {0: {u: 0.0 for u in units}}
-    raw = pooled_difference(zero, y, resamples=resamples, seed=seed)
-    return {"mean": raw["difference"], "ci95": raw["ci95"], "n": raw["n"], "seeds": raw["seeds_y"]}
+    out = {"mean": None, "ci95": None, "n": len(units), "seeds": len(y)}
+    if not units:
+        return out
+    Y = _matrix(y, units)
+    out["mean"] = float(Y.mean(0).mean())
+    if len(units) < 2:
+        return out
+    lo, hi = _bootstrap(None, Y, resamples, seed)
+    if _is_binary(Y) and (Y.shape[0] == 1 or hi - lo == 0):
+        from train.eval.metrics import wilson_interval
+
+        w_lo, w_hi = wilson_interval(int(Y[0].sum()), len(units))
+        lo, hi = min(lo, w_lo), max(hi, w_hi)
+    out["ci95"] = [lo, hi]
+    return out

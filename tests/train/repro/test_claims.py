@@ -113,6 +113,22 @@ def test_pooled_mean_of_one_arm():
     assert out["ci95"][0] <= 0.75 <= out["ci95"][1]
 
 
+
+def test_one_arm_rate_of_zero_has_the_wilson_interval_inside_zero_one():
+    """0 of 24 refusals run once: the bootstrap alone says [0, 0]; the arm's interval is widened
+    to Wilson's [0, 0.138] (the score interval's upper root at k = 0, 1.96^2 / (24 + 1.96^2)),
+    and never goes below 0 as a difference against a zero arm would."""
+    out = pooled_mean(arm([[0.0] * 24]), resamples=300)
+    z2 = 1.959963984540054 ** 2
+    assert out["mean"] == 0.0
+    assert out["ci95"][0] == 0.0
+    assert out["ci95"][1] == pytest.approx(z2 / (24 + z2), rel=1e-12)
+
+
+def test_one_arm_all_ones_over_three_seeds_is_widened_below_one():
+    out = pooled_mean(arm([[1.0] * 10 for _ in range(3)]), resamples=300)
+    assert out["ci95"][1] == 1.0 and out["ci95"][0] < 0.75
+
 def test_all_zero_refusals_do_not_support_non_inferiority():
     """0/24 refusals in both arms: the bootstrap alone gives [0, 0] and would call LoRA
     non-inferior; the Newcombe hull (0/24 vs 0/24: about +-0.14) leaves it inconclusive."""
