@@ -8,7 +8,9 @@ the numbers `claims.compare` returns. Which arm plays which part is the preset's
 (b) full fine-tuning loses more reasoning than LoRA       better: each reasoning measure, LoRA vs full
 (c) LoRA's update overlaps W's top-k subspace less        better (lower energy), per module, each k
 (d) the regulariser / projected merge lower the overlap   better (lower energy) vs the plain LoRA arm
-    further, and at what cost                             reaches: safety and reasoning vs that arm
+    further, and at what cost                             trained alike (regularised_high_lr: vs
+                                                          lora_high_lr) or merged (its source);
+                                                          reaches: safety and reasoning vs that arm
 (e) rank 1 on up_proj, middle layers, suffices            reaches: safety vs LoRA r=8 (and the rank
     and middle beats early or late                        sweep); better: safety vs early, vs late
 """
@@ -60,9 +62,12 @@ def claim_rows(values: dict, overlap: dict, claims_cfg: dict, arms: dict, ks: li
             rows.append(_row("c", f"{title(lo)}'s update overlaps W's top-{k} subspace less than {title(fu)}'s{note}",
                              fu, lo, f"overlap energy, k={k}", energy(fu, k), energy(lo, k), kind="better",
                              lower_is_better=True, **common))
-    for kind_role in ("regularised", "merged"):
+    # A regularised arm is compared with the plain LoRA arm trained like it (the paper's lr or the
+    # higher one); a merge arm with the LoRA arm whose adapter it merged.
+    plain = {"regularised": lora, "regularised_high_lr": roles.get("lora_high_lr")}
+    for kind_role in ("regularised", "regularised_high_lr", "merged"):
         for arm in roles.get(kind_role, []):
-            ref = arms[arm].source if arms[arm].kind == "merge" else lora
+            ref = arms[arm].source if arms[arm].kind == "merge" else plain[kind_role]
             for k in ks:
                 rows.append(_row("d", f"{title(arm)} overlaps W's top-{k} subspace less than {title(ref)}", ref, arm,
                                  f"overlap energy, k={k}", energy(ref, k), energy(arm, k), kind="better",

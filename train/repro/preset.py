@@ -218,7 +218,7 @@ def _eval(r: _Reader, value) -> dict:
 def _claims(r: _Reader, value, arms: dict[str, Arm]) -> dict:
     roles_single = ("base", "lora", "full", "rank1_middle", "rank1_early", "rank1_late",
                     "lora_high_lr", "full_high_lr")
-    roles_many = ("regularised", "merged", "rank_sweep")
+    roles_many = ("regularised", "regularised_high_lr", "merged", "rank_sweep")
     value = r.mapping(value or {}, "claims", ("safety", "reasoning", "lower_is_better", "margin",
                                               "resamples", "roles"), required=("safety", "reasoning", "roles"))
     roles = r.mapping(value["roles"], "claims.roles", roles_single + roles_many, required=("base", "lora", "full"))
@@ -229,6 +229,9 @@ def _claims(r: _Reader, value, arms: dict[str, Arm]) -> dict:
             if n not in arms:
                 r.fail(f"claims.roles.{role}", f"names no arm: {n!r} (arms: {', '.join(arms)})")
         out_roles[role] = list(names) if role in roles_many else names[0]
+    if out_roles.get("regularised_high_lr") and "lora_high_lr" not in out_roles:
+        r.fail("claims.roles.regularised_high_lr", "needs claims.roles.lora_high_lr, the plain LoRA arm they are "
+               "compared with")
     return {"safety": r.string(value["safety"], "claims.safety"),
             "reasoning": list(r.str_list(value["reasoning"], "claims.reasoning")),
             "lower_is_better": list(r.str_list(value.get("lower_is_better", ["_"]), "claims.lower_is_better")),

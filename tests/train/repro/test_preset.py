@@ -108,13 +108,22 @@ def test_not_yaml_and_missing_file_are_one_line_errors(tmp_path):
         preset_from_dict([1, 2], "list.yaml")
 
 
-def test_sweeps_preset_extends_paper_small_and_gives_both_methods_the_same_higher_lr():
-    small, sweeps = load_preset("paper-small"), load_preset("paper-small-sweeps")
-    assert [a.name for a in sweeps.arms[:len(small.arms)]] == [a.name for a in small.arms]
-    roles = sweeps.claims["roles"]
-    assert roles["lora"] == small.claims["roles"]["lora"] and roles["rank_sweep"]
-    assert sweeps.arm(roles["lora_high_lr"]).train["lr"] == sweeps.arm(roles["full_high_lr"]).train["lr"] == 1e-3
-    assert sweeps.train == small.train and sweeps.eval == small.eval
+def test_paper_small_gives_both_methods_the_same_higher_lr_and_keeps_the_paper_pair():
+    small = load_preset("paper-small")
+    roles = small.claims["roles"]
+    assert small.train["lr"] == 5e-5 and "lr" not in small.arm(roles["lora"]).train
+    assert "lr" not in small.arm(roles["full"]).train
+    assert small.arm(roles["lora_high_lr"]).train["lr"] == small.arm(roles["full_high_lr"]).train["lr"] == 1e-3
+    for name in roles["regularised_high_lr"]:
+        assert small.arm(name).train["lr"] == 1e-3 and small.arm(name).train["ortho_beta"] > 0
+    for name in [roles["base"], roles["lora"], roles["full"], roles["lora_high_lr"], roles["full_high_lr"]]:
+        assert len(small.seeds_of(small.arm(name))) >= 3 or name == roles["base"]
+
+
+def test_regularised_high_lr_role_needs_its_plain_lora_arm(tmp_path):
+    raw = _raw()
+    del raw["claims"]["roles"]["lora_high_lr"]
+    _refused(tmp_path, raw, "claims.roles.regularised_high_lr", "lora_high_lr")
 
 
 def test_extends_names_a_shipped_preset(tmp_path):
