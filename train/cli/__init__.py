@@ -73,10 +73,13 @@ def main(argv: list[str] | None = None) -> int:
             FileExistsError) as error:
         print(f"lora-core {args.command}: error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        # Every write is atomic, so what is on disk is the last complete file or checkpoint.
-        print(f"lora-core {args.command}: interrupted; files already written are complete "
-              "(a training run continues with --resume)", file=sys.stderr)
+    except KeyboardInterrupt as stop:
+        # Every write is atomic, so what is on disk is the last complete file or checkpoint; a
+        # training run deferred the stop to the end of its step and checkpointed it (StopRequested).
+        again = "rerun the same command to continue" if args.command == "reproduce" else \
+            "a training run continues with --resume"
+        what = str(stop) or "interrupted; files already written are complete"
+        print(f"lora-core {args.command}: {what} ({again})", file=sys.stderr)
         return 130
     except OSError as error:  # a full disk or a vanished folder, mid-write: name it, no traceback
         where = f" ({error.filename})" if error.filename else ""

@@ -13,8 +13,10 @@
 
 Stages already on disk are not redone: a finished training run is loaded (adapter or model), an
 interrupted one resumes from its newest checkpoint (train.sft's resume: losses repeat exactly), an
-evaluation with results.json is read back. So a kill loses at most the work since the last
-checkpoint (save_every steps) or the stage in flight.
+evaluation with results.json is read back. A Ctrl-C or SIGTERM during training loses nothing but
+the step in flight, which is finished and checkpointed first (train.sft.graceful_stop); one during
+evaluation or overlap loses that stage; a SIGKILL loses the work since the last checkpoint
+(save_every steps).
 """
 from __future__ import annotations
 
@@ -50,6 +52,7 @@ class GridContext:
     cache: object
     log: object = print
     base_state: dict = field(default_factory=dict)
+    tensorboard: bool = False  # training curves as TensorBoard events too (reproduce --tensorboard)
 
     def __post_init__(self):
         if not self.base_state:
@@ -69,7 +72,8 @@ def spec_of(ctx: GridContext, run: Run) -> dict:
             "suite": dataclasses.asdict(ctx.suite), "overlap": ctx.preset.overlap, "data": ctx.preset.data}
     if run.arm.kind in ("lora", "full"):
         cfg = train_config(ctx.preset, run, ctx.out / run.run_dir, ctx.num_layers).to_dict()
-        spec["train"] = {k: v for k, v in cfg.items() if k not in ("out", "progress", "data_info")}
+        # Bookkeeping that does not change what a run computes is left out, so a rerun may change it.
+        spec["train"] = {k: v for k, v in cfg.items() if k not in ("out", "progress", "data_info", "tensorboard")}
     return spec
 
 
@@ -92,6 +96,8 @@ def _trained_model(ctx: GridContext, run: Run, run_dir: Path):
 
     model = copy.deepcopy(ctx.base_model)
     config = train_config(ctx.preset, run, run_dir, ctx.num_layers)
+    if ctx.tensorboard:
+        config = dataclasses.replace(config, tensorboard=True)
     train_dir = Path(config.out)
     summary = train_dir / "summary.json"
     if summary.is_file():

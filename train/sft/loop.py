@@ -49,6 +49,7 @@ from train.sft.resume_config import resumed_config
 from train.sft.retain_term import RetainTerm
 from train.sft.rng import rng_state, seed_everything, set_rng_state
 from train.sft.schedule import lr_at, total_steps_of
+from train.sft.graceful_stop import GracefulStop, StopRequested
 from train.sft.tensorboard_log import open_sink
 
 
@@ -290,8 +291,9 @@ class Trainer:
         sink = open_sink(run_dir, config.tensorboard and main)  # before the first step: a missing package fails now
         bar = progress(total=self.total_steps, initial=self.step, desc=f"train ({config.method})",
                        enabled=config.progress if main else False)
+        stop = GracefulStop(enabled=not self.dist.active, log=self.log)
         try:
-            with (run_dir / "metrics.jsonl" if main else Path(os.devnull)).open("a") as metrics_file:
+            with stop, (run_dir / "metrics.jsonl" if main else Path(os.devnull)).open("a") as metrics_file:
                 while self.step < self.total_steps:
                     record = self.train_step()
                     losses.append(record["loss"])
@@ -303,8 +305,12 @@ class Trainer:
                     bar.update(1)
                     bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                                     tok_s=f"{record['tokens_per_s'] or 0:.0f}")
-                    if config.save_every and self.step % config.save_every == 0:
+                    saved = bool(config.save_every) and self.step % config.save_every == 0
+                    if saved or stop.requested is not None:
                         self._save()
+                    if stop.requested is not None:
+                        raise StopRequested(f"training stopped after step {self.step} of {self.total_steps}, "
+                                            "which is checkpointed")
                     if config.eval_every and self.step % config.eval_every == 0 and self.step < self.total_steps:
                         result = self._evaluate(f"step-{self.step:06d}")
                         if result is not None:
