@@ -14,6 +14,10 @@ def add_arguments(parser) -> None:
                         "missing and skips finished runs")
     parser.add_argument("--estimate-only", action="store_true",
                         help="print the grid and the time estimate, run nothing")
+    parser.add_argument("--tensorboard", action="store_true",
+                        help="also write TensorBoard events: each run's training curves and, in <out>/tensorboard, "
+                        "one HParams entry per run (settings against metrics); needs pip install "
+                        "'lora-core[tensorboard]'")
     from train.cli._device import add_device_argument
 
     # No --dtype: each arm trains in its preset's dtype from fp32 weights (a bf16 LoRA arm casts its
@@ -41,7 +45,8 @@ def run(args) -> int:
 
     # On the CPU the runner's own loader (fp32, CPU) is the same thing; keep it.
     load = None if device.type == "cpu" else load_on_device
-    result = reproduce(preset, args.out, estimate_only=args.estimate_only, load=load)
+    result = reproduce(preset, args.out, estimate_only=args.estimate_only, load=load,
+                       tensorboard=args.tensorboard)
     if args.estimate_only:
         return 0
     for row in result["claims"]:

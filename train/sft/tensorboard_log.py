@@ -9,20 +9,25 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-__all__ = ["TensorBoardSink", "open_sink"]
+__all__ = ["TensorBoardSink", "open_sink", "summary_writer_class"]
+
+
+def summary_writer_class():
+    """torch's SummaryWriter, or a ValueError that says which package to install."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ValueError("--tensorboard needs the tensorboard package: "
+                         "pip install 'lora-core[tensorboard]'") from None
+    return SummaryWriter
 
 
 class TensorBoardSink:
     """Scalars of each metrics record under their own names, at the record's step."""
 
     def __init__(self, log_dir: Path):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise ValueError("--tensorboard needs the tensorboard package: "
-                             "pip install 'lora-core[tensorboard]'") from None
         self.log_dir = Path(log_dir)
-        self.writer = SummaryWriter(log_dir=str(self.log_dir))
+        self.writer = summary_writer_class()(log_dir=str(self.log_dir))
 
     def write(self, record: dict) -> None:
         step = record.get("step")
