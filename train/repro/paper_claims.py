@@ -5,6 +5,9 @@ was read (higher or lower is better), the claim kind ("better" or "reaches" with
 the numbers `claims.compare` returns. Which arm plays which part is the preset's `claims.roles`.
 
 (a) LoRA reaches the safety of full fine-tuning           reaches: safety(LoRA) vs safety(full)
+    and, with `claims.over_refusal` set, a companion row:  better: over-refusal(LoRA) vs (full), lower
+    safety that refuses benign requests too is not safety  is better (not a claim of the paper: it
+                                                          says what the refusal rate alone hides)
 (b) full fine-tuning loses more reasoning than LoRA       better: each reasoning measure, LoRA vs full
 (c) LoRA's update overlaps W's top-k subspace less        better (lower energy), per module, each k
 (d) the regulariser / projected merge lower the overlap   better (lower energy) vs the plain LoRA arm
@@ -35,6 +38,7 @@ def claim_rows(values: dict, overlap: dict, claims_cfg: dict, arms: dict, ks: li
     """values[arm][seed][metric] = {item id: value}; overlap[arm][seed][k] = {module: energy}."""
     roles = claims_cfg["roles"]
     safety, reasoning = claims_cfg["safety"], claims_cfg["reasoning"]
+    over = claims_cfg.get("over_refusal")
     lower = set(claims_cfg["lower_is_better"])
     common = dict(margin=claims_cfg["margin"], resamples=claims_cfg["resamples"])
 
@@ -55,6 +59,10 @@ def claim_rows(values: dict, overlap: dict, claims_cfg: dict, arms: dict, ks: li
     for lo, fu, note in pairs:
         rows.append(_row("a", f"{title(lo)} reaches the safety of {title(fu)}{note}", fu, lo, safety,
                          metric(fu, safety), metric(lo, safety), kind="reaches", lower_is_better=False, **common))
+        if over:
+            rows.append(_row("a", f"{title(lo)} refuses benign requests less often than {title(fu)}{note} "
+                             "(companion row, not the paper's)", fu, lo, over, metric(fu, over), metric(lo, over),
+                             kind="better", lower_is_better=True, **common))
         for r in reasoning:
             rows.append(_row("b", f"{title(fu)} loses more {r} than {title(lo)}{note}", fu, lo, r,
                              metric(fu, r), metric(lo, r), kind="better", lower_is_better=r in lower, **common))
@@ -72,7 +80,7 @@ def claim_rows(values: dict, overlap: dict, claims_cfg: dict, arms: dict, ks: li
                 rows.append(_row("d", f"{title(arm)} overlaps W's top-{k} subspace less than {title(ref)}", ref, arm,
                                  f"overlap energy, k={k}", energy(ref, k), energy(arm, k), kind="better",
                                  lower_is_better=True, **common))
-            for r in [safety] + reasoning:
+            for r in [safety] + ([over] if over else []) + reasoning:
                 rows.append(_row("d", f"{title(arm)} keeps the {r} of {title(ref)} (its cost)", ref, arm, r,
                                  metric(ref, r), metric(arm, r), kind="reaches", lower_is_better=r in lower, **common))
     middle = roles.get("rank1_middle")

@@ -219,7 +219,7 @@ def _claims(r: _Reader, value, arms: dict[str, Arm]) -> dict:
     roles_single = ("base", "lora", "full", "rank1_middle", "rank1_early", "rank1_late",
                     "lora_high_lr", "full_high_lr")
     roles_many = ("regularised", "regularised_high_lr", "merged", "rank_sweep")
-    value = r.mapping(value or {}, "claims", ("safety", "reasoning", "lower_is_better", "margin",
+    value = r.mapping(value or {}, "claims", ("safety", "over_refusal", "reasoning", "lower_is_better", "margin",
                                               "resamples", "roles"), required=("safety", "reasoning", "roles"))
     roles = r.mapping(value["roles"], "claims.roles", roles_single + roles_many, required=("base", "lora", "full"))
     out_roles = {}
@@ -233,6 +233,7 @@ def _claims(r: _Reader, value, arms: dict[str, Arm]) -> dict:
         r.fail("claims.roles.regularised_high_lr", "needs claims.roles.lora_high_lr, the plain LoRA arm they are "
                "compared with")
     return {"safety": r.string(value["safety"], "claims.safety"),
+            "over_refusal": r.string(value["over_refusal"], "claims.over_refusal") if "over_refusal" in value else None,
             "reasoning": list(r.str_list(value["reasoning"], "claims.reasoning")),
             "lower_is_better": list(r.str_list(value.get("lower_is_better", ["_"]), "claims.lower_is_better")),
             "margin": r.number(value.get("margin", 0.1), "claims.margin", positive=True),

@@ -1,4 +1,6 @@
 """Which arms each paper claim compares: the roles of a preset mapped to rows of the claims table."""
+import pytest
+
 from train.repro.paper_claims import claim_rows
 from train.repro.preset import Arm
 
@@ -26,3 +28,16 @@ def test_regularised_arms_are_compared_with_the_plain_lora_arm_of_their_own_rate
     assert reference == {"reg": "lora", "reg-hi": "lora-hi", "merge-hi": "lora-hi"}
     pairs = {(row["x"], row["y"]) for row in rows if row["claim"] in "abc"}
     assert pairs == {("full", "lora"), ("full-hi", "lora-hi")}
+
+
+def test_the_over_refusal_companion_row_reads_lower_as_better():
+    arms = {n: Arm(n, kind) for n, kind in [("base", "base"), ("full", "full"), ("lora", "lora")]}
+    over = "safety.over_refusal.rate"
+    values = {"base": {0: {over: {f"b{i}": 0.0 for i in range(40)}}},
+              "full": {0: {over: {f"b{i}": 1.0 for i in range(40)}}},  # refuses every benign request
+              "lora": {0: {over: {f"b{i}": float(i < 4) for i in range(40)}}}}
+    cfg = {"safety": SAFETY, "over_refusal": over, "reasoning": [], "lower_is_better": [over], "margin": 0.1,
+           "resamples": 200, "roles": {"base": "base", "lora": "lora", "full": "full"}}
+    (row,) = [r for r in claim_rows(values, {}, cfg, arms, []) if r["measure"] == over]
+    assert (row["x"], row["y"], row["kind"]) == ("full", "lora", "better")
+    assert row["oriented_difference"] == pytest.approx(0.9) and row["verdict"] == "supported"
