@@ -1,9 +1,11 @@
 """The report's two figures, written atomically as PNG (matplotlib, Agg backend).
 
 - safety vs reasoning: one point per arm and seed, error bars = each run's own 95% interval
-  (Wilson for rates, 1.96 standard errors for means) on both axes;
-- overlap per layer: the update's energy share in W's top-k subspace, mean over module types and
-  seeds, for the LoRA, full fine-tuning (and rank-1 middle) arms, against the random-update baseline.
+  (Wilson for rates, 1.96 standard errors for means) on both axes; beside it, each run's paired
+  difference from the base model on the same items, with the claims' paired interval;
+- overlap per layer: the update's energy share in W's top-k subspace over the random-update
+  baseline, mean over module types and seeds, for the LoRA and full fine-tuning arms (both learning
+  rates) and the rank-1 middle arm.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ def _pyplot():
 def _save(fig, plt, path: Path) -> None:
     buf = io.BytesIO()
     fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=110)
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")  # keeps a legend placed outside
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
 
@@ -42,61 +44,110 @@ def _point(entry: dict | None):
     return v, (half, half)
 
 
-def plot_safety_vs_reasoning(run_rows: list[dict], arms: dict, safety: str, reasoning: str, path: Path) -> None:
+def _paired_point(base: dict, run: dict, resamples: int):
+    """(difference run - base, (below, above)) over shared items, with claims' paired interval."""
+    from train.repro.claims import pooled_difference
+
+    d = pooled_difference({0: base}, {0: run}, resamples=resamples)
+    if d["difference"] is None or d["ci95"] is None:
+        return None
+    v, (lo, hi) = d["difference"], d["ci95"]
+    return v, (max(0.0, v - lo), max(0.0, hi - v))
+
+
+MARKERS = "osD^vPX<>p"
+
+
+def _style(i: int, plt) -> dict:
+    """Colour and marker of the i-th arm: 20 colours x 10 markers, so a grid of many arms stays legible."""
+    colors = plt.get_cmap("tab20").colors
+    return {"color": colors[i % len(colors)], "marker": MARKERS[(i // 2) % len(MARKERS)]}
+
+
+def _scatter(ax, points: dict, arms: dict, plt) -> None:
+    """points[arm] = [(x point, y point), ...]: one error-bar marker per run, one style per arm."""
+    for i, (name, runs) in enumerate(points.items()):
+        runs = [(px, py) for px, py in runs if px is not None and py is not None]
+        if not runs:
+            continue
+        xs, ys = [px[0] for px, _ in runs], [py[0] for _, py in runs]
+        xerr = [[px[1][0] for px, _ in runs], [px[1][1] for px, _ in runs]]
+        yerr = [[py[1][0] for _, py in runs], [py[1][1] for _, py in runs]]
+        ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, ls="none", capsize=3, ms=5, **_style(i, plt),
+                    label=arms[name].title if name in arms else name, alpha=0.8)
+
+
+def plot_safety_vs_reasoning(run_rows: list[dict], arms: dict, safety: str, reasoning: str, path: Path,
+                             values: dict | None = None, base: str | None = None, resamples: int = 2000) -> None:
+    """Left: each run's own values and intervals. Right (with per-item `values` and a `base` arm):
+    each run's paired difference from the base model on the same items, with the claims' paired
+    interval; item-to-item spread cancels there, so it shows what the left panel's wide bars hide."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 5))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    paired = bool(values) and base in (values or {})
+    fig, axes = plt.subplots(1, 2 if paired else 1, figsize=(13 if paired else 7, 5), squeeze=False)
     names = list(dict.fromkeys(r["arm"] for r in run_rows))
-    for i, name in enumerate(names):
-        xs, ys, xe, ye = [], [], ([], []), ([], [])
-        for r in run_rows:
-            px, py = _point(r["metrics"].get(reasoning)), _point(r["metrics"].get(safety))
-            if r["arm"] != name or px is None or py is None:
-                continue
-            xs.append(px[0]), ys.append(py[0])
-            xe[0].append(px[1][0]), xe[1].append(px[1][1]), ye[0].append(py[1][0]), ye[1].append(py[1][1])
-        if xs:
-            ax.errorbar(xs, ys, xerr=[xe[0], xe[1]], yerr=[ye[0], ye[1]], fmt="o", capsize=3, ms=5,
-                        color=colors[i % len(colors)], label=arms[name].title if name in arms else name, alpha=0.8)
+    own = {name: [(_point(r["metrics"].get(reasoning)), _point(r["metrics"].get(safety)))
+                  for r in run_rows if r["arm"] == name] for name in names}
+    ax = axes[0][0]
+    _scatter(ax, own, arms, plt)
     ax.set_xlabel(reasoning)
     ax.set_ylabel(safety)
-    ax.set_title("safety vs reasoning (one point per arm and seed, 95% intervals)", fontsize=10)
-    if names:
-        ax.legend(fontsize=7, loc="best")
+    ax.set_title("each run (arm x seed): value, 95% interval", fontsize=10)
+    if paired:
+        base_values = next(iter(values[base].values()))
+        diffs = {}
+        for r in run_rows:
+            run = values.get(r["arm"], {}).get(r["seed"], {})
+            if r["arm"] == base or reasoning not in run or safety not in run:
+                continue
+            diffs.setdefault(r["arm"], []).append(
+                (_paired_point(base_values[reasoning], run[reasoning], resamples),
+                 _paired_point(base_values[safety], run[safety], resamples)))
+        # the same colour per arm in both panels: keep the left panel's order, base included
+        diffs = {name: diffs.get(name, []) for name in names}
+        ax = axes[0][1]
+        _scatter(ax, diffs, arms, plt)
+        ax.axhline(0, color="k", lw=0.8)
+        ax.axvline(0, color="k", lw=0.8)
+        ax.set_xlabel(f"{reasoning}: run - base (paired)")
+        ax.set_ylabel(f"{safety}: run - base (paired)")
+        ax.set_title("each run minus the base model, same items (paired 95%)", fontsize=10)
+    if names:  # the left panel has every arm, the base model included
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        axes[0][-1].legend(handles, labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     _save(fig, plt, path)
 
 
-def _by_layer(records_by_seed: dict, k: int, side: str):
-    """{layer: mean energy} and {layer: mean baseline} over seeds and module types."""
-    energy, base = {}, {}
+def _by_layer(records_by_seed: dict, k: int, side: str) -> dict:
+    """{layer: mean of energy / random baseline} over seeds and module types."""
+    ratios = {}
     for by_k in records_by_seed.values():
         for r in by_k.get(str(k), []):
-            if r.get("layer") is None:
+            if r.get("layer") is None or not r["baseline"][side] > 0:
                 continue
-            energy.setdefault(r["layer"], []).append(r["energy"][side])
-            base.setdefault(r["layer"], []).append(r["baseline"][side])
-    mean = {L: sum(v) / len(v) for L, v in energy.items()}
-    return mean, {L: sum(v) / len(v) for L, v in base.items()}
+            ratios.setdefault(r["layer"], []).append(r["energy"][side] / r["baseline"][side])
+    return {L: sum(v) / len(v) for L, v in ratios.items()}
+
+
+OVERLAP_ROLES = ("lora", "full", "lora_high_lr", "full_high_lr", "rank1_middle")
 
 
 def plot_overlap_per_layer(records: dict, arms: dict, roles: dict, k: int, side: str, path: Path) -> None:
+    """Energy share over the random baseline, per layer: a ratio, so module types with different
+    baselines (k/m for an m-row weight) average fairly and arms that adapt different modules
+    (rank 1 on up_proj vs r=8 on every linear) share one scale; 1 is a random update."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    shown = [roles.get(r) for r in ("lora", "full", "rank1_middle") if roles.get(r) in records]
-    baseline = {}
+    shown = [roles.get(r) for r in OVERLAP_ROLES if roles.get(r) in records]
     for name in shown:
-        mean, base = _by_layer(records[name], k, side)
-        layers = sorted(mean)
-        ax.plot(layers, [mean[L] for L in layers], "o-", ms=3, label=arms[name].title)
-        for L in layers:
-            baseline.setdefault(L, base[L])
-    if baseline:
-        layers = sorted(baseline)
-        ax.plot(layers, [baseline[L] for L in layers], "k--", lw=1, label="random update")
+        ratio = _by_layer(records[name], k, side)
+        layers = sorted(ratio)
+        ax.plot(layers, [ratio[L] for L in layers], "o-", ms=3, label=arms[name].title)
+    ax.axhline(1.0, color="k", ls="--", lw=1, label="random update")
     ax.set_yscale("log")
     ax.set_xlabel("layer")
-    ax.set_ylabel(f"{side} energy share in W's top-{k} subspace")
-    ax.set_title(f"overlap per layer (mean over module types and seeds), k={k}", fontsize=10)
-    if shown:
-        ax.legend(fontsize=8)
+    ax.set_ylabel(f"{side} energy share in W's top-{k} subspace / random")
+    ax.set_title(f"overlap per layer over the random baseline (mean over module types and seeds), k={k}",
+                 fontsize=10)
+    ax.legend(fontsize=8)
     _save(fig, plt, path)

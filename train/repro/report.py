@@ -57,6 +57,39 @@ def arm_table(preset, values: dict, overlap: dict, metrics: list[str]) -> list[d
     return table
 
 
+def overlap_by_module_type(records: dict, ks: list[int], side: str) -> dict:
+    """{k: {arm: {module type: mean of energy / random baseline}}} over layers and seeds: the
+    overlap per module type on one scale (1 = a random update), whatever the weight's shape."""
+    out = {}
+    for k in ks:
+        for arm, by_seed in records.items():
+            ratios = {}
+            for by_k in by_seed.values():
+                for r in by_k.get(str(k), []):
+                    if r.get("module_type") and r["baseline"][side] > 0:
+                        ratios.setdefault(r["module_type"], []).append(r["energy"][side] / r["baseline"][side])
+            if ratios:
+                out.setdefault(str(k), {})[arm] = {t: sum(v) / len(v) for t, v in ratios.items()}
+    return out
+
+
+def machine() -> dict:
+    """What the wall time was measured on: CPU model and ISA flags, cores, threads, load, torch."""
+    import os
+
+    import torch
+
+    from kernels.cpu_caps import cpu_caps
+
+    try:
+        load = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        load = None
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {**cpu_caps().as_json(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+            "load_average_1_5_15_at_report": load, "gpu": gpu, "torch": torch.__version__}
+
+
 def baselines(records: dict, ks: list[int], side: str) -> dict:
     """Mean random-update baseline energy per k over the modules any arm adapted (module-weighted)."""
     out = {}
@@ -113,8 +146,9 @@ def markdown(report: dict) -> str:
     lines += ["", "Random-update baseline of the overlap energy (share a rotation-invariant random dW has in "
               "the top-k subspace, mean over the adapted modules): " +
               ", ".join(f"k={k}: {_fmt(base.get(k))}" for k in ks), "",
-              "![safety vs reasoning](safety_vs_reasoning.png)", "", "![overlap per layer](overlap_per_layer.png)", "",
-              "## Settings", ""]
+              "![safety vs reasoning](safety_vs_reasoning.png)", "", "![overlap per layer](overlap_per_layer.png)", ""]
+    lines += _module_type_table(report, ks)
+    lines += ["## Settings", ""]
     lines += [f"- model: {s['model']}; training examples: {s['examples']} ({s['data']['dataset']}, data seed "
               f"{s['data']['seed']}), the same for every arm and seed",
               f"- epochs: LoRA {s['epochs']['lora']:g}, full fine-tuning {s['epochs']['full']:g} (the paper: 10 and 5)",
@@ -125,7 +159,8 @@ def markdown(report: dict) -> str:
               f"- overlap: side {s['overlap']['side']}, k = {s['overlap']['k']}",
               f"- claims: safety measure {s['claims']['safety']}, reasoning {s['claims']['reasoning']}, "
               f"margin {s['claims']['margin']}, {s['claims']['resamples']} bootstrap resamples",
-              f"- wall time of this invocation: {s['wall_seconds']:.0f} s; threads: {s['threads']}", ""]
+              f"- {_wall_line(s)}; threads: {s['threads']}",
+              f"- machine: {_machine_line(s.get('machine') or {})}", ""]
     for note in s.get("notes", []):
         lines.append(f"- {note}")
     lines += ["", "## Runs", "", "| run | steps | final loss | train s | eval s | overlap s |", "|---|---:|---:|---:|---:|---:|"]
@@ -134,6 +169,45 @@ def markdown(report: dict) -> str:
         lines.append(f"| {r['key']} | {t.get('steps', '-')} | {_fmt(t.get('final_loss'))} | {_secs(sec.get('train'))} | "
                      f"{_secs(sec.get('eval'))} | {_secs(sec.get('overlap'))} |")
     return "\n".join(lines) + "\n"
+
+
+def _module_type_table(report: dict, ks: list[str]) -> list[str]:
+    by_k = report.get("overlap_by_module_type") or {}
+    labels = {a["arm"]: a["label"] for a in report["arms"]}
+    lines = []
+    for k in ks:
+        arms = by_k.get(k)
+        if not arms:
+            continue
+        types = sorted({t for v in arms.values() for t in v})
+        lines += [f"Overlap by module type, k={k}: energy share in W's top-{k} subspace over the random baseline "
+                  "(1 = a random update), mean over layers and seeds.", "",
+                  "| arm | " + " | ".join(types) + " |", "|" + "---|" * (1 + len(types))]
+        for arm, ratios in arms.items():
+            lines.append(f"| {labels.get(arm, arm)} | " + " | ".join(_fmt(ratios.get(t)) for t in types) + " |")
+        lines.append("")
+    return lines
+
+
+def _wall_line(s: dict) -> str:
+    """The grid's wall time over its invocations (each from its start to its last run; model and
+    data loading included), this one's, and the runs' own time (train + eval + overlap)."""
+    calls = s.get("invocations") or []
+    total = sum(c["wall_seconds"] for c in calls)
+    outcomes = ", ".join(f"{c['outcome']} {c['wall_seconds']:.0f} s ({c['runs_finished']} runs)" for c in calls)
+    return (f"wall time: {total:.0f} s ({total / 60:.1f} min) over {len(calls)} invocation(s)"
+            + (f" [{outcomes}]" if calls else "") + f"; the runs' own time: {s['runs_seconds']:.0f} s")
+
+
+def _machine_line(m: dict) -> str:
+    if not m:
+        return "not recorded"
+    parts = [m.get("model", "?"), f"ISA flags {', '.join(m.get('flags') or []) or 'none'}",
+             f"torch capability {m.get('torch_capability')}", f"{m.get('cores')} cores",
+             f"load {m.get('load_average_1_5_15_at_report')} (1/5/15 min) at the report", f"torch {m.get('torch')}"]
+    if m.get("gpu"):
+        parts.append(f"GPU {m['gpu']}")
+    return "; ".join(str(p) for p in parts)
 
 
 def write_report(ctx, runs: list[Run], wall_seconds: float) -> dict:
@@ -162,19 +236,28 @@ def write_report(ctx, runs: list[Run], wall_seconds: float) -> dict:
                      "eval": preset.eval, "suite": dataclasses.asdict(ctx.suite), "n_items": n_items,
                      "overlap": preset.overlap, "claims": cfg, "seeds": list(preset.seeds),
                      "wall_seconds": wall_seconds, "threads": torch.get_num_threads(),
+                     "invocations": read_json(out / "invocations.json") if (out / "invocations.json").is_file() else [],
+                     "runs_seconds": sum(sum((r.get("seconds") or {}).values()) for r in run_rows),
+                     "machine": machine(),
                      "notes": _notes(preset)},
         "verdict_rule": claim_rule.__doc__,
         "claims": claim_rows(values, overlap, cfg, arms, preset.overlap["k"]),
         "metrics_shown": shown,
         "arms": arm_table(preset, values, overlap, shown),
         "random_baseline": baselines(records, preset.overlap["k"], side),
+        "overlap_by_module_type": overlap_by_module_type(records, preset.overlap["k"], side),
         "runs": run_rows,
         "missing_runs": [r.key for r in runs if not (out / r.run_dir / "done.json").is_file()],
     }
-    plot_safety_vs_reasoning(run_rows, arms, cfg["safety"], cfg["reasoning"][0], out / "safety_vs_reasoning.png")
+    plot_safety_vs_reasoning(run_rows, arms, cfg["safety"], cfg["reasoning"][0], out / "safety_vs_reasoning.png",
+                             values=values, base=cfg["roles"]["base"], resamples=cfg["resamples"])
     plot_overlap_per_layer(records, arms, cfg["roles"], preset.overlap["k"][0], side, out / "overlap_per_layer.png")
     atomic_write_json(out / "report.json", report)
     atomic_write_text(out / "report.md", markdown(report))
+    if ctx.tensorboard:
+        from train.repro.tensorboard_grid import write_grid_events
+
+        write_grid_events(out, run_rows, arms, preset.train)
     return report
 
 

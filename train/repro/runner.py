@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from lora_core.common.files import atomic_write_json
+from lora_core.common.files import atomic_write_json, read_json
 from train.repro.estimate import fmt_duration, has_cost_model, run_seconds
 from train.repro.grid import Run, expand, suite_of, train_config
 from train.repro.preset import Preset
@@ -76,7 +76,7 @@ def _print_estimate(ctx: GridContext, rows: list[dict], log) -> float | None:
     return total
 
 
-def build_context(preset: Preset, out: Path, load=None, log=print) -> GridContext:
+def build_context(preset: Preset, out: Path, load=None, log=print, tensorboard: bool = False) -> GridContext:
     from lora_core.svd_cache import SVDCache
     from train.sft.config import TrainConfig
     from train.sft.examples import build_examples
@@ -88,20 +88,28 @@ def build_context(preset: Preset, out: Path, load=None, log=print) -> GridContex
                                                 seed=data["seed"], reasoning_line=data["reasoning_line"]),
                                     tokenizer)
     return GridContext(preset=preset, out=out, base_model=model.eval(), tokenizer=tokenizer,
-                       examples=examples, data_info=info, suite=suite_of(preset), cache=SVDCache(), log=log)
+                       examples=examples, data_info=info, suite=suite_of(preset), cache=SVDCache(), log=log,
+                       tensorboard=tensorboard)
 
 
-def reproduce(preset: Preset, out: str | Path, *, load=None, log=print, estimate_only: bool = False) -> dict:
+def reproduce(preset: Preset, out: str | Path, *, load=None, log=print, estimate_only: bool = False,
+              tensorboard: bool = False) -> dict:
     """Run (or finish) the grid of `preset` in `out`, then write the report; returns the report.
 
     `load(name) -> (model, tokenizer)` replaces the model registry (tests pass a tiny model).
+    `tensorboard`: also write TensorBoard events (train.repro.tensorboard_grid).
     """
     from train.repro.report import write_report
 
+    t_start = time.perf_counter()  # the wall time includes loading the model and the data
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a directory")
-    ctx = build_context(preset, out, load=load, log=log)
+    if tensorboard:
+        from train.sft.tensorboard_log import summary_writer_class
+
+        summary_writer_class()  # a missing package is reported now, not after an hour of training
+    ctx = build_context(preset, out, load=load, log=log, tensorboard=tensorboard)
     runs = expand(preset)
     rows = plan(ctx, runs)
     predicted_total = _print_estimate(ctx, rows, log)
@@ -109,7 +117,14 @@ def reproduce(preset: Preset, out: str | Path, *, load=None, log=print, estimate
         return {"plan": rows, "predicted_s": predicted_total}
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "preset.json", {**preset.to_dict(), "plan": rows})
-    t_start = time.perf_counter()
+    with _Invocation(out, sum(not r["done"] for r in rows), t_start) as invocation:
+        _run_grid(ctx, runs, rows, predicted_total, t_start, log, invocation)
+    log(f"grid finished in {fmt_duration(time.perf_counter() - t_start)}; writing the report")
+    return write_report(ctx, runs, wall_seconds=time.perf_counter() - t_start)
+
+
+def _run_grid(ctx: GridContext, runs: list[Run], rows: list[dict], predicted_total, t_start: float, log,
+              invocation: "_Invocation") -> None:
     spent, predicted_spent = 0.0, 0.0
     for i, (run, row) in enumerate(zip(runs, rows), 1):
         if row["done"]:
@@ -123,7 +138,25 @@ def reproduce(preset: Preset, out: str | Path, *, load=None, log=print, estimate
         t = time.perf_counter()
         run_one(ctx, run)
         row["done"] = True
+        invocation.finished += 1
         spent += time.perf_counter() - t
         predicted_spent += row["predicted_s"] or 0.0
-    log(f"grid finished in {fmt_duration(time.perf_counter() - t_start)}; writing the report")
-    return write_report(ctx, runs, wall_seconds=time.perf_counter() - t_start)
+
+
+class _Invocation:
+    """One `reproduce` of this grid, appended to <out>/invocations.json when it ends (finished,
+    interrupted or failed), so the report can give the grid's wall time over every invocation."""
+
+    def __init__(self, out: Path, pending: int, t_start: float):
+        self.path, self.pending, self.t_start, self.finished = out / "invocations.json", pending, t_start, 0
+        self.started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+    def __enter__(self) -> "_Invocation":
+        return self
+
+    def __exit__(self, kind, error, tb) -> None:
+        history = read_json(self.path) if self.path.is_file() else []
+        outcome = "finished" if kind is None else "interrupted" if issubclass(kind, KeyboardInterrupt) else "failed"
+        history.append({"started": self.started, "wall_seconds": time.perf_counter() - self.t_start,
+                        "runs_pending": self.pending, "runs_finished": self.finished, "outcome": outcome})
+        atomic_write_json(self.path, history)

@@ -83,6 +83,10 @@ def test_grid_completes_and_reports_then_a_rerun_trains_nothing(tmp_path, load, 
     assert len(count_training) == 2, "a rerun of a finished grid must not train"
     assert sum("done before, skipped" in line for line in lines) == 3
     assert {p: p.read_text() for p in out.glob("runs/**/done.json")} == done_before
+    calls = json.loads((out / "invocations.json").read_text())
+    assert [(c["outcome"], c["runs_pending"], c["runs_finished"]) for c in calls] == [("finished", 3, 3),
+                                                                                     ("finished", 0, 0)]
+    assert "over 2 invocation(s)" in (out / "report.md").read_text()
 
 
 def test_a_crash_in_the_second_arm_is_finished_by_the_rerun(tmp_path, load, count_training, monkeypatch):
@@ -107,6 +111,8 @@ def test_a_crash_in_the_second_arm_is_finished_by_the_rerun(tmp_path, load, coun
     assert len(count_training) == trained, "neither the finished LoRA arm nor full's finished training reruns"
     assert any("training already finished" in line for line in lines)
     assert (out / "runs/full/seed-0/done.json").is_file() and (out / "report.md").is_file()
+    calls = json.loads((out / "invocations.json").read_text())
+    assert [(c["outcome"], c["runs_finished"]) for c in calls] == [("failed", 2), ("finished", 1)]
 
 
 def test_an_interrupted_training_run_resumes_to_the_same_adapter(tmp_path, load, count_training, monkeypatch):
@@ -160,3 +166,27 @@ def test_merge_arm_merges_the_source_adapter_and_is_analysed(tmp_path, load):
     assert merged_e["energy_column"] < 1e-6 < lora_e["energy_column"]
     d_rows = [r for r in report["claims"] if r["claim"] == "d"]
     assert d_rows and d_rows[0]["y"] == "merged" and d_rows[0]["x"] == "lora"
+
+
+def test_tensorboard_holds_training_curves_and_one_hparams_entry_per_run(tmp_path, load):
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    arms = [{"name": "base", "kind": "base"}, {"name": "lora", "kind": "lora", "train": {"rank": 2}},
+            {"name": "full", "kind": "full"}]
+    out = tmp_path / "g"
+    reproduce(tiny_preset(arms), out, load=load, log=lambda *a: None, tensorboard=True)
+    curves = event_accumulator.EventAccumulator(str(out / "runs/lora/seed-0/train/tensorboard"))
+    curves.Reload()
+    assert [e.step for e in curves.Scalars("loss")] == [1, 2, 3, 4]  # 4 examples, batch 2, 2 epochs
+    results = json.loads((out / "runs/lora/seed-0/eval/results.json").read_text())["metrics"]
+    for run in ("base/seed-0", "lora/seed-0", "full/seed-0"):
+        entry = event_accumulator.EventAccumulator(str(out / "tensorboard" / run))
+        entry.Reload()
+        assert entry.PluginTagToContent("hparams"), run
+        if run.startswith("lora"):
+            (refusals,) = entry.Scalars("eval/safety.strongreject.refusal_rate")
+            assert refusals.value == pytest.approx(results["safety.strongreject.refusal_rate"]["value"], rel=1e-6)
+            assert "overlap/k2/energy_column" in entry.Tags()["scalars"]
+    # the entries are rebuilt, not appended to, and a rerun without the flag is not refused
+    reproduce(tiny_preset(arms), out, load=load, log=lambda *a: None, tensorboard=True)
+    assert len(list((out / "tensorboard/lora/seed-0").iterdir())) == 1
+    reproduce(tiny_preset(arms), out, load=load, log=lambda *a: None)
