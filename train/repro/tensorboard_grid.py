@@ -19,18 +19,19 @@ from train.repro.preset import Arm
 
 __all__ = ["write_grid_events"]
 
-# The arm settings that tell arms apart; an unset one shows as "-" (HParams needs one type per key).
+# The arm settings that tell arms apart, as text: HParams wants one type per key across runs, and
+# a setting an arm does not have (rank of a full run) shows as "-".
 _SETTINGS = ("lr", "rank", "targets", "layers", "ortho_beta", "ortho_k")
 
 
 def arm_hparams(arm: Arm, seed: int, shared_train: dict) -> dict:
     """Arm, kind, seed and the settings in _SETTINGS (the preset's shared value where the arm has none)."""
-    params = {"arm": arm.name, "kind": arm.kind, "seed": seed}
+    params = {"arm": arm.name, "kind": arm.kind, "seed": str(seed)}
     if arm.kind in ("lora", "full"):
         train = {**shared_train, **arm.train}
         for key in _SETTINGS:
             value = train.get(key)
-            params[key] = value if isinstance(value, (int, float, str)) and not isinstance(value, bool) else "-"
+            params[key] = "-" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
     else:
         params.update({key: "-" for key in _SETTINGS})
     params["merge"] = f"{arm.source} {arm.projection} k={arm.k}" if arm.kind == "merge" else "-"
