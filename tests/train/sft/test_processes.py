@@ -76,20 +76,30 @@ def test_a_kill_inside_a_checkpoint_write_resumes_to_the_same_losses(tmp_path, t
 
 
 
+STOP_CONFIG = {"max_steps": 6, "save_every": 0, "dropout": 0.1, "batch_size": 3}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tokenizer) -> Path:
+    """The run the stopped-and-resumed ones must match, trained once for both signals."""
+    run = tmp_path_factory.mktemp("uninterrupted") / "run"
+    _ok(_run_child({"tokenizer": tokenizer.name, "config": {**STOP_CONFIG, "out": str(run)}}))
+    return run
+
+
 @pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
-def test_a_stop_mid_step_checkpoints_that_step_and_resumes_to_the_same_run(tmp_path, tokenizer, signal_name):
+def test_a_stop_mid_step_checkpoints_that_step_and_resumes_to_the_same_run(tmp_path, tokenizer, uninterrupted,
+                                                                            signal_name):
     """No periodic checkpoints (save_every 0): a Ctrl-C or SIGTERM in the middle of step 3 finishes
     that step, checkpoints it and stops; the resumed run then matches the uninterrupted one."""
-    config = {"max_steps": 6, "save_every": 0, "dropout": 0.1, "batch_size": 3}
-    full, stopped = tmp_path / "full", tmp_path / "stopped"
-    _ok(_run_child({"tokenizer": tokenizer.name, "config": {**config, "out": str(full)}}))
-    proc = _run_child({"tokenizer": tokenizer.name, "config": {**config, "out": str(stopped)},
+    stopped = tmp_path / "stopped"
+    proc = _run_child({"tokenizer": tokenizer.name, "config": {**STOP_CONFIG, "out": str(stopped)},
                        "signal_in_step": [3, signal_name]})
     assert proc.returncode == 130, f"the child did not stop cleanly ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
     assert "stopped after step 3 of 6" in proc.stdout and "stopping after the step in flight" in proc.stdout
     assert (stopped / "checkpoints" / "LATEST").read_text().strip() == "step-000003"
     assert [s for s, _ in _losses(stopped)] == [1, 2, 3]
-    _ok(_run_child({"tokenizer": tokenizer.name, "config": {**config, "out": str(stopped)}, "resume": True}))
-    assert _losses(stopped) == _losses(full)
-    a, b = (run / "adapter" / "adapter_model.safetensors" for run in (full, stopped))
+    _ok(_run_child({"tokenizer": tokenizer.name, "config": {**STOP_CONFIG, "out": str(stopped)}, "resume": True}))
+    assert _losses(stopped) == _losses(uninterrupted)
+    a, b = (run / "adapter" / "adapter_model.safetensors" for run in (uninterrupted, stopped))
     assert a.read_bytes() == b.read_bytes()
