@@ -76,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as stop:
         # Every write is atomic, so what is on disk is the last complete file or checkpoint; a
         # training run deferred the stop to the end of its step and checkpointed it (StopRequested).
-        again = "rerun the same command to continue" if args.command == "reproduce" else \
-            "a training run continues with --resume"
+        again = {"reproduce": "rerun the same command to continue", "train": "continue with --resume"}.get(
+            args.command, "files already written are complete")
         what = str(stop) or "interrupted; files already written are complete"
         print(f"lora-core {args.command}: {what} ({again})", file=sys.stderr)
         return 130

@@ -27,6 +27,16 @@ def test_ctrl_c_is_one_line_and_exit_130(command, capsys):
     assert err.count("\n") == 1 and "interrupted" in err and "Traceback" not in err
 
 
+def test_a_deferred_training_stop_names_its_step(command, capsys):
+    from train.sft.graceful_stop import StopRequested
+
+    def stop():
+        raise StopRequested("training stopped after step 3 of 6, which is checkpointed")
+    assert command(stop) == 130
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "after step 3 of 6" in err and "Traceback" not in err
+
+
 def test_a_full_disk_names_the_file(command, capsys):
     def disk_full():
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/runs/x/checkpoints/step-000002")
