@@ -32,7 +32,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_MD = ROOT / "bench" / "RESULTS.md"
 RESULTS_DIR = ROOT / "bench" / "results"
-FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_fp16")
 
 # name -> (script, arguments after the script, JSON it writes, one-line title). Both dtypes each.
 BENCHES = {
@@ -46,25 +45,18 @@ BENCHES = {
 
 
 def machine_description(threads: int | None) -> dict:
-    """CPU model and ISA flags from /proc/cpuinfo, cores, threads, load average, torch version."""
-    model, flags = platform.processor() or platform.machine(), []
-    try:
-        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                model = value.strip()
-            elif key.strip() in ("flags", "Features"):
-                flags = [f for f in FLAGS if f in value.split()]
-                break
-    except OSError:
-        pass
+    """CPU model and ISA flags (kernels.cpu_caps, the detection the kernels choose by), cores,
+    threads, load average, torch version."""
+    from kernels.cpu_caps import cpu_caps
+
+    caps = cpu_caps()
     try:
         load = [round(x, 2) for x in os.getloadavg()]
     except OSError:
         load = None
     import torch
 
-    return {"cpu": model, "isa_flags": flags, "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    return {"cpu": caps.model, "isa_flags": list(caps.flags), "torch_cpu_capability": caps.torch_capability,
             "cores": os.cpu_count(), "threads": threads if threads else torch.get_num_threads(),
             "load_average_1_5_15": load, "torch": torch.__version__, "python": platform.python_version()}
 
@@ -117,7 +109,9 @@ def render_block(name: str, payload: dict, source: Path) -> str:
 
 
 def render_machine(machine: dict) -> str:
-    flags = ", ".join(machine["isa_flags"]) or "none of " + ", ".join(FLAGS)
+    from kernels.cpu_caps import ISA_FLAGS
+
+    flags = ", ".join(machine["isa_flags"]) or "none of " + ", ".join(ISA_FLAGS)
     load = machine["load_average_1_5_15"]
     return (f"Machine: **{machine['cpu']}**, {machine['cores']} cores, ISA flags {flags} "
             f"(torch dispatch level {machine['torch_cpu_capability']}); {machine['threads']} torch thread(s); "

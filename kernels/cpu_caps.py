@@ -25,14 +25,14 @@ import torch
 
 ENV_VAR = "LORA_CORE_CPU_BF16"
 # The flags that matter to the routes above, in /proc/cpuinfo spelling.
-_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_fp16")
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_fp16")
 
 
 @dataclass(frozen=True)
 class CpuCaps:
     model: str             # "Intel(R) Xeon(R) ..." or platform.processor()
     torch_capability: str  # torch.backends.cpu.get_cpu_capability(): "AVX512", "AVX2", "DEFAULT", ...
-    flags: tuple[str, ...]  # the subset of _FLAGS present
+    flags: tuple[str, ...]  # the subset of ISA_FLAGS present
     native_bf16: bool      # bf16 dot products in hardware (AVX512-BF16 or AMX-BF16)
     native_fp16: bool      # fp16 arithmetic in hardware (AVX512-FP16 or AMX-FP16)
 
@@ -74,7 +74,7 @@ def _detected() -> CpuCaps:
     model, flags = _cpuinfo()
     capability = torch.backends.cpu.get_cpu_capability()
     return CpuCaps(model=model, torch_capability=capability,
-                   flags=tuple(f for f in _FLAGS if f in flags),
+                   flags=tuple(f for f in ISA_FLAGS if f in flags),
                    native_bf16="avx512_bf16" in flags or "amx_bf16" in flags,
                    native_fp16="avx512_fp16" in flags or "amx_fp16" in flags)
 
