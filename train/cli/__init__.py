@@ -76,10 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as stop:
         # Every write is atomic, so what is on disk is the last complete file or checkpoint; a
         # training run deferred the stop to the end of its step and checkpointed it (StopRequested).
-        again = {"reproduce": "rerun the same command to continue", "train": "continue with --resume"}.get(
-            args.command, "files already written are complete")
+        how = {"reproduce": "rerun the same command to continue", "train": "continue with --resume"}.get(args.command)
         what = str(stop) or "interrupted; files already written are complete"
-        print(f"lora-core {args.command}: {what} ({again})", file=sys.stderr)
+        print(f"lora-core {args.command}: {what}" + (f" ({how})" if how else ""), file=sys.stderr)
         return 130
     except OSError as error:  # a full disk or a vanished folder, mid-write: name it, no traceback
         where = f" ({error.filename})" if error.filename else ""

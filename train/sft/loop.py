@@ -43,13 +43,13 @@ from train.sft import distributed as dist_mod
 from train.sft.distributed import Distributed
 from train.sft.examples import build_examples
 from train.sft.export import write_final_output
+from train.sft.graceful_stop import GracefulStop, StopRequested
 from train.sft.losses import retain_kl
 from train.sft.model_prep import build_optimizer, prepare_model
 from train.sft.resume_config import resumed_config
 from train.sft.retain_term import RetainTerm
 from train.sft.rng import rng_state, seed_everything, set_rng_state
 from train.sft.schedule import lr_at, total_steps_of
-from train.sft.graceful_stop import GracefulStop, StopRequested
 from train.sft.tensorboard_log import open_sink
 
 
@@ -305,8 +305,8 @@ class Trainer:
                     bar.update(1)
                     bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                                     tok_s=f"{record['tokens_per_s'] or 0:.0f}")
-                    saved = bool(config.save_every) and self.step % config.save_every == 0
-                    if saved or stop.requested is not None:
+                    due = bool(config.save_every) and self.step % config.save_every == 0
+                    if due or stop.requested is not None:
                         self._save()
                     if stop.requested is not None:
                         raise StopRequested(f"training stopped after step {self.step} of {self.total_steps}, "
