@@ -150,12 +150,16 @@ class _Invocation:
     def __init__(self, out: Path, pending: int, t_start: float):
         self.path, self.pending, self.t_start, self.finished = out / "invocations.json", pending, t_start, 0
         self.started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        # Read now: a damaged file is reported before an hour of runs, not after them.
+        self.history = read_json(self.path) if self.path.is_file() else []
+        if not isinstance(self.history, list):
+            raise ValueError(f"{self.path} is not a list of invocations; remove it to start its record afresh")
 
     def __enter__(self) -> "_Invocation":
         return self
 
     def __exit__(self, kind, error, tb) -> None:
-        history = read_json(self.path) if self.path.is_file() else []
+        history = self.history
         outcome = "finished" if kind is None else "interrupted" if issubclass(kind, KeyboardInterrupt) else "failed"
         history.append({"started": self.started, "wall_seconds": time.perf_counter() - self.t_start,
                         "runs_pending": self.pending, "runs_finished": self.finished, "outcome": outcome})

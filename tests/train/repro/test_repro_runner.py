@@ -190,3 +190,12 @@ def test_tensorboard_holds_training_curves_and_one_hparams_entry_per_run(tmp_pat
     reproduce(tiny_preset(arms), out, load=load, log=lambda *a: None, tensorboard=True)
     assert len(list((out / "tensorboard/lora/seed-0").iterdir())) == 1
     reproduce(tiny_preset(arms), out, load=load, log=lambda *a: None)
+
+
+def test_a_damaged_invocation_record_is_named_before_any_run(tmp_path, load, count_training):
+    out = tmp_path / "g"
+    out.mkdir()
+    (out / "invocations.json").write_text('[{"started": ')
+    with pytest.raises(ValueError, match="invocations.json: not valid JSON"):
+        reproduce(tiny_preset(), out, load=load, log=lambda *a: None)
+    assert count_training == [] and not (out / "runs").exists()
