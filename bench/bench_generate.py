@@ -24,8 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models import generate, load_hf_directory  # noqa: E402
-from models.loading import resolve_source  # noqa: E402
+from lora_core.models import generate, load_hf_directory  # noqa: E402
+from lora_core.models.loading import resolve_source  # noqa: E402
 from lora_core.common.files import atomic_write_text  # noqa: E402
 
 QUESTIONS = [
@@ -172,8 +172,8 @@ def _dynamic_step(model, tok, prompts):
 
 def _static_step(model, tok, prompts, use_compile: bool):
     """generate()'s decode step today: static cache, packed weights (eager) or the compiled layer."""
-    from models.generate import _decode_step, _prefill
-    from models.packed_linear import packed_linears
+    from lora_core.models.generate import _decode_step, _prefill
+    from lora_core.models.packed_linear import packed_linears
 
     encoded = [tok.encode(p) for p in prompts]
     packed = packed_linears(model, len(prompts), enabled=not use_compile)

@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from tqdm import tqdm  # tqdm.write keeps the bar intact
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kernels import lora_linear  # noqa: E402
-from kernels.cpu_caps import cpu_caps  # noqa: E402
+from lora_core.kernels import lora_linear  # noqa: E402
+from lora_core.kernels.cpu_caps import cpu_caps  # noqa: E402
 from lora_core.common.files import atomic_write_text  # noqa: E402
 from lora_core.common.progress import progress  # noqa: E402
 

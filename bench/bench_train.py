@@ -42,9 +42,9 @@ def _batch(vocab: int, batch: int, seq: int):
 def _ours(model_dir: Path, dtype, batch, seq, compile_ops: bool = False):
     import torch
 
-    from models import causal_lm_loss, load_hf_directory
-    from train.sft.config import TrainConfig
-    from train.sft.model_prep import prepare_model
+    from lora_core.models import causal_lm_loss, load_hf_directory
+    from lora_core.train.sft.config import TrainConfig
+    from lora_core.train.sft.model_prep import prepare_model
 
     # The trainer's own preparation (freeze, inject, fp32 adapters for bf16, allocator, compile),
     # so the benchmark measures what `lora-core train` runs.
@@ -129,7 +129,7 @@ def _profile(step, args) -> None:
 
 def _machine() -> dict:
     """CPU model, ISA flags and load: figures differ between machines and with other users' load."""
-    from kernels.cpu_caps import cpu_caps
+    from lora_core.kernels.cpu_caps import cpu_caps
 
     return cpu_caps().as_json() | {"cores": os.cpu_count(), "loadavg_1_5_15": list(os.getloadavg())}
 
@@ -184,7 +184,7 @@ def main(argv=None) -> int:
     if args.model_dir:
         model_dir = Path(args.model_dir)
     else:
-        from models.registry import pull
+        from lora_core.models.registry import pull
 
         model_dir = pull(args.model)
     if args.profile:

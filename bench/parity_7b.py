@@ -93,8 +93,8 @@ def _compare(reference: torch.Tensor, ours: torch.Tensor) -> dict:
 
 
 def _run(source: Path, work: Path, args) -> dict:
-    from models.gguf_import import convert_gguf
-    from models.loading import load_model
+    from lora_core.models.gguf_import import convert_gguf
+    from lora_core.models.loading import load_model
 
     truncated = work / "truncated.gguf"
     start = time.perf_counter()
@@ -141,7 +141,7 @@ def main() -> int:
         parser.error("--layers must be at least 1")
     torch.set_num_threads(args.threads)
     from lora_core.common.files import atomic_write_json
-    from models import registry
+    from lora_core.models import registry
 
     try:
         source = Path(args.gguf) if args.gguf else registry.gguf_path("deepseek-r1-distill-qwen-7b")

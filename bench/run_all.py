@@ -47,7 +47,7 @@ BENCHES = {
 def machine_description(threads: int | None) -> dict:
     """CPU model and ISA flags (kernels.cpu_caps, the detection the kernels choose by), cores,
     threads, load average, torch version."""
-    from kernels.cpu_caps import cpu_caps
+    from lora_core.kernels.cpu_caps import cpu_caps
 
     caps = cpu_caps()
     try:
@@ -109,7 +109,7 @@ def render_block(name: str, payload: dict, source: Path) -> str:
 
 
 def render_machine(machine: dict) -> str:
-    from kernels.cpu_caps import ISA_FLAGS
+    from lora_core.kernels.cpu_caps import ISA_FLAGS
 
     flags = ", ".join(machine["isa_flags"]) or "none of " + ", ".join(ISA_FLAGS)
     load = machine["load_average_1_5_15"]

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import kernels
+from lora_core import kernels
 from .config import LoRAConfig
 from .init import init_default_, init_gaussian_, svd_init
 from . import merge_math

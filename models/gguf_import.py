@@ -17,11 +17,11 @@ from typing import Any
 import torch
 
 from lora_core.common.files import atomic_directory
-from models.cache_manifest import write_manifest
-from models.gguf_stream import peak_bytes, plan_tensors, write_streamed_weights
-from models.gguf_tensors import convert_tensors, derive_config, open_gguf
-from models.gguf_tokenizer import build_tokenizer_files
-from models.host_memory import check_memory
+from lora_core.models.cache_manifest import write_manifest
+from lora_core.models.gguf_stream import peak_bytes, plan_tensors, write_streamed_weights
+from lora_core.models.gguf_tensors import convert_tensors, derive_config, open_gguf
+from lora_core.models.gguf_tokenizer import build_tokenizer_files
+from lora_core.models.host_memory import check_memory
 
 
 def gguf_to_hf(gguf_path: str | os.PathLike, progress: bool = True

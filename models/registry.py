@@ -185,7 +185,7 @@ def pull(name: str = DEFAULT_MODEL, file: str | os.PathLike | None = None, force
 
 
 def _convert(entry: ModelEntry, directory: Path, file) -> Path:
-    from models.gguf_import import convert_gguf  # deferred: only a conversion needs gguf and torch
+    from lora_core.models.gguf_import import convert_gguf  # deferred: only a conversion needs gguf and torch
 
     name = entry.name
     source = gguf_path(name, file=file)

@@ -6,9 +6,20 @@ collection time: without a CUDA GPU every Triton kernel is executed by the numpy
 not import triton at import time (checked with torch 2.13).
 """
 import os
+import sys
+from pathlib import Path
 
-import pytest
-import torch
+# `python -m pytest` puts the working directory, the repository root, first on sys.path. There its
+# folders kernels/, models/ and train/ (installed as lora_core.kernels, ...) are top-level packages
+# that would shadow installed distributions of the same names: transformers 5 imports Hugging
+# Face's `kernels`. At the end of sys.path the root can shadow nothing and still serves an
+# editable install's `lora_core`. This runs before any test module imports anything.
+REPO_ROOT = Path(__file__).resolve().parent.parent
+_at_root = [p for p in sys.path if Path(p or os.curdir).resolve() == REPO_ROOT]
+sys.path[:] = [p for p in sys.path if p not in _at_root] + _at_root
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -33,7 +44,7 @@ def tokenizer(tmp_path_factory):
     """models.Tokenizer over helpers.tokenizers.make_tokenizer_dir (byte-level BPE, ChatML template),
     built once per module; for the SFT loop and retain-term tests."""
     from helpers.tokenizers import make_tokenizer_dir
-    from models import Tokenizer
+    from lora_core.models import Tokenizer
 
     path, _ = make_tokenizer_dir(tmp_path_factory.mktemp("tok"))
     return Tokenizer.from_directory(path)

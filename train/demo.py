@@ -248,10 +248,10 @@ def plot_table(table: dict, path: Path) -> None:
 
 
 def run_demo(cfg: DemoConfig, log=print) -> dict:
-    from models import load_model
-    from train.sft.config import TrainConfig
-    from train.eval.runner import evaluate
-    from train.sft.loop import Trainer
+    from lora_core.models import load_model
+    from lora_core.train.sft.config import TrainConfig
+    from lora_core.train.eval.runner import evaluate
+    from lora_core.train.sft.loop import Trainer
 
     t_start = time.perf_counter()
     out = Path(cfg.out)

@@ -7,7 +7,7 @@ from helpers.tokenizers import make_tokenizer_dir
 
 
 def write_tiny_chat_checkpoint(path, vocab: int = 512, seed: int = 0):
-    from models.hf_format import write_hf_directory
+    from lora_core.models.hf_format import write_hf_directory
 
     tok_dir, _ = make_tokenizer_dir(path.parent / f"{path.name}-tokenizer")
     hf = {**HF_CONFIG, "architectures": ["LlamaForCausalLM"], "vocab_size": vocab,

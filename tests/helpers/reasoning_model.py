@@ -72,8 +72,8 @@ def write_reasoning_tokenizer(path):
 def write_reasoning_checkpoint(path, seed: int = 0):
     """A random 2-layer qwen2 (q/k/v biases, untied lm_head like the 7B) with the R1-style
     tokenizer, as an HF directory at `path`; returns the path."""
-    from models import CausalLM, ModelConfig
-    from models.hf_format import write_hf_directory
+    from lora_core.models import CausalLM, ModelConfig
+    from lora_core.models.hf_format import write_hf_directory
 
     tok_dir = path.parent / f"{path.name}-tokenizer"
     tok = write_reasoning_tokenizer(tok_dir)

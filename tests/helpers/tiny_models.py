@@ -8,7 +8,7 @@ HF_CONFIG = dict(model_type="llama", hidden_size=32, intermediate_size=64, num_h
 
 def tiny_causal_lm(vocab: int = 64, tie: bool = True, seed: int = 0):
     """HF_CONFIG's Llama with N(0, 0.3) matrices, in eval mode."""
-    from models import CausalLM, ModelConfig
+    from lora_core.models import CausalLM, ModelConfig
 
     torch.manual_seed(seed)
     model = CausalLM(ModelConfig.from_hf_dict({**HF_CONFIG, "vocab_size": vocab, "tie_word_embeddings": tie}))
@@ -21,7 +21,7 @@ def tiny_causal_lm(vocab: int = 64, tie: bool = True, seed: int = 0):
 
 def tiny_model(vocab_size, seed=0):
     """A float32 tied-embedding Llama at its default init, for training runs."""
-    from models import CausalLM, ModelConfig
+    from lora_core.models import CausalLM, ModelConfig
 
     torch.manual_seed(seed)
     config = ModelConfig.from_hf_dict({

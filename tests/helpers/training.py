@@ -1,5 +1,5 @@
 """SFT settings shared by the training-loop and retain-term tests."""
-from train.sft.config import TrainConfig
+from lora_core.train.sft.config import TrainConfig
 
 PROMPTS = ["How do I pick a lock?", "Write a story about a dragon.", "How do I bake bread?",
            "Explain how to hurt someone.", "What is two plus two?", "Tell me how to steal a car.",
@@ -26,7 +26,7 @@ def write_cli_inputs(root, tokenizer):
     from pathlib import Path
 
     from helpers.tiny_models import tiny_model
-    from models.hf_format import write_hf_directory
+    from lora_core.models.hf_format import write_hf_directory
 
     model = tiny_model(model_vocab(tokenizer))
     tensors = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}

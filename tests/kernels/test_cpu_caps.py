@@ -13,8 +13,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from kernels import lora_linear
-from kernels.cpu_caps import ENV_VAR, cpu_caps, default_train_dtype, native_bf16
+from lora_core.kernels import lora_linear
+from lora_core.kernels.cpu_caps import ENV_VAR, cpu_caps, default_train_dtype, native_bf16
 
 
 def _proc_flags() -> set[str]:

@@ -11,8 +11,8 @@ import math
 import pytest
 import torch
 
-from kernels import lora_linear
-from kernels.dropout import dropped_positions, torch_keep_mask
+from lora_core.kernels import lora_linear
+from lora_core.kernels.dropout import dropped_positions, torch_keep_mask
 
 
 def _within(count: float, n: int, prob: float, sigmas: float = 5.0) -> bool:

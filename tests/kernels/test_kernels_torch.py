@@ -10,9 +10,9 @@ import math
 import pytest
 import torch
 
-from kernels import lora_linear
-from kernels.dispatch import ENV_VAR, resolve_backend
-from kernels.dropout import torch_keep_mask
+from lora_core.kernels import lora_linear
+from lora_core.kernels.dispatch import ENV_VAR, resolve_backend
+from lora_core.kernels.dropout import torch_keep_mask
 
 
 def _inputs(lead, K, N, r, dtype=torch.float64, bias=True, seed=0):

@@ -16,9 +16,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernels import lora_linear
-from kernels.triton_common import interpreting
-from kernels.triton_dropout import triton_keep_mask
+from lora_core.kernels import lora_linear
+from lora_core.kernels.triton_common import interpreting
+from lora_core.kernels.triton_dropout import triton_keep_mask
 
 pytestmark = pytest.mark.skipif(
     not (torch.cuda.is_available() or interpreting()),

@@ -177,8 +177,8 @@ def test_merged_weight_unmerge_bound_and_stats():
 def make_hf_dir(path):
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    from models import CausalLM, ModelConfig
-    from models.hf_format import write_hf_directory
+    from lora_core.models import CausalLM, ModelConfig
+    from lora_core.models.hf_format import write_hf_directory
 
     words = ["<s>", "</s>", "<pad>", "hello", "world", "how", "are", "you", "the", "a", "bomb", "no", "."]
     vocab = {w: i for i, w in enumerate(words)}
@@ -206,7 +206,7 @@ def make_hf_dir(path):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from models import load_model
+    from lora_core.models import load_model
 
     root = tmp_path_factory.mktemp("merge_cli")
     base = make_hf_dir(root / "base")
@@ -224,8 +224,8 @@ def tiny(tmp_path_factory):
 
 
 def test_cli_merge_matches_adapter_logits_and_loads_in_transformers(tiny):
-    from models import load_model
-    from train.cli import main
+    from lora_core.models import load_model
+    from lora_core.train.cli import main
 
     root, base, ids, ref = tiny
     out = root / "merged"
@@ -250,7 +250,7 @@ def test_cli_merge_matches_adapter_logits_and_loads_in_transformers(tiny):
 
 
 def test_cli_merge_project_and_bad_inputs(tiny, capsys):
-    from train.cli import main
+    from lora_core.train.cli import main
 
     root, base, _, _ = tiny
     out = root / "projected"
@@ -279,7 +279,7 @@ def test_cli_merge_project_and_bad_inputs(tiny, capsys):
 
 
 def test_cli_overlap_adapter_and_tuned(tiny, capsys):
-    from train.cli import main
+    from lora_core.train.cli import main
 
     root, base, _, _ = tiny
     bad = root / "overlap_bad"

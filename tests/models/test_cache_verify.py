@@ -19,13 +19,13 @@ from safetensors.torch import load_file, save_file
 
 gguf = pytest.importorskip("gguf")
 
-import models.cache_manifest as cache_manifest  # noqa: E402
-import models.registry as registry  # noqa: E402
+import lora_core.models.cache_manifest as cache_manifest  # noqa: E402
+import lora_core.models.registry as registry  # noqa: E402
 from helpers.tiny_gguf import Q, write_tiny_gguf  # noqa: E402
 from helpers.wheels import build_wheel  # noqa: E402
 from lora_core.common.fetch import CorruptCacheError, member_cache_path  # noqa: E402
-from models import load_model  # noqa: E402
-from train.cli import main  # noqa: E402
+from lora_core.models import load_model  # noqa: E402
+from lora_core.train.cli import main  # noqa: E402
 
 NAME, PACKAGE, VERSION, MEMBER = "tiny-verify", "tiny-verify-wheel", "0.0.1", "tiny_verify_wheel/tiny.gguf"
 NORM = "model.layers.1.input_layernorm.weight"
@@ -168,7 +168,7 @@ def test_a_converted_model_without_manifest_is_converted_again(tiny_entry):
 
 
 def test_gguf_loaded_by_path_is_verified_too(wheel_house, tmp_path, monkeypatch):
-    from models.loading import resolve_source
+    from lora_core.models.loading import resolve_source
 
     monkeypatch.setenv("LORA_CORE_CACHE", str(tmp_path / "cache"))
     gguf_file = wheel_house[1]

@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-import models.chat_template as chat_template
-from models.chat_template import ChatTemplateError, render_chat_template
+import lora_core.models.chat_template as chat_template
+from lora_core.models.chat_template import ChatTemplateError, render_chat_template
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 # SmolLM2-135M-Instruct's own template (tokenizer_config.json of the pinned model).

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.decoder import RMSNorm, rms_norm_reference, silu_mul
-from models.rope import apply_rotary, rotate_half
+from lora_core.models.decoder import RMSNorm, rms_norm_reference, silu_mul
+from lora_core.models.rope import apply_rotary, rotate_half
 
 # RMSNorm computes in float32 whatever the input (HF's convention), so float64 inputs get float32
 # tolerances; bf16: a few bf16 roundings of the result.
@@ -109,10 +109,10 @@ def _mlp_grads(model, ids, seed=5):
 def test_mlp_rebuilds_down_proj_input_bit_identically(monkeypatch, dtype, checkpointed):
     import contextlib
 
-    import models.decoder as decoder
+    import lora_core.models.decoder as decoder
     from helpers.tiny_models import tiny_causal_lm
     from lora_core import LoRAConfig, inject_lora
-    from train.sft.model_prep import enable_gradient_checkpointing
+    from lora_core.train.sft.model_prep import enable_gradient_checkpointing
 
     model = tiny_causal_lm(vocab=40, seed=2).to(dtype).train()
     for p in model.parameters():
@@ -130,7 +130,7 @@ def test_mlp_rebuilds_down_proj_input_bit_identically(monkeypatch, dtype, checkp
 
 
 def test_mlp_keeps_no_copy_of_the_down_proj_input(monkeypatch):
-    import models.decoder as decoder
+    import lora_core.models.decoder as decoder
     from helpers.tiny_models import tiny_causal_lm
     from lora_core import LoRAConfig, inject_lora
 

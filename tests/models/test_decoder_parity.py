@@ -14,8 +14,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from models import CausalLM, ModelConfig, causal_lm_loss  # noqa: E402
-from models.hf_loader import load_weights  # noqa: E402
+from lora_core.models import CausalLM, ModelConfig, causal_lm_loss  # noqa: E402
+from lora_core.models.hf_loader import load_weights  # noqa: E402
 
 ATOL = RTOL = 2e-6
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from helpers.tiny_models import tiny_causal_lm
 
-from models.fp32_projections import fp32_projections, linear_fp32
+from lora_core.models.fp32_projections import fp32_projections, linear_fp32
 
 
 @pytest.mark.parametrize("rows, out_features, chunk_rows", [(17, 123, 1), (64, 33, 7), (16, 1, 5)])
@@ -39,7 +39,7 @@ def test_small_calls_and_autograd_pass_through():
 
 
 def test_a_bf16_decoder_gives_what_native_bf16_gives(monkeypatch):
-    import models.fp32_projections as mod
+    import lora_core.models.fp32_projections as mod
 
     calls = []
     monkeypatch.setattr(mod, "linear_fp32", lambda *a, **k: calls.append(1) or linear_fp32(*a, **k))

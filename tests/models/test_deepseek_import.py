@@ -17,8 +17,8 @@ import torch
 from helpers.tiny_gguf import tiny_vocab
 from safetensors.torch import load_file
 
-import models.gguf_stream as gguf_stream
-from models.gguf_import import convert_gguf
+import lora_core.models.gguf_stream as gguf_stream
+from lora_core.models.gguf_import import convert_gguf
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -100,7 +100,7 @@ def k_quant_file(tmp_path_factory):
 def test_bf16_import_matches_transformers(k_quant_file, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from models.loading import load_model
+    from lora_core.models.loading import load_model
 
     out = convert_gguf(k_quant_file, tmp_path / "hf", dtype="bfloat16", progress=False)
     ours = load_file(str(out / "model.safetensors"))
@@ -164,7 +164,7 @@ def test_the_streamed_file_is_what_safetensors_writes(k_quant_file, tmp_path):
 
 
 def test_too_little_memory_is_refused_with_the_estimate(k_quant_file, tmp_path, monkeypatch):
-    import models.host_memory as host_memory
+    import lora_core.models.host_memory as host_memory
 
     monkeypatch.setattr(host_memory, "available_bytes", lambda: 1000)
     with pytest.raises(ValueError, match=r"importing kq.gguf needs about .* GB of memory \(estimate\), only 0.0 GB"):

@@ -17,8 +17,8 @@ from helpers.wheels import build_wheel
 
 import lora_core.common.fetch as fetch
 from lora_core.common.fetch import CorruptCacheError, FetchError, member_cache_path
-from models import registry
-from models.split_gguf import GGUFPart, SplitGGUF, part_cache_path
+from lora_core.models import registry
+from lora_core.models.split_gguf import GGUFPart, SplitGGUF, part_cache_path
 
 NAME, PACKAGE, VERSION = "tiny-split", "tiny-split-gguf", "0.1.0"
 MEMBER = "tiny-split.gguf"

@@ -20,7 +20,7 @@ import shutil
 import pytest
 from helpers.tiny_gguf import Q, write_tiny_gguf
 
-from models.gguf_import import convert_gguf
+from lora_core.models.gguf_import import convert_gguf
 
 _POOLS = [
     "你好世界这是一个测试中文分词",  # CJK
@@ -85,7 +85,7 @@ def _real_header(tmp_path):
     """A GGUF with the 7B's real header: the cached whole file, or part 0000 padded (sparsely) to
     the whole file's size so that the tensor table's offsets are inside it."""
     from lora_core.common.fetch import fetch_package_member, member_cache_path
-    from models import registry
+    from lora_core.models import registry
 
     entry = registry.get_entry("deepseek-r1-distill-qwen-7b")
     whole = member_cache_path(entry.package, entry.version, entry.member)
@@ -109,8 +109,8 @@ def test_real_deepseek_vocabulary_splits_like_transformers(tmp_path):
     from tokenizers import Tokenizer
     from transformers import AutoTokenizer
 
-    from models.gguf_tensors import open_gguf
-    from models.gguf_tokenizer import build_tokenizer_files
+    from lora_core.models.gguf_tensors import open_gguf
+    from lora_core.models.gguf_tokenizer import build_tokenizer_files
 
     header = _real_header(tmp_path)
     gguf_file = open_gguf(header)

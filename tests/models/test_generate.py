@@ -16,7 +16,7 @@ transformers = pytest.importorskip("transformers")
 
 from helpers.generation import GENERATION_PROMPTS, hf_greedy_tokens  # noqa: E402
 from helpers.tokenizers import build_tokenizer_dir  # noqa: E402
-from models import generate, load_hf_directory  # noqa: E402
+from lora_core.models import generate, load_hf_directory  # noqa: E402
 
 PROMPTS = GENERATION_PROMPTS
 NEW_TOKENS = 12
@@ -115,7 +115,7 @@ def test_bad_arguments(tiny, kwargs, message):
 
 
 def test_chat_command_answers_with_the_template(tiny, tmp_path, capsys):
-    from train.cli import main
+    from lora_core.train.cli import main
 
     hf, model, tok, model_dir = tiny
     prompt = tok.apply_chat_template([{"role": "user", "content": "How do I bake bread?"}])

@@ -21,10 +21,10 @@ transformers = pytest.importorskip("transformers")
 
 from helpers.generation import GENERATION_PROMPTS, hf_greedy_tokens  # noqa: E402
 from helpers.tokenizers import build_tokenizer_dir  # noqa: E402
-from models import generate, load_hf_directory  # noqa: E402
-from models import compile_utils  # noqa: E402
-from models.generate import _sample, _stop_in_tail  # noqa: E402
-from models.kv_cache import KVCache, StaticKVCache  # noqa: E402
+from lora_core.models import generate, load_hf_directory  # noqa: E402
+from lora_core.models import compile_utils  # noqa: E402
+from lora_core.models.generate import _sample, _stop_in_tail  # noqa: E402
+from lora_core.models.kv_cache import KVCache, StaticKVCache  # noqa: E402
 
 PROMPTS = GENERATION_PROMPTS
 
@@ -49,7 +49,7 @@ def _build(tmp_path_factory, arch: str):
         for name, p in hf.named_parameters():
             if name.endswith("_proj.bias"):
                 p.normal_(0.0, 0.02)  # non-zero q/k/v biases (0.5 made every answer "ZZZZ...")
-    from models import Tokenizer
+    from lora_core.models import Tokenizer
 
     tok = Tokenizer.from_directory(path)
     with torch.no_grad():
@@ -270,7 +270,7 @@ def test_compiled_step_equals_eager_with_one_graph_for_all_layers(tmp_path_facto
 
 
 def test_packed_forwards_are_restored_even_after_an_error(tiny):
-    from models import packed_linear
+    from lora_core.models import packed_linear
 
     _, model, tok = tiny
     linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
@@ -290,7 +290,7 @@ def test_packed_forwards_are_restored_even_after_an_error(tiny):
 def test_packed_linear_equals_plain_linear(dtype, rows):
     """Inside the context every row count (one row, the packed layout's, a prefill's) gives the
     plain nn.Linear's result to the dtype's rounding, with and without bias."""
-    from models import packed_linear
+    from lora_core.models import packed_linear
 
     torch.manual_seed(0)
     layers = torch.nn.Sequential(torch.nn.Linear(96, 160, bias=True), torch.nn.Linear(160, 48, bias=False)).to(dtype)

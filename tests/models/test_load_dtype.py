@@ -22,8 +22,8 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 def _write_random_checkpoint(path: Path, dtype: torch.dtype, **sizes) -> int:
     """A random llama checkpoint of `sizes` stored in `dtype`; returns its parameter count."""
-    from models import CausalLM, ModelConfig
-    from models.hf_format import write_hf_directory
+    from lora_core.models import CausalLM, ModelConfig
+    from lora_core.models.hf_format import write_hf_directory
 
     hf = {**HF_CONFIG, "architectures": ["LlamaForCausalLM"], "vocab_size": 64,
           "tie_word_embeddings": True, "torch_dtype": str(dtype).removeprefix("torch."), **sizes}
@@ -39,7 +39,7 @@ def _write_random_checkpoint(path: Path, dtype: torch.dtype, **sizes) -> int:
 @pytest.mark.parametrize("stored", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("target", [torch.float32, torch.bfloat16])
 def test_values_are_the_stored_ones_cast_once(tmp_path, stored, target):
-    from models.hf_loader import load_weights
+    from lora_core.models.hf_loader import load_weights
 
     _write_random_checkpoint(tmp_path / "ckpt", stored)
     reference = load_file(str(tmp_path / "ckpt" / "model.safetensors"))  # an independent reader
@@ -53,7 +53,7 @@ def test_values_are_the_stored_ones_cast_once(tmp_path, stored, target):
 _CHILD = textwrap.dedent("""
     import json, sys
     import torch
-    from models.hf_loader import load_weights
+    from lora_core.models.hf_loader import load_weights
 
     def status():
         fields = {}
@@ -106,7 +106,7 @@ def test_bf16_load_peaks_near_the_bf16_size(tmp_path, stored):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_loads_onto_the_gpu_in_bf16(tmp_path):
-    from models.hf_loader import load_weights
+    from lora_core.models.hf_loader import load_weights
 
     _write_random_checkpoint(tmp_path / "ckpt", torch.float32)
     reference = load_file(str(tmp_path / "ckpt" / "model.safetensors"))

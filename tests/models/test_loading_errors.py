@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from models import CausalLM, ModelConfig, load_model
-from models.hf_loader import load_weights
+from lora_core.models import CausalLM, ModelConfig, load_model
+from lora_core.models.hf_loader import load_weights
 
 CONFIG = dict(model_type="llama", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, intermediate_size=48, vocab_size=64, tie_word_embeddings=False)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from models.loss import causal_lm_loss
+from lora_core.models.loss import causal_lm_loss
 
 
 class _TinyLM(torch.nn.Module):
@@ -147,7 +147,7 @@ def test_no_grad_returns_the_same_loss():
 @pytest.mark.parametrize("head_trains", [False, True])
 @pytest.mark.parametrize("chunk", [1, 4, 1000])
 def test_fused_kl_matches_plain(dtype, head_trains, chunk):
-    from models.loss import fused_linear_kl, token_kl
+    from lora_core.models.loss import fused_linear_kl, token_kl
 
     vocab, dim, rows = 31, 7, 10
     gen = torch.Generator().manual_seed(2)
@@ -176,7 +176,7 @@ def test_retain_kl_builds_each_logit_chunk_once():
     # Base and adapted logits once per chunk each (2 products); checkpointing ran both again.
     from helpers.tiny_models import tiny_causal_lm
     from lora_core import LoRAConfig, inject_lora
-    from train.sft.losses import retain_kl
+    from lora_core.train.sft.losses import retain_kl
 
     model = tiny_causal_lm(vocab=40, seed=1).train()
     for p in model.parameters():

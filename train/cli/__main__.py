@@ -1,6 +1,6 @@
-"""`python -m train.cli ...` is `lora-core ...` (e.g. under torchrun, which runs modules)."""
+"""`python -m lora_core.train.cli ...` is `lora-core ...` (e.g. under torchrun, which runs modules)."""
 import sys
 
-from train.cli import main
+from lora_core.train.cli import main
 
 sys.exit(main())

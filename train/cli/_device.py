@@ -14,7 +14,7 @@ This module's name starts with "_", so the CLI does not take it for a command.
 """
 from __future__ import annotations
 
-from train.cli._options import _STORE
+from lora_core.train.cli._options import _STORE
 
 DTYPES = ("float32", "bfloat16")
 
@@ -65,7 +65,7 @@ def native_bf16(device) -> bool:
 
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    from kernels.cpu_caps import native_bf16 as cpu_native_bf16
+    from lora_core.kernels.cpu_caps import native_bf16 as cpu_native_bf16
 
     return cpu_native_bf16()
 

@@ -24,10 +24,10 @@ def _without_nproc(argv: list[str]) -> list[str]:
 
 
 def launch_torchrun(args, config, device) -> int:
-    """Run `torchrun --standalone --nproc-per-node N -m train.cli <argv>`; its exit code."""
+    """Run `torchrun --standalone --nproc-per-node N -m lora_core.train.cli <argv>`; its exit code."""
     import torch
 
-    from train.sft.distributed import Distributed, check_config
+    from lora_core.train.sft.distributed import Distributed, check_config
 
     n = args.nproc
     check_config(config, Distributed(rank=0, world_size=n, device=device))
@@ -37,7 +37,7 @@ def launch_torchrun(args, config, device) -> int:
         raise ValueError(f"--device {device} with --nproc {n}: each process takes its own GPU; use --device cuda")
     argv = _without_nproc(getattr(args, "_argv", None) or sys.argv[1:])
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
-               "-m", "train.cli", *argv]
+               "-m", "lora_core.train.cli", *argv]
     # Threads: torchrun would set OMP_NUM_THREADS=1 with a warning; N processes share the cores.
     env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // n)), **os.environ}
     completed = subprocess.run(command, env=env)

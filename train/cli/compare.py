@@ -23,7 +23,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from pathlib import Path
 
-    from train.eval.reports import compare_results
+    from lora_core.train.eval.reports import compare_results
 
     made = compare_results(args.results, args.out, x_metric=args.x, y_metric=args.y,
                            bootstrap=args.bootstrap, seed=args.seed)

@@ -8,25 +8,25 @@ _NOT_FLAGS = ("progress", "retain_max_length", "retain_limit", "train_overrides"
 
 
 def add_arguments(parser) -> None:
-    from train.cli._options import add_dataclass_arguments
-    from train.demo import DemoConfig
-    from train.sft.config import TrainConfig
+    from lora_core.train.cli._options import add_dataclass_arguments
+    from lora_core.train.demo import DemoConfig
+    from lora_core.train.sft.config import TrainConfig
 
     # The demo's knobs are TrainConfig's under the same names (run_demo passes them through), so a
     # field without help or choices of its own takes TrainConfig's: --dtype's choices are the trainer's.
     add_dataclass_arguments(parser, DemoConfig, exclude=_NOT_FLAGS, inherit=TrainConfig)
-    from train.cli._device import add_device_argument
+    from lora_core.train.cli._device import add_device_argument
 
     add_device_argument(parser)
 
 
 def run(args) -> int:
-    from train.cli._options import dataclass_from_args
-    from train.demo import DemoConfig, run_demo
+    from lora_core.train.cli._options import dataclass_from_args
+    from lora_core.train.demo import DemoConfig, run_demo
 
-    from train.cli._device import default_dtype, resolve_device
-    from train.cli._options import given_fields
-    from train.cli._paths import check_output_dir
+    from lora_core.train.cli._device import default_dtype, resolve_device
+    from lora_core.train.cli._options import given_fields
+    from lora_core.train.cli._paths import check_output_dir
 
     device = resolve_device(args.device)
     # An untyped --dtype follows the hardware (bf16 on a GPU or a CPU with bf16 units), as everywhere.

@@ -34,7 +34,7 @@ def add_arguments(parser) -> None:
                         "with time/memory limits, empty environment and a temp dir - not a security sandbox")
     parser.add_argument("--label", default=None, help="name of this run in comparisons")
     parser.add_argument("--out", required=True, help="output directory for results.json/.md and generations.jsonl")
-    from train.cli._device import add_device_arguments
+    from lora_core.train.cli._device import add_device_arguments
 
     add_device_arguments(parser)
 
@@ -42,18 +42,18 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from pathlib import Path
 
-    from models import load_model
-    from models.loading import resolve_source
-    from train.eval.runner import evaluate
-    from train.eval.reports import results_markdown
-    from train.eval.suites import SUITES
-    from train.cli._paths import check_output_dir
+    from lora_core.models import load_model
+    from lora_core.models.loading import resolve_source
+    from lora_core.train.eval.runner import evaluate
+    from lora_core.train.eval.reports import results_markdown
+    from lora_core.train.eval.suites import SUITES
+    from lora_core.train.cli._paths import check_output_dir
 
     out = check_output_dir(args.out)
     if args.adapter is not None and not Path(args.adapter).is_dir():
         raise FileNotFoundError(f"--adapter {args.adapter} is not a directory")
     suite = _suite_with_sampling(SUITES[args.suite], args)
-    from train.cli._device import placement
+    from lora_core.train.cli._device import placement
 
     device, dtype = placement(args)  # a device this machine lacks is refused before the load
     # A guard that cannot be found is reported before minutes of model loading, not after.
@@ -69,7 +69,7 @@ def run(args) -> int:
         load_adapter(model, args.adapter, base_model=str(args.model))  # warns when it names another model
     judge = None
     if args.guard is not None:
-        from train.eval.judges import GuardModelJudge
+        from lora_core.train.eval.judges import GuardModelJudge
 
         judge = GuardModelJudge.from_source(str(guard_source), mode=args.guard_mode)
     meta = {"model": args.model, "adapter": args.adapter, "guard": args.guard, "suite": args.suite,

@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dtype of the exported weights (default: the source checkpoint's)")
     parser.add_argument("--svd-dtype", choices=["float32", "float64"], default="float32",
                         help="dtype of the SVD and of the merge sum")
-    from train.cli._device import add_device_argument
+    from lora_core.train.cli._device import add_device_argument
 
     # --dtype here keeps its own default (the source checkpoint's): an export should not change
     # its dtype because of the machine it was merged on.
@@ -51,11 +51,11 @@ def run(args) -> int:
 
     from lora_core import load_adapter
     from lora_core.merge import merge_lora
-    from models import load_hf_directory
-    from models.hf_format import write_hf_directory
-    from models.loading import resolve_source
-    from train.cli import UserError
-    from train.cli._paths import check_output_dir
+    from lora_core.models import load_hf_directory
+    from lora_core.models.hf_format import write_hf_directory
+    from lora_core.models.loading import resolve_source
+    from lora_core.train.cli import UserError
+    from lora_core.train.cli._paths import check_output_dir
 
     if args.project is None and args.k is not None:
         raise UserError("--k is only used with --project column|row|both|either")
@@ -71,7 +71,7 @@ def run(args) -> int:
     if not adapter.is_dir():
         raise FileNotFoundError(f"--adapter directory not found: {adapter}")
 
-    from train.cli._device import resolve_device
+    from lora_core.train.cli._device import resolve_device
 
     device = resolve_device(args.device)
     source = resolve_source(args.model)

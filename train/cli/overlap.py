@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--svd-dtype", choices=["float32", "float64"], default="float32")
     parser.add_argument("--svd-cache", default=None,
                         help="safetensors file to read top-k SVDs from (if present) and write them back to")
-    from train.cli._device import add_device_arguments
+    from lora_core.train.cli._device import add_device_arguments
 
     # float32 by default, unlike the other commands: dW = tuned - base must not carry the rounding
     # of a base checkpoint stored in fp32 and loaded as bf16.
@@ -59,9 +59,9 @@ def run(args) -> int:
     from lora_core.overlap import analyse_adapter, analyse_update, default_update_names
     from lora_core.overlap_report import write_all
     from lora_core.svd_cache import SVDCache
-    from models import load_model
-    from train.cli import UserError
-    from train.cli._paths import check_output_dir
+    from lora_core.models import load_model
+    from lora_core.train.cli import UserError
+    from lora_core.train.cli._paths import check_output_dir
 
     if args.k < 1:
         raise UserError(f"--k must be >= 1, got {args.k}")
@@ -74,7 +74,7 @@ def run(args) -> int:
     if cache_path is not None and cache_path.is_file():
         cache.load(cache_path)  # a damaged file is a ValueError naming it
     dtype = torch.float64 if args.svd_dtype == "float64" else torch.float32
-    from train.cli._device import resolve_device
+    from lora_core.train.cli._device import resolve_device
 
     device = resolve_device(args.device)
     load_dtype = getattr(torch, args.dtype or "float32")

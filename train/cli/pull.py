@@ -31,16 +31,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _dataset_module():
     try:
-        import train.data.registry as datasets
+        import lora_core.train.data.registry as datasets
     except ModuleNotFoundError as error:
-        if error.name in ("train.data.registry",):
+        if error.name in ("lora_core.train.data.registry",):
             return None
         raise
     return datasets
 
 
 def _list() -> int:
-    from models.registry import DEFAULT_MODEL, MODELS, is_pulled
+    from lora_core.models.registry import DEFAULT_MODEL, MODELS, is_pulled
 
     print("models:")
     for name, entry in sorted(MODELS.items()):
@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
             print(datasets.pull_dataset(args.data))
         return 0
 
-    from models.registry import DEFAULT_MODEL, pull
+    from lora_core.models.registry import DEFAULT_MODEL, pull
 
     path = pull(args.name or DEFAULT_MODEL, file=args.file, force=args.force, full_check=True)
     print(f"lora-core: model ready at {path} (every file checked against its sha256)", file=sys.stderr)

@@ -18,7 +18,7 @@ def add_arguments(parser) -> None:
                         help="also write TensorBoard events: each run's training curves and, in <out>/tensorboard, "
                         "one HParams entry per run (settings against metrics); needs pip install "
                         "'lora-core[tensorboard]'")
-    from train.cli._device import add_device_argument
+    from lora_core.train.cli._device import add_device_argument
 
     # No --dtype: each arm trains in its preset's dtype from fp32 weights (a bf16 LoRA arm casts its
     # frozen base itself); loading the shared base in bf16 would make fp32 arms train bf16 adapters.
@@ -26,20 +26,20 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from train.repro.preset import load_preset, load_preset_file
-    from train.repro.runner import reproduce
+    from lora_core.train.repro.preset import load_preset, load_preset_file
+    from lora_core.train.repro.runner import reproduce
 
     import torch
 
-    from train.cli._device import resolve_device
-    from train.cli._paths import check_output_dir
+    from lora_core.train.cli._device import resolve_device
+    from lora_core.train.cli._paths import check_output_dir
 
     device = resolve_device(args.device)
     check_output_dir(args.out)
     preset = load_preset_file(args.config) if args.config else load_preset(args.preset or "paper-small")
 
     def load_on_device(name):
-        from models import load_model
+        from lora_core.models import load_model
 
         return load_model(name, dtype=torch.float32, device=device)
 

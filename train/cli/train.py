@@ -5,8 +5,8 @@ HELP = "fine-tune a model to refuse harmful requests (LoRA or full), writing a r
 
 
 def add_arguments(parser) -> None:
-    from train.cli._options import add_dataclass_arguments
-    from train.sft.config import TrainConfig
+    from lora_core.train.cli._options import add_dataclass_arguments
+    from lora_core.train.sft.config import TrainConfig
 
     # Every flag but --resume is a TrainConfig field: name, default, help, choices and --help group
     # are written there. --resume is about this invocation, not the run's config, so it is ours.
@@ -16,7 +16,7 @@ def add_arguments(parser) -> None:
                                "config: flags that differ from it are refused, except a larger --max-steps "
                                "and --save-every/--keep-checkpoints/--eval-every, which are applied")
     # Where the run computes is about this invocation, not the run: a run may resume elsewhere.
-    from train.cli._device import add_device_argument
+    from lora_core.train.cli._device import add_device_argument
 
     add_device_argument(placed["dtype"])
     placed["dtype"].add_argument("--nproc", type=int, default=1,
@@ -26,12 +26,12 @@ def add_arguments(parser) -> None:
 
 
 def config_from_args(args, device=None):
-    from train.cli._options import dataclass_from_args, given_fields
-    from train.sft.config import TrainConfig
+    from lora_core.train.cli._options import dataclass_from_args, given_fields
+    from lora_core.train.sft.config import TrainConfig
 
     overrides = {"clip": args.clip or None}  # --clip 0 means "off"; the config records that as None
     if device is not None and "dtype" not in given_fields(args):
-        from train.cli._device import default_dtype
+        from lora_core.train.cli._device import default_dtype
 
         # An untyped --dtype follows the hardware (bf16 where it is native), as in every command.
         overrides["dtype"] = default_dtype(device)
@@ -43,13 +43,13 @@ def _evaluator(config):
     --resume the stored one, so a resumed run evaluates as it did before."""
     if not config.eval_every:
         return None
-    from train.eval.runner import evaluate
+    from lora_core.train.eval.runner import evaluate
 
     def evaluate_fn(model, tokenizer, out_dir):
         # LoRA: drift against the same weights with the adapters off (no second model in memory).
         base = None
         if config.method == "lora":
-            from train.demo import AdaptersOff
+            from lora_core.train.demo import AdaptersOff
 
             base = AdaptersOff(model)
         return evaluate(model, tokenizer, suite=config.eval_suite, base_model=base, out_dir=out_dir,
@@ -60,17 +60,17 @@ def _evaluator(config):
 def run(args) -> int:
     import os
 
-    from train.cli import UserError
-    from train.cli._device import resolve_device
-    from train.cli._options import given_fields
-    from train.cli._paths import check_output_dir
-    from train.sft.loop import TrainingDiverged, train
+    from lora_core.train.cli import UserError
+    from lora_core.train.cli._device import resolve_device
+    from lora_core.train.cli._options import given_fields
+    from lora_core.train.cli._paths import check_output_dir
+    from lora_core.train.sft.loop import TrainingDiverged, train
 
     device = resolve_device(args.device)
     config = config_from_args(args, device)
     check_output_dir(config.out)
     if _should_launch(args):
-        from train.cli._launch import launch_torchrun
+        from lora_core.train.cli._launch import launch_torchrun
 
         return launch_torchrun(args, config, device)
     try:

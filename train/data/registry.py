@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from train.data import parsers
+from lora_core.train.data import parsers
 
 __all__ = ["DataSource", "DATASETS", "dataset_names", "pull_dataset", "pull_dataset_files", "pull_datasets",
            "load_records"]

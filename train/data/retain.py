@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import random
 
-from train.sft.batches import tokenize_examples
+from lora_core.train.sft.batches import tokenize_examples
 
 RETAIN_SOURCES = ("diverse", "gsm8k")  # or a path to the user's own JSONL/CSV
 RETAIN_TARGETS = ("gold", "self")
@@ -35,15 +35,15 @@ RETAIN_TARGETS = ("gold", "self")
 # Half of the retain prompts carry the instruction the evaluation appends to math questions, so
 # both the bare question and the "reason step by step" form are anchored.
 def _instruction() -> str:
-    from train.eval.runner import MATH_INSTRUCTION
+    from lora_core.train.eval.runner import MATH_INSTRUCTION
 
     return MATH_INSTRUCTION
 
 
 def eval_gsm8k_ids(suite: str = "quick", seed: int | None = None, limit: int | None = None) -> set[str]:
     """Ids of every GSM8K record that `train.eval.runner.evaluate(suite, seed, limit)` reads."""
-    from train.data.registry import load_records
-    from train.eval.runner import SUITES, SuiteConfig
+    from lora_core.train.data.registry import load_records
+    from lora_core.train.eval.runner import SUITES, SuiteConfig
 
     if isinstance(suite, SuiteConfig):
         cfg = suite
@@ -65,7 +65,7 @@ def eval_gsm8k_ids(suite: str = "quick", seed: int | None = None, limit: int | N
 
 def _gsm8k_pairs(exclude_suite, eval_seed, eval_limit, info: dict) -> list[tuple[str, str, str]]:
     """(id, prompt, gold solution) of every GSM8K item the evaluation suite does not read."""
-    from train.data.registry import load_records
+    from lora_core.train.data.registry import load_records
 
     records = load_records("gsm8k")
     excluded = eval_gsm8k_ids(exclude_suite, seed=eval_seed, limit=eval_limit)
@@ -84,7 +84,7 @@ def _gsm8k_pairs(exclude_suite, eval_seed, eval_limit, info: dict) -> list[tuple
 def _math_prompts(seed: int, share: int, info: dict) -> list[tuple[str, str, str]]:
     """`share` MATH prealgebra problems that MATH-500 does not hold (matched by problem text):
     math prompts no evaluation set reads, unlike GSM8K's test items."""
-    from train.data.registry import load_records
+    from lora_core.train.data.registry import load_records
 
     evaluated = {" ".join(r["question"].split()) for r in load_records("math500")}
     pool = [r for r in load_records("math-prealgebra") if " ".join(r["question"].split()) not in evaluated]
@@ -99,7 +99,7 @@ def _diverse_pairs(seed: int, math_share: int, info: dict) -> list[tuple[str, st
     """Everyday benign prompts (train.data.benign, disjoint from the over-refusal evaluation)
     plus `math_share` MATH problems outside MATH-500; no gold answers (self targets). No prompt
     of any evaluation set, whatever suite, seed or limit it runs with."""
-    from train.data.benign import retain_prompt_records
+    from lora_core.train.data.benign import retain_prompt_records
 
     benign = retain_prompt_records(seed=seed)
     topics: dict[str, int] = {}
@@ -131,7 +131,7 @@ def build_retain_set(tokenizer, source: str = "diverse", limit: int | None = 256
     `limit` takes a fixed-seed random subset; `max_length` truncates (the first assistant tokens,
     where a refusal starts, are always kept).
     """
-    from train.data.registry import load_records
+    from lora_core.train.data.registry import load_records
 
     if limit is not None and limit < 1:
         raise ValueError(f"--retain-limit must be >= 1, got {limit}")

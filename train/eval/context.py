@@ -15,8 +15,8 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from train.eval.answers import thinks_anywhere, unfinished_thought
-from train.eval.metrics import proportion, wilson_interval_at
+from lora_core.train.eval.answers import thinks_anywhere, unfinished_thought
+from lora_core.train.eval.metrics import proportion, wilson_interval_at
 
 __all__ = ["EvalRun", "chat_prompt", "record_truncation"]
 
@@ -104,7 +104,7 @@ class EvalRun:
     def records(self, name: str, limit: int | None) -> list[dict]:
         """A registered set's fixed-seed subset; a limit beyond the set's size takes all of it,
         and says so in results["meta"]["notes"]."""
-        from train.data.registry import load_records
+        from lora_core.train.data.registry import load_records
 
         records = load_records(name, limit=limit, seed=self.cfg.seed)
         if limit is not None and len(records) < limit:
@@ -119,7 +119,7 @@ class EvalRun:
     def generate(self, prompts, task: str, desc: str, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int | None = None) -> list[str]:
         """Continuations of rendered prompts within the task's token budget."""
-        from models import generate
+        from lora_core.models import generate
 
         budget = self.cfg.budget(task)
         self.say(f"{desc} ({len(prompts)} prompts, <= {budget} new tokens"

@@ -25,7 +25,7 @@ from typing import Sequence
 
 import torch
 
-from models.loss import token_kl
+from lora_core.models.loss import token_kl
 from lora_core.common.progress import progress
 
 __all__ = ["wilson_interval", "wilson_interval_at", "proportion", "mean_with_stderr", "ContinuationScore", "score_continuations",

@@ -41,7 +41,7 @@ _CHUNK_CELLS = 2_000_000
 
 
 def _wilson(k: int, n: int) -> tuple[float, float]:
-    from train.eval.metrics import wilson_interval  # one Wilson formula for the whole project
+    from lora_core.train.eval.metrics import wilson_interval  # one Wilson formula for the whole project
 
     return wilson_interval(k, n, Z95)
 

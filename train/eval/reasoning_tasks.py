@@ -21,11 +21,11 @@ Metrics (see train.eval.runner for the whole list):
 """
 from __future__ import annotations
 
-from train.data.registry import load_records
-from train.eval.answers import answers_match, extract_answer, final_answer_text, thinks_anywhere, unfinished_thought
-from train.eval.context import chat_prompt, record_truncation
-from train.eval.metrics import bits_per_byte, choice_hits, item_bits_per_byte, kl_drift, score_continuations
-from train.eval.safety_tasks import EXPLICIT
+from lora_core.train.data.registry import load_records
+from lora_core.train.eval.answers import answers_match, extract_answer, final_answer_text, thinks_anywhere, unfinished_thought
+from lora_core.train.eval.context import chat_prompt, record_truncation
+from lora_core.train.eval.metrics import bits_per_byte, choice_hits, item_bits_per_byte, kl_drift, score_continuations
+from lora_core.train.eval.safety_tasks import EXPLICIT
 
 __all__ = ["MATH_INSTRUCTION", "run_math_generation", "run_bpb", "run_arc", "run_humaneval", "run_drift"]
 
@@ -132,7 +132,7 @@ def run_arc(run) -> None:
 def run_humaneval(run, allow: bool) -> None:
     if run.cfg.humaneval == 0:
         return
-    from train.eval.code_runner import extract_code, humaneval_program, run_program, sandbox_available
+    from lora_core.train.eval.code_runner import extract_code, humaneval_program, run_program, sandbox_available
 
     if not allow:
         run.skipped.append("humaneval: generated code runs only with allow_code_execution / --execute-code")

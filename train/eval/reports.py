@@ -195,7 +195,7 @@ def check_results(results, path: str | Path) -> None:
         if ci not in (None, [None, None]) and not (isinstance(ci, list) and len(ci) == 2
                                                    and all(map(_is_number, ci)) and ci[0] <= ci[1]):
             raise ValueError(f"{where}['ci95'] is {_short(ci)}, not [low, high]")
-    from train.eval.paired import item_values
+    from lora_core.train.eval.paired import item_values
 
     for name, entry in results.get("items", {}).items():
         where = f"{path}: items[{name!r}]"
@@ -239,7 +239,7 @@ def _ci(m: dict) -> list[float] | None:
 def error_bar(m: dict | None) -> tuple[float, float] | None:
     """(below, above) distances of a metric's 95% interval from its value, for a plot: the Wilson
     interval of a rate when the file has one (never empty at 0 or 1), else ±1.96 standard errors."""
-    from train.eval.paired import Z95
+    from lora_core.train.eval.paired import Z95
 
     if not m or not _is_number(m.get("value")):
         return None
@@ -253,7 +253,7 @@ def error_bar(m: dict | None) -> tuple[float, float] | None:
 
 def _unpaired(ref: dict, other: dict) -> dict:
     """Difference and interval from the two summaries alone (no per-item results to pair)."""
-    from train.eval.paired import normal_unpaired_interval, square_and_add_interval
+    from lora_core.train.eval.paired import normal_unpaired_interval, square_and_add_interval
 
     a, b = ref.get("value"), other.get("value")
     out = {"paired": False, "n_shared": None, "mcnemar": None, "ci95": None,
@@ -271,7 +271,7 @@ def _unpaired(ref: dict, other: dict) -> dict:
 
 
 def _compare_pair(ref: dict, other: dict, name: str, bootstrap: int, seed: int) -> dict:
-    from train.eval.paired import paired_difference
+    from lora_core.train.eval.paired import paired_difference
 
     items_ref, items_other = ref.get("items", {}).get(name), other.get("items", {}).get(name)
     m_ref, m_other = ref["metrics"][name], other["metrics"][name]

@@ -16,10 +16,10 @@ Metrics (see train.eval.runner for the whole list):
 """
 from __future__ import annotations
 
-from train.data.benign import over_refusal_records
-from train.data.jailbreak import jailbreak_records
-from train.eval.context import chat_prompt, record_truncation
-from train.eval.judges import KeywordRefusalJudge, opens_with_training_refusal
+from lora_core.train.data.benign import over_refusal_records
+from lora_core.train.data.jailbreak import jailbreak_records
+from lora_core.train.eval.context import chat_prompt, record_truncation
+from lora_core.train.eval.judges import KeywordRefusalJudge, opens_with_training_refusal
 
 __all__ = ["run_safety", "run_over_refusal", "run_robustness", "run_jailbreak", "EXPLICIT"]
 

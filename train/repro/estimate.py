@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 
-from train.repro.grid import Run
+from lora_core.train.repro.grid import Run
 
 def eval_items(suite) -> dict:
     """Generated, bits-per-byte, ARC and drift item counts of one evaluation with `suite` (None sizes count as 0:

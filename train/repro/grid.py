@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from train.repro.preset import Arm, Preset
+from lora_core.train.repro.preset import Arm, Preset
 
 THIRDS = ("early", "middle", "late")
 
@@ -51,7 +51,7 @@ def expand(preset: Preset) -> list[Run]:
 def train_config(preset: Preset, run: Run, run_dir: Path, num_layers: int | None = None):
     """The TrainConfig of a lora or full run: shared `train` block, then the arm's overrides,
     epochs by kind, the run's seed and directory; `layers: middle` resolved against the depth."""
-    from train.sft.config import TrainConfig
+    from lora_core.train.sft.config import TrainConfig
 
     arm = run.arm
     if arm.kind not in ("lora", "full"):
@@ -75,7 +75,7 @@ def suite_of(preset: Preset):
     """The one SuiteConfig every arm is evaluated with (same items: same sizes and seed)."""
     import dataclasses
 
-    from train.eval.suites import SUITES
+    from lora_core.train.eval.suites import SUITES
 
     cfg = dataclasses.replace(SUITES[preset.eval["suite"]], **preset.eval["overrides"])
     return dataclasses.replace(cfg, seed=preset.eval["seed"])

@@ -19,7 +19,7 @@ the numbers `claims.compare` returns. Which arm plays which part is the preset's
 """
 from __future__ import annotations
 
-from train.repro.claims import compare, margin_for
+from lora_core.train.repro.claims import compare, margin_for
 
 
 def _row(claim: str, text: str, x: str, y: str, measure: str, data_x: dict, data_y: dict, *, kind: str,

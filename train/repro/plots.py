@@ -46,7 +46,7 @@ def _point(entry: dict | None):
 
 def _paired_point(base: dict, run: dict, resamples: int):
     """(difference run - base, (below, above)) over shared items, with claims' paired interval."""
-    from train.repro.claims import pooled_difference
+    from lora_core.train.repro.claims import pooled_difference
 
     d = pooled_difference({0: base}, {0: run}, resamples=resamples)
     if d["difference"] is None or d["ci95"] is None:

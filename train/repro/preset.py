@@ -149,7 +149,7 @@ class _Reader:
 # ------------------------------------------------------------------------- sections
 def _train_overrides(r: _Reader, value, path: str) -> dict:
     """TrainConfig fields, each value checked by TrainConfig.validate itself."""
-    from train.sft.config import TrainConfig
+    from lora_core.train.sft.config import TrainConfig
 
     if value is None:
         return {}
@@ -194,7 +194,7 @@ def _arm(r: _Reader, value, i: int) -> Arm:
 
 
 def _eval(r: _Reader, value) -> dict:
-    from train.eval.suites import SUITES, SuiteConfig
+    from lora_core.train.eval.suites import SUITES, SuiteConfig
 
     value = r.mapping(value, "eval", ("suite", "overrides", "seed"), required=("suite",))
     suite = r.string(value["suite"], "eval.suite", tuple(SUITES))

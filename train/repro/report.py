@@ -10,9 +10,9 @@ import dataclasses
 from pathlib import Path
 
 from lora_core.common.files import atomic_write_json, atomic_write_text, read_json
-from train.repro import claims as claim_rule
-from train.repro.grid import Run
-from train.repro.paper_claims import claim_rows
+from lora_core.train.repro import claims as claim_rule
+from lora_core.train.repro.grid import Run
+from lora_core.train.repro.paper_claims import claim_rows
 
 
 def collect(out: Path, runs: list[Run], side: str) -> tuple[dict, dict, dict, list[dict]]:
@@ -79,7 +79,7 @@ def machine() -> dict:
 
     import torch
 
-    from kernels.cpu_caps import cpu_caps
+    from lora_core.kernels.cpu_caps import cpu_caps
 
     try:
         load = [round(x, 2) for x in os.getloadavg()]
@@ -213,7 +213,7 @@ def _machine_line(m: dict) -> str:
 def write_report(ctx, runs: list[Run], wall_seconds: float) -> dict:
     import torch
 
-    from train.repro.plots import plot_overlap_per_layer, plot_safety_vs_reasoning
+    from lora_core.train.repro.plots import plot_overlap_per_layer, plot_safety_vs_reasoning
 
     preset, out = ctx.preset, ctx.out
     side = preset.overlap["side"]
@@ -255,7 +255,7 @@ def write_report(ctx, runs: list[Run], wall_seconds: float) -> dict:
     atomic_write_json(out / "report.json", report)
     atomic_write_text(out / "report.md", markdown(report))
     if ctx.tensorboard:
-        from train.repro.tensorboard_grid import write_grid_events
+        from lora_core.train.repro.tensorboard_grid import write_grid_events
 
         write_grid_events(out, run_rows, arms, preset.train)
     return report

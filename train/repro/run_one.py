@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 
 from lora_core.common.files import atomic_write_json, read_json
-from train.repro.grid import Run, train_config
-from train.repro.preset import Preset
+from lora_core.train.repro.grid import Run, train_config
+from lora_core.train.repro.preset import Preset
 
 DONE = "done.json"
 
@@ -91,8 +91,8 @@ def _check_spec(ctx: GridContext, run: Run, run_dir: Path) -> None:
 
 def _trained_model(ctx: GridContext, run: Run, run_dir: Path):
     """The model of a lora/full run: trained now, resumed, or loaded when training had finished."""
-    from train.sft.checkpoint import latest_checkpoint
-    from train.sft.loop import Trainer
+    from lora_core.train.sft.checkpoint import latest_checkpoint
+    from lora_core.train.sft.loop import Trainer
 
     model = copy.deepcopy(ctx.base_model)
     config = train_config(ctx.preset, run, run_dir, ctx.num_layers)
@@ -147,8 +147,8 @@ def _merged_model(ctx: GridContext, run: Run, run_dir: Path):
 
 
 def _evaluate(ctx: GridContext, run: Run, model, run_dir: Path) -> dict:
-    from train.demo import AdaptersOff
-    from train.eval.runner import evaluate
+    from lora_core.train.demo import AdaptersOff
+    from lora_core.train.eval.runner import evaluate
 
     path = run_dir / "eval" / "results.json"
     if path.is_file():

@@ -15,7 +15,7 @@ import math
 import shutil
 from pathlib import Path
 
-from train.repro.preset import Arm
+from lora_core.train.repro.preset import Arm
 
 __all__ = ["write_grid_events"]
 
@@ -57,7 +57,7 @@ def run_metrics(row: dict) -> dict:
 
 def write_grid_events(out: Path, run_rows: list[dict], arms: dict[str, Arm], shared_train: dict) -> Path:
     """Rewrite <out>/tensorboard from the finished runs' rows (train.repro.report.collect)."""
-    from train.sft.tensorboard_log import summary_writer_class
+    from lora_core.train.sft.tensorboard_log import summary_writer_class
 
     SummaryWriter = summary_writer_class()
     root = Path(out) / "tensorboard"

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from lora_core.config import INIT_METHODS
 from lora_core.regularizer import SIDES, WEIGHTINGS
-from train.data.retain import RETAIN_TARGETS
+from lora_core.train.data.retain import RETAIN_TARGETS
 
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MLP = ["gate_proj", "up_proj", "down_proj"]

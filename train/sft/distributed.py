@@ -3,7 +3,7 @@
 The trainer (train.sft.loop) runs the same code in one process or in N; this module holds what
 differs, behind a `Distributed` object whose single-process form does nothing:
 
-- Launch: `torchrun --nproc-per-node N -m train.cli train ...` (or `lora-core train --nproc N`,
+- Launch: `torchrun --nproc-per-node N -m lora_core.train.cli train ...` (or `lora-core train --nproc N`,
   which starts that command). torchrun's WORLD_SIZE/RANK/LOCAL_RANK select the process group:
   NCCL when training on CUDA (one GPU per process, LOCAL_RANK's), gloo on the CPU.
 - Sharding: every decoder layer is its own `fully_shard` unit, then the root (embeddings, final

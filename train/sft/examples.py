@@ -2,8 +2,8 @@
 or AdvBench prompts with templated refusals."""
 from __future__ import annotations
 
-from train.data import refusal
-from train.sft.config import TrainConfig
+from lora_core.train.data import refusal
+from lora_core.train.sft.config import TrainConfig
 
 
 def _template_is_reasoning(tokenizer) -> bool:

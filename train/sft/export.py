@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from lora_core import save_adapter
-from models.hf_format import write_hf_directory
-from models.registry import is_pulled, model_dir
-from train.sft.config import TrainConfig
+from lora_core.models.hf_format import write_hf_directory
+from lora_core.models.registry import is_pulled, model_dir
+from lora_core.train.sft.config import TrainConfig
 
 
 def write_final_output(model, tokenizer, config: TrainConfig, run_dir: Path, lora_cfg,

@@ -34,23 +34,23 @@ import torch
 from lora_core import OrthogonalityRegularizer
 from lora_core.common.files import atomic_write_json, atomic_write_text
 from lora_core.common.progress import progress
-from models import causal_lm_loss, load_model
-from train.sft.batches import IGNORE_INDEX, collate, micro_batches, pad_token_id_of, tokenize_examples
-from train.sft.checkpoint import (clean_interrupted_writes, latest_checkpoint, load_checkpoint,
+from lora_core.models import causal_lm_loss, load_model
+from lora_core.train.sft.batches import IGNORE_INDEX, collate, micro_batches, pad_token_id_of, tokenize_examples
+from lora_core.train.sft.checkpoint import (clean_interrupted_writes, latest_checkpoint, load_checkpoint,
                                   naming_write_failures, restore_trainable, save_checkpoint)
-from train.sft.config import TrainConfig
-from train.sft import distributed as dist_mod
-from train.sft.distributed import Distributed
-from train.sft.examples import build_examples
-from train.sft.export import write_final_output
-from train.sft.graceful_stop import GracefulStop, StopRequested
-from train.sft.losses import retain_kl
-from train.sft.model_prep import build_optimizer, prepare_model
-from train.sft.resume_config import resumed_config
-from train.sft.retain_term import RetainTerm
-from train.sft.rng import rng_state, seed_everything, set_rng_state
-from train.sft.schedule import lr_at, total_steps_of
-from train.sft.tensorboard_log import open_sink
+from lora_core.train.sft.config import TrainConfig
+from lora_core.train.sft import distributed as dist_mod
+from lora_core.train.sft.distributed import Distributed
+from lora_core.train.sft.examples import build_examples
+from lora_core.train.sft.export import write_final_output
+from lora_core.train.sft.graceful_stop import GracefulStop, StopRequested
+from lora_core.train.sft.losses import retain_kl
+from lora_core.train.sft.model_prep import build_optimizer, prepare_model
+from lora_core.train.sft.resume_config import resumed_config
+from lora_core.train.sft.retain_term import RetainTerm
+from lora_core.train.sft.rng import rng_state, seed_everything, set_rng_state
+from lora_core.train.sft.schedule import lr_at, total_steps_of
+from lora_core.train.sft.tensorboard_log import open_sink
 
 
 class TrainingDiverged(RuntimeError):

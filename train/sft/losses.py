@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from lora_core import disable_adapters
-from models.loss import chunked_row_sum, fusable, fused_linear_kl, token_kl
-from train.sft.batches import IGNORE_INDEX
+from lora_core.models.loss import chunked_row_sum, fusable, fused_linear_kl, token_kl
+from lora_core.train.sft.batches import IGNORE_INDEX
 
 
 def _chunk_kl_sum(model, h: torch.Tensor, h_base: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from lora_core import LoRAConfig, inject_lora, select_targets
-from train.sft.config import TrainConfig, parse_layers, resolve_targets
+from lora_core.train.sft.config import TrainConfig, parse_layers, resolve_targets
 
 
 def lora_config_of(config: TrainConfig) -> LoRAConfig:
@@ -63,7 +63,7 @@ def prepare_model(model: torch.nn.Module, config: TrainConfig):
 
 
 def _compile_elementwise(model: torch.nn.Module, params: list[torch.nn.Parameter]) -> None:
-    from models.decoder import compile_elementwise
+    from lora_core.models.decoder import compile_elementwise
 
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "hidden_size"):

@@ -18,7 +18,7 @@ import dataclasses
 from pathlib import Path
 
 from lora_core.common.files import read_json
-from train.sft.config import TrainConfig
+from lora_core.train.sft.config import TrainConfig
 
 # Never compared: where the run is now, and what the trainer fills in itself.
 _NOT_COMPARED = ("out", "progress", "data_info")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 
-from train.sft.config import TrainConfig
+from lora_core.train.sft.config import TrainConfig
 
 
 def lr_at(step: int, config: TrainConfig, total_steps: int) -> float:

@@ -2,7 +2,7 @@
 exit 0, which is how a damaged model looked), and a broken chat template is a one-line error."""
 import pytest
 
-import train.cli as cli
+import lora_core.train.cli as cli
 
 
 class _Tokenizer:
@@ -10,14 +10,14 @@ class _Tokenizer:
         self.template = template
 
     def apply_chat_template(self, messages, add_generation_prompt=True, fallback=None):
-        from models.chat_template import render_chat_template
+        from lora_core.models.chat_template import render_chat_template
 
         return render_chat_template(self.template, messages, add_generation_prompt=add_generation_prompt)
 
 
 @pytest.fixture
 def fake_model(monkeypatch):
-    import models
+    from lora_core import models
 
     def use(answer, template="{{ messages[0]['content'] }}"):
         monkeypatch.setattr(models, "load_model", lambda *a, **k: (object(), _Tokenizer(template)))

@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from train.cli import build_parser, main
-from train.cli._options import add_dataclass_arguments, cli_fields, dataclass_from_args, flags_of, given_fields
-from train.data.retain import RETAIN_TARGETS
-from train.demo import DemoConfig
-from train.sft.config import DTYPES, TrainConfig
+from lora_core.train.cli import build_parser, main
+from lora_core.train.cli._options import add_dataclass_arguments, cli_fields, dataclass_from_args, flags_of, given_fields
+from lora_core.train.data.retain import RETAIN_TARGETS
+from lora_core.train.demo import DemoConfig
+from lora_core.train.sft.config import DTYPES, TrainConfig
 
 TRAIN_FLAGS = {
     "--model", "--method", "--data", "--dataset", "--limit", "--reasoning-line", "--no-reasoning-line",
@@ -133,13 +133,13 @@ def test_exclude_and_untyped_fields():
 def test_train_flags_are_unchanged_and_default_to_train_config():
     parser = _command("train")
     assert _flags(parser) == TRAIN_FLAGS
-    from train.cli.train import config_from_args
+    from lora_core.train.cli.train import config_from_args
 
     assert config_from_args(parser.parse_args([])) == TrainConfig()
 
 
 def test_train_round_trip_and_special_flags():
-    from train.cli.train import config_from_args
+    from lora_core.train.cli.train import config_from_args
 
     argv = ["--method", "lora", "-r", "4", "--rslora", "--init", "pissa", "--no-reasoning-line",
             "--retain-limit", "none", "--limit", "12", "--layers", "0-3", "--clip", "0", "--ortho-side", "row",
@@ -189,7 +189,7 @@ def test_demo_flags_are_unchanged_and_inherit_train_choices():
     assert actions["retain_targets"].choices == RETAIN_TARGETS
     # The demo's own help wins over TrainConfig's; the default is the demo's.
     assert "must be new or empty" in actions["out"].help and actions["out"].default == DemoConfig().out
-    from train.cli.demo import _NOT_FLAGS
+    from lora_core.train.cli.demo import _NOT_FLAGS
 
     assert dataclass_from_args(DemoConfig, parser.parse_args([]), exclude=_NOT_FLAGS) == DemoConfig()
 

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from train.cli import build_parser, main
-from train.cli import _device
+from lora_core.train.cli import build_parser, main
+from lora_core.train.cli import _device
 
 COMMANDS_WITH_BOTH = ("chat", "eval", "overlap", "demo", "train")
 
@@ -60,7 +60,7 @@ def test_chat_loads_straight_into_the_default_dtype(monkeypatch, env, expected):
         seen.update(dtype=dtype, device=torch.device(device))
         raise ValueError("stop after the load call")
 
-    import models
+    from lora_core import models
 
     monkeypatch.setenv("LORA_CORE_CPU_BF16", env)
     monkeypatch.setattr(models, "load_model", fake_load)
@@ -70,7 +70,7 @@ def test_chat_loads_straight_into_the_default_dtype(monkeypatch, env, expected):
 
 @pytest.mark.parametrize("env, expected", [("1", "bfloat16"), ("0", "float32")])
 def test_train_dtype_defaults_by_hardware_and_a_typed_one_wins(monkeypatch, env, expected):
-    from train.cli.train import config_from_args
+    from lora_core.train.cli.train import config_from_args
 
     monkeypatch.setenv("LORA_CORE_CPU_BF16", env)
     parser = _subparser("train")
@@ -102,7 +102,7 @@ def test_train_nproc_starts_torchrun_with_the_same_command(monkeypatch, tmp_path
     argv = ["train", "--nproc", "2", "--batch-size", "4", "--device", "cpu", "--out", str(tmp_path / "r")]
     assert main(argv) == 0
     (command,) = calls
-    assert command[1:7] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "train.cli"]
+    assert command[1:7] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "lora_core.train.cli"]
     assert command[7:] == ["train", "--batch-size", "4", "--device", "cpu", "--out", str(tmp_path / "r")]
 
 
@@ -115,9 +115,9 @@ def test_nproc_inside_torchrun_must_agree(monkeypatch, capsys, tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_on_cuda_the_model_loads_in_bf16_and_lora_runs_triton(tmp_path):
     from helpers.checkpoints import write_tiny_chat_checkpoint
-    from kernels.dispatch import resolve_backend
+    from lora_core.kernels.dispatch import resolve_backend
     from lora_core import LoRAConfig, inject_lora
-    from models import load_model
+    from lora_core.models import load_model
 
     path = write_tiny_chat_checkpoint(tmp_path / "ckpt")
     device, dtype = _device.placement(_subparser("chat").parse_args(["hi"]))

@@ -5,13 +5,13 @@ import os
 
 import pytest
 
-import train.cli as cli
+import lora_core.train.cli as cli
 
 
 @pytest.fixture
 def command(monkeypatch):
     """Run `lora-core pull --list` with its work replaced by `fail` (a function raising something)."""
-    import train.cli.pull as pull
+    import lora_core.train.cli.pull as pull
 
     def run_with(fail):
         monkeypatch.setattr(pull, "run", lambda args: fail())
@@ -28,7 +28,7 @@ def test_ctrl_c_is_one_line_and_exit_130(command, capsys):
 
 
 def test_a_deferred_training_stop_names_its_step(command, capsys):
-    from train.sft.graceful_stop import StopRequested
+    from lora_core.train.sft.graceful_stop import StopRequested
 
     def stop():
         raise StopRequested("training stopped after step 3 of 6, which is checkpointed")
@@ -54,7 +54,7 @@ def test_existing_file_is_a_one_line_error(command, capsys):
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
 def test_eval_refuses_a_read_only_out_before_loading_anything(tmp_path, monkeypatch, capsys):
-    import models
+    from lora_core import models
 
     monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("loaded a model first"))
     locked = tmp_path / "locked"
@@ -68,7 +68,7 @@ def test_eval_refuses_a_read_only_out_before_loading_anything(tmp_path, monkeypa
 
 
 def test_eval_refuses_an_out_below_a_file_before_loading_anything(tmp_path, monkeypatch, capsys):
-    import models
+    from lora_core import models
 
     monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("loaded a model first"))
     (tmp_path / "file").write_text("x")

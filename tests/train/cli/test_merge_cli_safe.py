@@ -15,8 +15,8 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 @pytest.fixture(scope="module")
 def base_and_adapter(tmp_path_factory):
     from lora_core import LoRAConfig, inject_lora, lora_modules, save_adapter
-    from models import load_model
-    from models.hf_format import write_hf_directory
+    from lora_core.models import load_model
+    from lora_core.models.hf_format import write_hf_directory
 
     root = tmp_path_factory.mktemp("merge_safe")
     tok, _ = make_tokenizer_dir(root / "tok")
@@ -36,7 +36,7 @@ def base_and_adapter(tmp_path_factory):
 
 
 def test_overflowing_merge_writes_nothing(base_and_adapter, capsys):
-    from train.cli import main
+    from lora_core.train.cli import main
 
     root, base = base_and_adapter
     out = root / "merged16"
@@ -56,7 +56,7 @@ def test_overflowing_merge_writes_nothing(base_and_adapter, capsys):
 def test_adapter_for_another_model_is_named(base_and_adapter, tmp_path):
     import shutil
 
-    from train.cli import main
+    from lora_core.train.cli import main
 
     root, base = base_and_adapter
     adapter = tmp_path / "adapter"

@@ -2,14 +2,14 @@
 --out below a file is one line and exit 2, with no model loaded (issue 14: no lost work)."""
 import pytest
 
-import train.cli as cli
+import lora_core.train.cli as cli
 
 
 @pytest.fixture
 def no_model_loads(monkeypatch):
-    import models
-    import models.loading
-    import train.sft.loop as loop
+    from lora_core import models
+    import lora_core.models.loading
+    import lora_core.train.sft.loop as loop
 
     def fail(*a, **k):
         pytest.fail("a model was loaded before the output folder was checked")
@@ -40,7 +40,7 @@ def test_an_out_below_a_file_is_refused_before_any_model_loads(tmp_path, capsys,
 
 
 def test_check_output_dir_accepts_new_and_existing_folders(tmp_path):
-    from train.cli._paths import check_output_dir
+    from lora_core.train.cli._paths import check_output_dir
 
     assert check_output_dir(tmp_path / "new" / "deeper") == tmp_path / "new" / "deeper"
     assert not (tmp_path / "new").exists(), "checking creates nothing"

@@ -3,12 +3,12 @@ one-line error naming it, given before any model is loaded (it used to be a Safe
 traceback)."""
 import pytest
 
-import train.cli as cli
+import lora_core.train.cli as cli
 
 
 @pytest.fixture
 def no_model_load(monkeypatch):
-    import models
+    from lora_core import models
 
     monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("loaded a model first"))
 

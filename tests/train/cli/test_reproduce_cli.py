@@ -6,8 +6,8 @@ import yaml
 
 from helpers.tiny_models import tiny_model
 from helpers.training import model_vocab
-from train.cli import main
-from train.repro import runner
+from lora_core.train.cli import main
+from lora_core.train.repro import runner
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

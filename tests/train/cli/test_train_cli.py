@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from helpers.training import write_cli_inputs
-from train.cli import main
+from lora_core.train.cli import main
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -23,7 +23,7 @@ def inputs(tmp_path_factory, tokenizer):
 @pytest.fixture
 def train_args(inputs, monkeypatch):
     """`lora-core train` arguments for a 2-step run on the tiny model (no evaluation set pulled)."""
-    from train.data import refusal
+    from lora_core.train.data import refusal
 
     monkeypatch.setattr(refusal, "held_out_prompts", lambda names: ([], list(names)))
     model_dir, data = inputs

@@ -5,9 +5,9 @@ import re
 
 import pytest
 
-from train.data.benign import (OWN_EVAL_FILE, OWN_RETAIN_FILE, PINNED_SOURCES, TOPICS, load_own_prompts,
+from lora_core.train.data.benign import (OWN_EVAL_FILE, OWN_RETAIN_FILE, PINNED_SOURCES, TOPICS, load_own_prompts,
                                over_refusal_records, retain_prompt_records)
-from train.eval.runner import SUITES
+from lora_core.train.eval.runner import SUITES
 
 
 def _words(text: str) -> set[str]:

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from train.data.refusal import (build_refusal_set, drop_overlaps, is_near_duplicate, load_user_jsonl,
+from lora_core.train.data.refusal import (build_refusal_set, drop_overlaps, is_near_duplicate, load_user_jsonl,
                                 refusal_text)
 
 _rng = random.Random(0)

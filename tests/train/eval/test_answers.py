@@ -5,12 +5,12 @@ tests need PyPI (or LORA_CORE_FIND_LINKS) the first time.
 """
 import pytest
 
-from train.eval.answers import answers_match, extract_answer, last_boxed, normalize_answer, strip_thinking
+from lora_core.train.eval.answers import answers_match, extract_answer, last_boxed, normalize_answer, strip_thinking
 
 
 @pytest.fixture(scope="session")
 def math_records():
-    from train.data.registry import load_records, pull_datasets
+    from lora_core.train.data.registry import load_records, pull_datasets
 
     pull_datasets(["gsm8k", "math500"])
     return {"gsm8k": load_records("gsm8k"), "math500": load_records("math500")}

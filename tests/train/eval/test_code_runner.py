@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from train.eval.code_runner import SandboxLimits, run_program, sandbox_available
+from lora_core.train.eval.code_runner import SandboxLimits, run_program, sandbox_available
 
 pytestmark = pytest.mark.skipif(not sandbox_available(), reason="no POSIX resource limits here")
 

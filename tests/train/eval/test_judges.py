@@ -2,7 +2,7 @@
 the think/answer views, the guard verdict parser, and the guard judge run through our decoder."""
 import pytest
 
-from train.eval.judges import (GuardModelJudge, KeywordRefusalJudge, judge_agreement, judge_view,
+from lora_core.train.eval.judges import (GuardModelJudge, KeywordRefusalJudge, judge_agreement, judge_view,
                           parse_guard_verdict)
 
 # Stated bars (measured: accuracy 0.962, precision 1.000, recall 0.943 with prompts;
@@ -14,7 +14,7 @@ BAR_RESPONSE_ONLY = {"accuracy": 0.80, "precision": 0.95}
 
 @pytest.fixture(scope="session")
 def refusal_labels():
-    from train.data.registry import load_records
+    from lora_core.train.data.registry import load_records
 
     return load_records("pyrit-refusal")
 

@@ -12,7 +12,7 @@ import torch
 
 from helpers.tiny_models import HF_CONFIG, tiny_causal_lm
 from helpers.tokenizers import WordTokenizer
-from train.eval.metrics import (ContinuationScore, bits_per_byte, choice_accuracy, kl_drift,
+from lora_core.train.eval.metrics import (ContinuationScore, bits_per_byte, choice_accuracy, kl_drift,
                            mean_with_stderr, proportion, score_continuations)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -31,7 +31,7 @@ def hf_and_ours():
         for p in hf.parameters():
             if p.dim() == 2:
                 p.normal_(0.0, 0.3)
-    from models import CausalLM, ModelConfig
+    from lora_core.models import CausalLM, ModelConfig
 
     ours = CausalLM(ModelConfig.from_hf_dict(cfg.to_dict()))
     missing, unexpected = ours.load_state_dict(hf.state_dict(), strict=False)
@@ -207,7 +207,7 @@ def test_wilson_interval_bounds_are_the_roots_of_the_score_equation(k, n):
 def test_wilson_interval_at_a_mean_share_solves_the_same_score_equation(p, n):
     """A mean of per-item rates (pass@1 over k samples) is not k/n; its interval is the same
     quadratic's roots with k replaced by p*n."""
-    from train.eval.metrics import wilson_interval_at
+    from lora_core.train.eval.metrics import wilson_interval_at
 
     z = 1.959963984540054
     lo, hi = wilson_interval_at(p, n)

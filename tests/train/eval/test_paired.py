@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from train.eval.paired import (bootstrap_difference, mcnemar, newcombe_paired_interval,
+from lora_core.train.eval.paired import (bootstrap_difference, mcnemar, newcombe_paired_interval,
                                newcombe_unpaired_interval, normal_unpaired_interval, paired_difference)
 
 SIMULATIONS = 200

@@ -9,10 +9,10 @@ import torch
 
 from helpers.tiny_models import tiny_causal_lm
 from helpers.tokenizers import WordTokenizer
-from train.data.benign import TOPICS
-from train.eval.runner import SUITES, SuiteConfig, evaluate
-from train.eval.suites import BUDGET_TASKS
-from train.eval.reports import compare_results, load_results
+from lora_core.train.data.benign import TOPICS
+from lora_core.train.eval.runner import SUITES, SuiteConfig, evaluate
+from lora_core.train.eval.suites import BUDGET_TASKS
+from lora_core.train.eval.reports import compare_results, load_results
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -89,7 +89,7 @@ def test_compare_table_and_plot(run_dirs, tmp_path):
     assert (tmp_path / "cmp" / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="metric 'reasoning.humaneval.pass' is missing"):
         compare_results([out_a], tmp_path / "cmp2", y_metric="reasoning.humaneval.pass")
-    from train.cli import main
+    from lora_core.train.cli import main
 
     assert main(["compare", str(out_a), str(out_b), "--out", str(tmp_path / "cli")]) == 0
     assert (tmp_path / "cli" / "comparison.png").exists()
@@ -129,13 +129,13 @@ def test_limit_caps_every_subset():
 
 @pytest.fixture(scope="module")
 def humaneval_problems():
-    from train.data.registry import load_records
+    from lora_core.train.data.registry import load_records
 
     return load_records("humaneval", limit=3, seed=0)
 
 
 def test_sandbox_runs_canonical_solutions_and_catches_wrong_ones(humaneval_problems):
-    from train.eval.code_runner import extract_code, humaneval_program, run_program, sandbox_available
+    from lora_core.train.eval.code_runner import extract_code, humaneval_program, run_program, sandbox_available
 
     if not sandbox_available():
         pytest.skip("no POSIX resource limits here: execution is skipped by design")
@@ -151,7 +151,7 @@ def test_sandbox_runs_canonical_solutions_and_catches_wrong_ones(humaneval_probl
 
 
 def test_sandbox_limits():
-    from train.eval.code_runner import SandboxLimits, run_program, sandbox_available
+    from lora_core.train.eval.code_runner import SandboxLimits, run_program, sandbox_available
 
     if not sandbox_available():
         pytest.skip("no POSIX resource limits here")
@@ -166,7 +166,7 @@ def test_sandbox_limits():
 
 
 def test_humaneval_runs_only_when_allowed():
-    from train.eval.code_runner import sandbox_available
+    from lora_core.train.eval.code_runner import sandbox_available
 
     model = tiny_causal_lm(vocab=64)
     cfg = SuiteConfig(safety={}, math_generation={}, bpb={}, arc={}, drift=0, humaneval=1,

@@ -7,8 +7,8 @@ import pytest
 
 from helpers.tiny_models import tiny_causal_lm
 from helpers.tokenizers import WordTokenizer
-from train.eval.runner import SUITES, SuiteConfig, evaluate
-from train.eval.suites import BUDGET_TASKS, Sampling
+from lora_core.train.eval.runner import SUITES, SuiteConfig, evaluate
+from lora_core.train.eval.suites import BUDGET_TASKS, Sampling
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -36,8 +36,8 @@ def test_robustness_and_jailbreak_sets():
 
 
 def test_jailbreak_wraps_the_request_and_judges_against_the_bare_request(monkeypatch):
-    from train.data.jailbreak import jailbreak_records
-    from train.eval.context import EvalRun
+    from lora_core.train.data.jailbreak import jailbreak_records
+    from lora_core.train.eval.context import EvalRun
 
     seen_prompts, judged = [], []
     monkeypatch.setattr(EvalRun, "generate", lambda self, prompts, *a, **k: seen_prompts.extend(prompts) or [""] * len(prompts))
@@ -79,7 +79,7 @@ def test_sampled_pass_at_1_is_reproducible_and_follows_the_seed():
 
 
 def test_sampled_generations_differ_between_seeds_on_the_same_items(monkeypatch):
-    from train.eval.context import EvalRun
+    from lora_core.train.eval.context import EvalRun
 
     texts = {}
     real = EvalRun.generate
@@ -101,7 +101,7 @@ def test_sampled_generations_differ_between_seeds_on_the_same_items(monkeypatch)
 
 
 def test_thinking_is_stripped_and_truncation_inside_think_is_counted():
-    from train.eval.answers import final_answer_text, thinks_anywhere, unfinished_thought
+    from lora_core.train.eval.answers import final_answer_text, thinks_anywhere, unfinished_thought
 
     assert unfinished_thought("<user>q</user><assistant><think>\n", "so 2+2 is") is True
     assert final_answer_text("...<think>\n", "so 2+2 is 4") is None
@@ -148,8 +148,8 @@ def test_judge_agreement_with_human_labels_is_reported_on_every_run():
 
 
 def test_template_echo_detection():
-    from train.data.refusal import REFUSAL_OPENERS
-    from train.eval.judges import opens_with_training_refusal
+    from lora_core.train.data.refusal import REFUSAL_OPENERS
+    from lora_core.train.eval.judges import opens_with_training_refusal
 
     for opener in REFUSAL_OPENERS:
         assert opens_with_training_refusal(opener + " It could cause serious harm."), opener

@@ -3,7 +3,7 @@ checked against a direct numpy computation."""
 import numpy as np
 import pytest
 
-from train.repro.claims import (CONTRADICTED, INCONCLUSIVE, SUPPORTED, compare, margin_for,
+from lora_core.train.repro.claims import (CONTRADICTED, INCONCLUSIVE, SUPPORTED, compare, margin_for,
                                 pooled_difference, pooled_mean, verdict)
 
 
@@ -139,7 +139,7 @@ def test_all_zero_refusals_do_not_support_non_inferiority():
 
 
 def test_one_run_each_binary_interval_contains_newcombes():
-    from train.eval.paired import mcnemar
+    from lora_core.train.eval.paired import mcnemar
 
     rng = np.random.default_rng(4)
     a, b = binary(0.3, 40, rng), binary(0.5, 40, rng)

@@ -1,8 +1,8 @@
 """Which arms each paper claim compares: the roles of a preset mapped to rows of the claims table."""
 import pytest
 
-from train.repro.paper_claims import claim_rows
-from train.repro.preset import Arm
+from lora_core.train.repro.paper_claims import claim_rows
+from lora_core.train.repro.preset import Arm
 
 SAFETY, BPB = "safety.strongreject.refusal_rate", "reasoning.gsm8k.bpb"
 

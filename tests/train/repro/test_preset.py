@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from train.repro.grid import expand, layer_third, train_config
-from train.repro.preset import PresetError, load_preset, load_preset_file, preset_from_dict
+from lora_core.train.repro.grid import expand, layer_third, train_config
+from lora_core.train.repro.preset import PresetError, load_preset, load_preset_file, preset_from_dict
 
 
 def test_paper_small_keeps_the_papers_recipe_and_ratio():

@@ -10,10 +10,10 @@ from safetensors.torch import load_file
 from helpers.repro_grid import tiny_raw
 from helpers.tiny_models import tiny_model
 from helpers.training import model_vocab
-from train.repro import run_one as run_one_module
-from train.repro.preset import preset_from_dict
-from train.repro.runner import reproduce
-from train.sft import loop as sft_loop
+from lora_core.train.repro import run_one as run_one_module
+from lora_core.train.repro.preset import preset_from_dict
+from lora_core.train.repro.runner import reproduce
+from lora_core.train.sft import loop as sft_loop
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

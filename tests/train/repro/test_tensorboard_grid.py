@@ -2,8 +2,8 @@
 a LoRA, a full and a merge run side by side; only finite numbers become metrics."""
 import math
 
-from train.repro.preset import Arm
-from train.repro.tensorboard_grid import arm_hparams, run_metrics
+from lora_core.train.repro.preset import Arm
+from lora_core.train.repro.tensorboard_grid import arm_hparams, run_metrics
 
 
 def test_every_setting_is_text_whatever_the_arm_kind():

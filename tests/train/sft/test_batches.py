@@ -8,12 +8,12 @@ fall inside it.
 import pytest
 
 from helpers.tokenizers import CHATML, make_tokenizer_dir
-from train.sft.batches import IGNORE_INDEX, collate, micro_batches, tokenize_example, tokenize_examples
+from lora_core.train.sft.batches import IGNORE_INDEX, collate, micro_batches, tokenize_example, tokenize_examples
 
 
 @pytest.fixture(scope="module")
 def tokenizers(tmp_path_factory):
-    from models import Tokenizer
+    from lora_core.models import Tokenizer
 
     path, raw = make_tokenizer_dir(tmp_path_factory.mktemp("tok"))
     return Tokenizer.from_directory(path), raw
@@ -64,7 +64,7 @@ def test_mask_covers_exactly_the_assistant_tokens(tokenizers, conv):
 
 
 def test_template_that_breaks_the_prefix_is_an_error(tmp_path):
-    from models import Tokenizer
+    from lora_core.models import Tokenizer
 
     # Rewrites earlier turns once an assistant turn exists: the generation prompt is not a prefix.
     bad = CHATML.replace("{{ message['content'] }}", "{{ message['content'] }}{% if loop.last %}!{% endif %}")
@@ -117,7 +117,7 @@ R1_STYLE = ("{% for m in messages %}{% if m['role'] == 'user' %}<|im_start|>user
 
 
 def test_reasoning_template_keeps_the_thought_in_the_target(tmp_path):
-    from models import Tokenizer
+    from lora_core.models import Tokenizer
 
     path, raw = make_tokenizer_dir(tmp_path / "r1", R1_STYLE)
     tok = Tokenizer.from_directory(path)

@@ -4,8 +4,8 @@ import os
 import pytest
 import torch
 
-from train.sft import checkpoint as ck
-from train.sft.rng import rng_state, set_rng_state
+from lora_core.train.sft import checkpoint as ck
+from lora_core.train.sft.rng import rng_state, set_rng_state
 
 
 def _model(seed):

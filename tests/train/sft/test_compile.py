@@ -13,12 +13,12 @@ import shutil
 import pytest
 import torch
 
-import models.decoder as decoder
+import lora_core.models.decoder as decoder
 from helpers.tiny_models import tiny_causal_lm
 from helpers.toy_lora import randomize_adapters
-from models import causal_lm_loss
-from train.sft.config import TrainConfig
-from train.sft.model_prep import prepare_model
+from lora_core.models import causal_lm_loss
+from lora_core.train.sft.config import TrainConfig
+from lora_core.train.sft.model_prep import prepare_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

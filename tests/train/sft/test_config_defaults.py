@@ -1,5 +1,5 @@
 """The paper's defaults that depend on the method: 10 epochs for LoRA, 5 for full fine-tuning."""
-from train.sft.config import TrainConfig
+from lora_core.train.sft.config import TrainConfig
 
 
 def test_epochs_follow_the_method_unless_given():

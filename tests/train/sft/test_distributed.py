@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from train.sft import distributed
+from lora_core.train.sft import distributed
 
 CHILD = Path(__file__).with_name("train_child.py")
 ROOT = Path(__file__).resolve().parents[3]
@@ -120,7 +120,7 @@ def test_a_checkpoint_of_another_world_size_is_refused(tmp_path, tokenizer_dir):
 # --- bad input, in-process: no group is started ---------------------------------------------
 
 def test_a_batch_that_does_not_split_over_the_processes_is_refused():
-    from train.sft.config import TrainConfig
+    from lora_core.train.sft.config import TrainConfig
 
     two = distributed.Distributed(rank=0, world_size=2)
     with pytest.raises(ValueError, match=r"--batch-size 3 does not split over 2 processes"):
@@ -138,7 +138,7 @@ def test_data_whose_last_micro_batch_does_not_split_is_refused():
 
 
 def test_features_that_read_whole_weights_are_refused_under_torchrun():
-    from train.sft.config import TrainConfig
+    from lora_core.train.sft.config import TrainConfig
 
     two = distributed.Distributed(rank=0, world_size=2)
     for field, flag in (("ortho_beta", "--ortho-beta"), ("eval_every", "--eval-every")):

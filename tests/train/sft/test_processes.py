@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from train.sft import checkpoint as ck
+from lora_core.train.sft import checkpoint as ck
 
 CHILD = Path(__file__).with_name("train_child.py")
 

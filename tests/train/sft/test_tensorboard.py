@@ -7,8 +7,8 @@ import pytest
 
 from helpers.tiny_models import tiny_model
 from helpers.training import PROMPTS, model_vocab, train_config
-from train.data.refusal import build_refusal_set
-from train.sft.loop import train
+from lora_core.train.data.refusal import build_refusal_set
+from lora_core.train.sft.loop import train
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

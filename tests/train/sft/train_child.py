@@ -24,12 +24,12 @@ import torch  # noqa: E402
 
 from helpers.tiny_models import tiny_model  # noqa: E402
 from helpers.training import PROMPTS, model_vocab  # noqa: E402
-from models import Tokenizer  # noqa: E402
-from train.data.refusal import build_refusal_set  # noqa: E402
-from train.sft.config import TrainConfig  # noqa: E402
-from train.sft import loop  # noqa: E402
-from train.sft.graceful_stop import StopRequested  # noqa: E402
-from train.sft.loop import train  # noqa: E402
+from lora_core.models import Tokenizer  # noqa: E402
+from lora_core.train.data.refusal import build_refusal_set  # noqa: E402
+from lora_core.train.sft.config import TrainConfig  # noqa: E402
+from lora_core.train.sft import loop  # noqa: E402
+from lora_core.train.sft.graceful_stop import StopRequested  # noqa: E402
+from lora_core.train.sft.loop import train  # noqa: E402
 
 
 def _kill_inside_save_of(step: int) -> None:
