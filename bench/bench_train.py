@@ -49,7 +49,7 @@ def _ours(model_dir: Path, dtype, batch, seq, compile_ops: bool = False):
     # The trainer's own preparation (freeze, inject, fp32 adapters for bf16, allocator, compile),
     # so the benchmark measures what `lora-core train` runs.
     model, _ = load_hf_directory(model_dir, dtype=dtype)
-    config = TrainConfig(rank=8, alpha=16, dropout=0.05, targets=",".join(TARGETS),
+    config = TrainConfig.from_flat(rank=8, alpha=16, dropout=0.05, targets=",".join(TARGETS),
                          dtype="bfloat16" if dtype == torch.bfloat16 else "float32", compile=compile_ops)
     params, _ = prepare_model(model, config)
     model.train()

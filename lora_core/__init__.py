@@ -1,7 +1,7 @@
 """lora_core: the LoRA layer, injection into any nn.Module, and PEFT-format adapter files."""
 from .config import LoRAConfig, layer_index
 from .layer import LoRALinear
-from .inject import (adapter_state_dict, disable_adapters, inject_lora, load_adapter_state_dict,
+from .inject import (AdaptersOff, adapter_state_dict, disable_adapters, inject_lora, load_adapter_state_dict,
                      lora_modules, mark_only_lora_trainable, merge_adapters, select_targets,
                      unmerge_adapters)
 from .adapter_io import load_adapter, save_adapter

@@ -293,6 +293,28 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
             _swap_parameters(m, params)
 
 
+class AdaptersOff(nn.Module):
+    """A view of `model` with its adapters switched off on every call: the base model for drift
+    measures and retain terms without a second copy of the weights in memory.
+
+    It forwards `forward` and `hidden_states` (the decoder's two entry points) and shares
+    `lm_head`, so code that reads hidden states and applies the head itself sees the base too.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.inner = model
+        self.lm_head = model.lm_head
+
+    def hidden_states(self, *args, **kwargs):
+        with disable_adapters(self.inner):
+            return self.inner.hidden_states(*args, **kwargs)
+
+    def forward(self, *args, **kwargs):
+        with disable_adapters(self.inner):
+            return self.inner(*args, **kwargs)
+
+
 def merge_adapters(model: nn.Module) -> None:
     """merge() on every LoRALinear (modules stay LoRALinear; see lora_core.merge_lora for export).
 

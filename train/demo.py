@@ -29,48 +29,72 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 
+from lora_core import AdaptersOff
 from lora_core.common.files import atomic_write_bytes, atomic_write_json, atomic_write_text
+from lora_core.models import load_model
+from lora_core.train.eval.runner import evaluate
+from lora_core.train.sft.config import TrainConfig
+from lora_core.train.sft.loop import prepare_run
+
+
+# The demo's recipe: the TrainConfig keys it sets otherwise than `lora-core train` does (the module
+# docstring says why). Short retain sequences (128 tokens) keep the KL on the opening of the
+# answer, where a refusal starts, and the step cheap; no checkpoint before the end.
+DEMO_RECIPE = {"lr": 1e-3, "max_steps": 24, "batch_size": 8, "retain_beta": 4.0, "retain_per_step": 8,
+               "retain_max_length": 128, "retain_limit": 128, "save_every": 0}
+_SPEC_DEFAULTS = TrainConfig().to_dict()
+
+
+def _knob(key: str, **metadata):
+    """A demo flag that is TrainConfig's `key`: the recipe's value, else the trainer's default."""
+    return field(default=DEMO_RECIPE.get(key, _SPEC_DEFAULTS[key]), metadata=metadata)
 
 
 @dataclass
 class DemoConfig:
-    model: str = "smollm2-135m-instruct"
+    """The demo as a preset over the run spec: where it writes and what it evaluates, plus the
+    TrainConfig keys a user may change (same names, the recipe's values as defaults; help and
+    choices come from TrainConfig's fields, see train.cli.demo)."""
+
+    model: str = _knob("model")
     out: str = field(default="runs/demo", metadata={
         "help": "run directory (default %(default)s; must be new or empty)"})
-    steps: int = field(default=24, metadata={"help": "optimiser steps (default %(default)s)"})
-    lr: float = field(default=1e-3, metadata={
-        "help": "learning rate (default %(default)s; see train/demo.py for why not 5e-5)"})
-    rank: int = 8
-    targets: str = "attn+mlp"
-    layers: str | None = None
-    batch_size: int = 8
-    dtype: str = "float32"
+    max_steps: int = _knob("max_steps", flags=("--steps",), help="optimiser steps (default %(default)s)")
+    lr: float = _knob("lr", help="learning rate (default %(default)s; see train/demo.py for why not 5e-5)")
+    rank: int = _knob("rank")
+    targets: str = _knob("targets")
+    layers: str | None = _knob("layers")
+    batch_size: int = _knob("batch_size")
+    dtype: str = _knob("dtype")
     device: str = field(default="cpu", metadata={"cli": False})  # set from --device (train/cli/_device.py)
     suite: str = field(default="quick", metadata={"help": "evaluation suite (default %(default)s)"})
     eval_limit: int | None = field(default=None, metadata={"help": "cap every evaluation subset"})
-    seed: int = 0
-    progress: bool | None = None
-    # The retain term (train.data.retain, train.sft.losses.retain_kl), on here and off in `lora-core
-    # train` (see the module docstring). Short sequences (128 tokens) keep the KL on the opening
-    # of the answer, where a refusal starts, and the step cheap.
-    retain_beta: float = field(default=4.0, metadata={
-        "help": "weight of the retain KL on benign prompts (default %(default)s; 0 = refusal data only, as "
-                "the paper; see train/demo.py)"})
-    retain_per_step: int = 8
-    retain_max_length: int = 128
-    retain_data: str = field(default="diverse", metadata={
-        "help": "'diverse' (everyday benign requests of many topics + MATH problems outside MATH-500, "
-                "none in any evaluation set), "
-                "'gsm8k', or a JSONL/CSV of prompts (default %(default)s)"})
-    retain_targets: str = field(default="self", metadata={
-        "help": "'self': the base model's own answers; 'gold': the set's answers (default %(default)s)"})
-    retain_limit: int | None = 128
-    train_overrides: dict = field(default_factory=dict)
+    seed: int = _knob("seed")
+    progress: bool | None = field(default=None, metadata={"cli": False})
+    retain_beta: float = _knob("retain_beta", help="weight of the retain KL on benign prompts (default "
+                               "%(default)s; 0 = refusal data only, as the paper; see train/demo.py)")
+    retain_per_step: int = _knob("retain_per_step")
+    retain_data: str = _knob("retain_data", help="'diverse' (everyday benign requests of many topics + MATH "
+                             "problems outside MATH-500, none in any evaluation set), 'gsm8k', or a JSONL/CSV "
+                             "of prompts (default %(default)s)")
+    retain_targets: str = _knob("retain_targets", help="'self': the base model's own answers; 'gold': the "
+                                "set's answers (default %(default)s)")
+    train_overrides: dict = field(default_factory=dict, metadata={"cli": False})  # more TrainConfig keys
+
+
+def demo_spec(cfg: DemoConfig) -> TrainConfig:
+    """The run spec the demo trains with: the recipe, the user's knobs, and what follows from the
+    demo's other settings (its run folder, the evaluation whose GSM8K items the retain set avoids)."""
+    knobs = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name in _SPEC_DEFAULTS}
+    return TrainConfig.from_flat(**{
+        **DEMO_RECIPE, **knobs, "method": "lora", "out": str(Path(cfg.out) / "train"), "progress": cfg.progress,
+        "retain_exclude_suite": cfg.suite, "retain_exclude_limit": cfg.eval_limit, "retain_exclude_seed": cfg.seed,
+        **cfg.train_overrides})
 
 
 # Rows of the table: (metric key in the evaluation results, label, higher is better?)
@@ -87,27 +111,6 @@ ROWS = [
     ("reasoning.arc-challenge.acc", "ARC-Challenge accuracy", True),
     ("drift.kl_base", "KL drift from base (nats/token)", False),
 ]
-
-
-class AdaptersOff(torch.nn.Module):
-    """The same model with its LoRA adapters switched off: the base for drift, without a copy."""
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.inner = model
-        self.lm_head = model.lm_head
-
-    def hidden_states(self, *args, **kwargs):
-        from lora_core import disable_adapters
-
-        with disable_adapters(self.inner):
-            return self.inner.hidden_states(*args, **kwargs)
-
-    def forward(self, *args, **kwargs):
-        from lora_core import disable_adapters
-
-        with disable_adapters(self.inner):
-            return self.inner(*args, **kwargs)
 
 
 def _value(results: dict, key: str):
@@ -248,11 +251,6 @@ def plot_table(table: dict, path: Path) -> None:
 
 
 def run_demo(cfg: DemoConfig, log=print) -> dict:
-    from lora_core.models import load_model
-    from lora_core.train.sft.config import TrainConfig
-    from lora_core.train.eval.runner import evaluate
-    from lora_core.train.sft.loop import Trainer
-
     t_start = time.perf_counter()
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
@@ -268,19 +266,10 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     t = time.perf_counter()
     base = evaluate(model, tokenizer, out_dir=out / "eval-base", meta={"model": cfg.model, "stage": "base"}, **eval_kw)
     eval_base_seconds = time.perf_counter() - t
-    train_cfg = TrainConfig(model=cfg.model, method="lora", rank=cfg.rank, targets=cfg.targets,
-                            layers=cfg.layers, lr=cfg.lr, max_steps=cfg.steps, batch_size=cfg.batch_size,
-                            dtype=cfg.dtype, seed=cfg.seed, out=str(out / "train"), save_every=0,
-                            progress=cfg.progress, retain_beta=cfg.retain_beta,
-                            retain_per_step=cfg.retain_per_step, retain_max_length=cfg.retain_max_length,
-                            retain_exclude_suite=cfg.suite, retain_exclude_limit=cfg.eval_limit,
-                            retain_exclude_seed=cfg.seed, retain_data=cfg.retain_data,
-                            retain_targets=cfg.retain_targets, retain_limit=cfg.retain_limit,
-                            **cfg.train_overrides)
-    log(f"[3/4] training a rank-{cfg.rank} LoRA adapter ({cfg.targets}) for {cfg.steps} steps, lr {cfg.lr}, "
+    spec = demo_spec(cfg)
+    log(f"[3/4] training a rank-{cfg.rank} LoRA adapter ({cfg.targets}) for {cfg.max_steps} steps, lr {cfg.lr}, "
         f"retain beta {cfg.retain_beta}")
-    trainer = Trainer(train_cfg, model, tokenizer, log=log)
-    result = trainer.train()
+    result = prepare_run(spec, model=model, tokenizer=tokenizer, log=log).run()
     log(f"      {result.steps} steps in {result.train_seconds:.0f} s, loss {result.losses[0]:.3f} -> "
         f"{result.losses[-1]:.3f}; adapter in {result.output_path}")
     log("[4/4] evaluating the aligned model")
@@ -292,7 +281,7 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
         "eval_base_seconds": eval_base_seconds, "eval_aligned_seconds": eval_aligned_seconds,
         "total_seconds": time.perf_counter() - t_start, "train_steps": result.steps,
         "trainable_params": result.trainable_params, "final_loss": result.losses[-1],
-        "data": train_cfg.data_info, "config": asdict(cfg), "threads": torch.get_num_threads()})
+        "data": result.provenance, "config": asdict(cfg), "threads": torch.get_num_threads()})
     markdown = table_markdown(table)
     atomic_write_json(out / "demo.json", table)
     atomic_write_text(out / "demo.md", "# lora-core demo: base vs LoRA-aligned\n\n" + markdown)

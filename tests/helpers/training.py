@@ -11,7 +11,7 @@ def train_config(tmp_path, **kw):
     base = dict(out=str(tmp_path / "run"), rank=4, targets="attn+mlp", lr=1e-2, batch_size=2,
                 max_steps=6, save_every=0, seed=0, progress=False, max_length=128)
     base.update(kw)
-    return TrainConfig(**base)
+    return TrainConfig.from_flat(**base)
 
 
 def model_vocab(tokenizer):

@@ -27,10 +27,10 @@ def launch_torchrun(args, config, device) -> int:
     """Run `torchrun --standalone --nproc-per-node N -m lora_core.train.cli <argv>`; its exit code."""
     import torch
 
-    from lora_core.train.sft.distributed import Distributed, check_config
+    from lora_core.train.sft.distributed import Distributed
 
     n = args.nproc
-    check_config(config, Distributed(rank=0, world_size=n, device=device))
+    Distributed(rank=0, world_size=n, device=device).check_config(config)
     if device.type == "cuda" and n > torch.cuda.device_count():
         raise ValueError(f"--nproc {n}: this machine has {torch.cuda.device_count()} CUDA device(s), one per process")
     if device.type == "cuda" and device.index is not None:

@@ -5,7 +5,9 @@ a flag's name, type, default, help and choices; a command module turns it into a
 with `add_dataclass_arguments` and back into the dataclass with `dataclass_from_args`. Hand-written
 copies of the same fields in the parser and in the args->config copy drifted apart before.
 
-Per-field settings live in `dataclasses.field(metadata={...})`, all optional:
+A nested dataclass (TrainConfig's groups) gives one flag per leaf, named by its flat key
+(train.sft.spec_fields), under its group's --help heading. Per-field settings live in
+`dataclasses.field(metadata={...})`, all optional:
 
     help     help text; "%(default)s" expands to the dataclass default, as in plain argparse
     choices  the allowed values (a tuple owned by the code that uses them)
@@ -30,6 +32,8 @@ import dataclasses
 import types
 import typing
 
+from lora_core.train.sft.spec_fields import Leaf, from_flat, leaves
+
 # The namespace attribute that collects the dests of the generated flags the user typed.
 _GIVEN = "_given_fields"
 
@@ -38,15 +42,14 @@ _GIVEN = "_given_fields"
 _INHERITED = ("help", "choices")
 
 
-def flags_of(field: dataclasses.Field) -> tuple[str, ...]:
-    """The field's option strings: its own (metadata "flags"), or --field-name."""
-    return tuple(field.metadata.get("flags") or ("--" + field.name.replace("_", "-"),))
+def flags_of(leaf: Leaf) -> tuple[str, ...]:
+    """The knob's option strings: its own (metadata "flags"), or --flat-key."""
+    return tuple(leaf.field.metadata.get("flags") or ("--" + leaf.key.replace("_", "-"),))
 
 
-def cli_fields(cls, exclude=()) -> list[dataclasses.Field]:
-    """The fields of `cls` that get a flag, in declaration order (the order --help lists them)."""
-    return [f for f in dataclasses.fields(cls)
-            if f.metadata.get("cli", True) and f.name not in exclude]
+def cli_fields(cls, exclude=()) -> list[Leaf]:
+    """The knobs of `cls` that get a flag, in declaration order (the order --help lists them)."""
+    return [leaf for leaf in leaves(cls) if leaf.field.metadata.get("cli", True) and leaf.key not in exclude]
 
 
 def _none_or(kind):
@@ -97,7 +100,7 @@ def _bool_kwargs(default) -> dict:
     return {"action": _BOOLEAN_OPTIONAL}
 
 
-def _type_kwargs(field: dataclasses.Field, hint, default) -> dict:
+def _type_kwargs(leaf: Leaf, hint, default) -> dict:
     """The argparse keywords that follow from the field's type annotation."""
     kind, optional = _split_optional(hint)
     if kind is bool:
@@ -109,7 +112,7 @@ def _type_kwargs(field: dataclasses.Field, hint, default) -> dict:
         return {"type": _none_or(kind) if optional else kind}
     if kind is str:
         return {}
-    raise TypeError(f"{field.name}: no command-line form for type {hint!r}; give it metadata "
+    raise TypeError(f"{leaf.key}: no command-line form for type {hint!r}; give it metadata "
                     "{'cli': False} or pass it in exclude")
 
 
@@ -121,12 +124,11 @@ def _default_of(field: dataclasses.Field):
     raise TypeError(f"{field.name}: a field without a default cannot be an option")
 
 
-def _metadata(field: dataclasses.Field, inherit) -> dict:
-    """The field's metadata, with help/choices it lacks taken from `inherit`'s like-named field."""
-    base = {f.name: f for f in dataclasses.fields(inherit)} if inherit else {}
-    meta = {key: base[field.name].metadata[key] for key in _INHERITED
-            if field.name in base and key in base[field.name].metadata}
-    meta.update(field.metadata)
+def _metadata(leaf: Leaf, inherit) -> dict:
+    """The knob's metadata, with help/choices it lacks taken from `inherit`'s like-keyed knob."""
+    base = {other.key: other.field.metadata for other in leaves(inherit)} if inherit else {}
+    meta = {key: base[leaf.key][key] for key in _INHERITED if key in base.get(leaf.key, {})}
+    meta.update(leaf.meta)
     return meta
 
 
@@ -151,17 +153,16 @@ def add_dataclass_arguments(parser, cls, *, exclude=(), groups: dict | None = No
     own (e.g. `train --resume`) beside a generated one.
     """
     groups = {} if groups is None else groups
-    hints = typing.get_type_hints(cls)
     placed = {}
-    for field in cli_fields(cls, exclude):
-        meta = _metadata(field, inherit)
-        default = _default_of(field)
-        kwargs = {"dest": field.name, "default": default, "help": meta.get("help"), "action": _STORE,
-                  **_type_kwargs(field, hints[field.name], default)}
+    for leaf in cli_fields(cls, exclude):
+        meta = _metadata(leaf, inherit)
+        default = _default_of(leaf.field)
+        kwargs = {"dest": leaf.key, "default": default, "help": meta.get("help"), "action": _STORE,
+                  **_type_kwargs(leaf, leaf.hint, default)}
         if "choices" in meta:
             kwargs["choices"] = tuple(meta["choices"])
-        placed[field.name] = _container(parser, meta.get("group"), groups)
-        placed[field.name].add_argument(*flags_of(field), **kwargs)
+        placed[leaf.key] = _container(parser, meta.get("group"), groups)
+        placed[leaf.key].add_argument(*flags_of(leaf), **kwargs)
     return placed
 
 
@@ -170,6 +171,6 @@ def dataclass_from_args(cls, args: argparse.Namespace, *, exclude=(), **override
 
     `exclude` must match the one given to add_dataclass_arguments.
     """
-    values = {f.name: getattr(args, f.name) for f in cli_fields(cls, exclude)}
+    values = {leaf.key: getattr(args, leaf.key) for leaf in cli_fields(cls, exclude)}
     values.update(overrides)
-    return cls(**values)
+    return from_flat(cls, values)

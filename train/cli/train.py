@@ -35,13 +35,13 @@ def config_from_args(args, device=None):
 
         # An untyped --dtype follows the hardware (bf16 where it is native), as in every command.
         overrides["dtype"] = default_dtype(device)
-    return dataclass_from_args(TrainConfig, args, **overrides).validate()
+    return dataclass_from_args(TrainConfig, args, **overrides)  # validated as it is built
 
 
 def _evaluator(config):
     """The periodic evaluation of a run (--eval-every), built from the config it runs with: on
     --resume the stored one, so a resumed run evaluates as it did before."""
-    if not config.eval_every:
+    if not config.logging.eval_every:
         return None
     from lora_core.train.eval.runner import evaluate
 
@@ -49,10 +49,8 @@ def _evaluator(config):
         # LoRA: drift against the same weights with the adapters off (no second model in memory).
         base = None
         if config.method == "lora":
-            from lora_core.train.demo import AdaptersOff
-
             base = AdaptersOff(model)
-        return evaluate(model, tokenizer, suite=config.eval_suite, base_model=base, out_dir=out_dir,
+        return evaluate(model, tokenizer, suite=config.logging.eval_suite, base_model=base, out_dir=out_dir,
                         progress=False)
     return evaluate_fn
 
@@ -68,7 +66,7 @@ def run(args) -> int:
 
     device = resolve_device(args.device)
     config = config_from_args(args, device)
-    check_output_dir(config.out)
+    check_output_dir(config.checkpoints.out)
     if _should_launch(args):
         from lora_core.train.cli._launch import launch_torchrun
 

@@ -8,10 +8,13 @@ layers of smollm2-135m it is 10-19.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
+from lora_core.train.eval.suites import SUITES
 from lora_core.train.repro.preset import Arm, Preset
+from lora_core.train.sft.config import LORA_ONLY_KEYS, TrainConfig
 
 THIRDS = ("early", "middle", "late")
 
@@ -48,34 +51,29 @@ def expand(preset: Preset) -> list[Run]:
     return runs
 
 
-def train_config(preset: Preset, run: Run, run_dir: Path, num_layers: int | None = None):
+def train_config(preset: Preset, run: Run, run_dir: Path, num_layers: int | None = None) -> TrainConfig:
     """The TrainConfig of a lora or full run: shared `train` block, then the arm's overrides,
-    epochs by kind, the run's seed and directory; `layers: middle` resolved against the depth."""
-    from lora_core.train.sft.config import TrainConfig
+    epochs by kind, the run's seed and directory; `layers: middle` resolved against the depth.
 
+    The shared block speaks for every trained arm, so its LoRA-only keys (alpha, dropout, ...)
+    apply to LoRA arms alone; an arm's own block may not hold them on a full arm (the preset check
+    refuses them by name)."""
     arm = run.arm
     if arm.kind not in ("lora", "full"):
         raise ValueError(f"arm {arm.name!r} ({arm.kind}) trains nothing")
-    fields = {**preset.train, **arm.train}
+    shared = {k: v for k, v in preset.train.items() if arm.kind == "lora" or k not in LORA_ONLY_KEYS}
+    fields = {**shared, **arm.train}
     if fields.get("layers") in THIRDS:
         if num_layers is None:
             raise ValueError(f"arm {arm.name!r}: layers {fields['layers']!r} needs the model's depth")
         fields["layers"] = layer_third(fields["layers"], num_layers)
-    if arm.kind == "full":
-        for key in ("rank", "targets", "layers", "alpha", "dropout", "use_rslora", "init"):
-            fields.pop(key, None)
     # progress off: the grid shows its own progress, and a bar per run would bury it.
-    return TrainConfig(model=preset.model, method=arm.kind, epochs=preset.epochs[arm.kind], seed=run.seed,
-                       out=str(run_dir / "train"), progress=False, dataset=preset.data["dataset"],
-                       limit=preset.data["limit"], reasoning_line=preset.data["reasoning_line"],
-                       **fields).validate()
+    return TrainConfig.from_flat(model=preset.model, method=arm.kind, epochs=preset.epochs[arm.kind], seed=run.seed,
+                                 out=str(run_dir / "train"), progress=False, dataset=preset.data["dataset"],
+                                 limit=preset.data["limit"], reasoning_line=preset.data["reasoning_line"], **fields)
 
 
 def suite_of(preset: Preset):
     """The one SuiteConfig every arm is evaluated with (same items: same sizes and seed)."""
-    import dataclasses
-
-    from lora_core.train.eval.suites import SUITES
-
     cfg = dataclasses.replace(SUITES[preset.eval["suite"]], **preset.eval["overrides"])
     return dataclasses.replace(cfg, seed=preset.eval["seed"])

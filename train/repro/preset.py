@@ -26,11 +26,10 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lora_core.train.sft.config import LORA_ONLY_KEYS, RUNNER_KEYS, TrainConfig
+
 KINDS = ("base", "lora", "full", "merge")
 PRESET_DIR = Path(__file__).parent / "presets"
-# TrainConfig fields the runner sets itself (per run, from the preset's other blocks).
-RESERVED_TRAIN = ("model", "method", "out", "seed", "data", "dataset", "limit", "reasoning_line",
-                  "epochs", "max_steps", "progress", "data_info", "eval_every", "eval_suite")
 
 
 class PresetError(ValueError):
@@ -148,16 +147,15 @@ class _Reader:
 
 # ------------------------------------------------------------------------- sections
 def _train_overrides(r: _Reader, value, path: str) -> dict:
-    """TrainConfig fields, each value checked by TrainConfig.validate itself."""
-    from lora_core.train.sft.config import TrainConfig
-
+    """TrainConfig keys, each value checked by TrainConfig itself; the keys the runner sets per
+    run (model, method, seed, out, epochs, ...: RUNNER_KEYS) are not the preset's to set."""
     if value is None:
         return {}
-    known = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in RESERVED_TRAIN)
+    known = tuple(key for key in TrainConfig().to_dict() if key not in RUNNER_KEYS)
     r.mapping(value, path, known)
     plain = {k: v for k, v in value.items() if not (k == "layers" and v in ("early", "middle", "late"))}
     try:
-        TrainConfig(**plain).validate()
+        TrainConfig.from_flat(**plain)
     except (TypeError, ValueError) as error:
         r.fail(path, str(error))
     return dict(value)
@@ -178,8 +176,10 @@ def _arm(r: _Reader, value, i: int) -> Arm:
     train = _train_overrides(r, value.get("train"), f"{path}.train")
     if kind in ("base", "merge") and train:
         r.fail(f"{path}.train", f"a {kind} arm trains nothing")
-    if kind == "full" and any(k in train for k in ("rank", "targets", "layers", "ortho_beta")):
-        r.fail(f"{path}.train", "LoRA keys (rank, targets, layers, ortho_beta) on a full fine-tuning arm")
+    lora_only = [k for k in train if k in LORA_ONLY_KEYS]
+    if kind == "full" and lora_only:
+        r.fail(f"{path}.train.{lora_only[0]}", "a LoRA-only key on a full fine-tuning arm (the LoRA-only keys: "
+               f"{', '.join(LORA_ONLY_KEYS)})")
     merge_keys = {"source", "projection", "k"} & set(value)
     if kind != "merge" and merge_keys:
         r.fail(f"{path}.{sorted(merge_keys)[0]}", "only a merge arm has source/projection/k")

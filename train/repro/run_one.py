@@ -28,10 +28,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
+from lora_core import AdaptersOff, load_adapter, merge_lora
 from lora_core.common.files import atomic_write_json, read_json
+from lora_core.overlap import analyse_adapter, analyse_update
+from lora_core.overlap_report import write_json, write_markdown
+from lora_core.train.eval.runner import evaluate
 from lora_core.train.repro.grid import Run, train_config
 from lora_core.train.repro.preset import Preset
+from lora_core.train.sft.checkpoint import latest_checkpoint
+from lora_core.train.sft.config import LEARNING_KEYS
+from lora_core.train.sft.loop import prepare_run
 
 DONE = "done.json"
 
@@ -72,8 +80,9 @@ def spec_of(ctx: GridContext, run: Run) -> dict:
             "suite": dataclasses.asdict(ctx.suite), "overlap": ctx.preset.overlap, "data": ctx.preset.data}
     if run.arm.kind in ("lora", "full"):
         cfg = train_config(ctx.preset, run, ctx.out / run.run_dir, ctx.num_layers).to_dict()
-        # Bookkeeping that does not change what a run computes is left out, so a rerun may change it.
-        spec["train"] = {k: v for k, v in cfg.items() if k not in ("out", "progress", "data_info", "tensorboard")}
+        # What the run learns from, alone: a rerun may change bookkeeping (checkpoint cadence,
+        # TensorBoard) as `train --resume` may.
+        spec["train"] = {k: v for k, v in cfg.items() if k in LEARNING_KEYS}
     return spec
 
 
@@ -91,35 +100,30 @@ def _check_spec(ctx: GridContext, run: Run, run_dir: Path) -> None:
 
 def _trained_model(ctx: GridContext, run: Run, run_dir: Path):
     """The model of a lora/full run: trained now, resumed, or loaded when training had finished."""
-    from lora_core.train.sft.checkpoint import latest_checkpoint
-    from lora_core.train.sft.loop import Trainer
-
     model = copy.deepcopy(ctx.base_model)
     config = train_config(ctx.preset, run, run_dir, ctx.num_layers)
     if ctx.tensorboard:
-        config = dataclasses.replace(config, tensorboard=True)
-    train_dir = Path(config.out)
+        config = config.replace(tensorboard=True)
+    train_dir = Path(config.checkpoints.out)
     summary = train_dir / "summary.json"
     if summary.is_file():
         _load_output(model, train_dir / read_json(summary)["output"], run.arm.kind, ctx.preset.model)
         ctx.log(f"      training already finished: loaded {train_dir / read_json(summary)['output']}")
         return model, read_json(summary)
     resume = train_dir.is_dir() and latest_checkpoint(train_dir) is not None
-    trainer = Trainer(config, model, ctx.tokenizer, examples=ctx.examples, data_info=ctx.data_info,
-                      log=lambda *a: ctx.log("      " + " ".join(map(str, a))))
-    ctx.log(f"      {'resuming' if resume else 'training'} {run.arm.kind}: {trainer.total_steps} steps "
-            f"({config.epochs:g} epochs of {len(ctx.examples)} examples, batch {config.batch_size}, lr {config.lr:g})")
-    trainer.train(resume=resume)
+    prepared = prepare_run(config, resume=resume, model=model, tokenizer=ctx.tokenizer, examples=ctx.examples,
+                           data_info=ctx.data_info, log=lambda *a: ctx.log("      " + " ".join(map(str, a))))
+    optim = prepared.config.optim
+    ctx.log(f"      {'resuming' if resume else 'training'} {run.arm.kind}: {prepared.trainer.total_steps} steps "
+            f"({optim.epochs:g} epochs of {len(ctx.examples)} examples, batch {optim.batch_size}, lr {optim.lr:g})")
+    prepared.run()
     return model, read_json(summary)
 
 
 def _load_output(model, path: Path, kind: str, model_name: str) -> None:
     if kind == "lora":
-        from lora_core import load_adapter
-
         load_adapter(model, path, base_model=model_name)
         return
-    from safetensors.torch import load_file
 
     state = {}
     for f in sorted(path.glob("*.safetensors")):
@@ -133,8 +137,6 @@ def _load_output(model, path: Path, kind: str, model_name: str) -> None:
 
 
 def _merged_model(ctx: GridContext, run: Run, run_dir: Path):
-    from lora_core import load_adapter, merge_lora
-
     source = ctx.out / "runs" / run.arm.source / f"seed-{run.seed}" / "train" / "adapter"
     if not source.is_dir():
         raise FileNotFoundError(f"run {run.key} merges {source}, which is missing (is the run of "
@@ -147,9 +149,6 @@ def _merged_model(ctx: GridContext, run: Run, run_dir: Path):
 
 
 def _evaluate(ctx: GridContext, run: Run, model, run_dir: Path) -> dict:
-    from lora_core.train.demo import AdaptersOff
-    from lora_core.train.eval.runner import evaluate
-
     path = run_dir / "eval" / "results.json"
     if path.is_file():
         return read_json(path)
@@ -161,9 +160,6 @@ def _evaluate(ctx: GridContext, run: Run, model, run_dir: Path) -> dict:
 
 
 def _overlap(ctx: GridContext, run: Run, model, run_dir: Path, merged_names=None) -> dict:
-    from lora_core.overlap import analyse_adapter, analyse_update
-    from lora_core.overlap_report import write_json, write_markdown
-
     out = {}
     for k in ctx.preset.overlap["k"]:
         path = run_dir / "overlap" / f"k-{k}.json"

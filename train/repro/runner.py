@@ -28,7 +28,7 @@ def _default_load(name: str):
 
 def _modules_of(ctx: GridContext, run: Run) -> int:
     """How many weights the overlap analysis decomposes for this run (for the estimate)."""
-    from lora_core.train.sft.config import parse_layers, resolve_targets
+    from lora_core.train.sft.targets import parse_layers, resolve_targets
 
     arm = run.arm
     if arm.kind == "base":
@@ -38,8 +38,8 @@ def _modules_of(ctx: GridContext, run: Run) -> int:
     if arm.kind == "full":
         return 7 * ctx.num_layers
     cfg = train_config(ctx.preset, Run(arm, run.seed, run.run_dir), ctx.out, ctx.num_layers)
-    layers = parse_layers(cfg.layers)
-    return len(resolve_targets(cfg.targets)) * (len(layers) if layers else ctx.num_layers)
+    layers = parse_layers(cfg.lora.layers)
+    return len(resolve_targets(cfg.lora.targets)) * (len(layers) if layers else ctx.num_layers)
 
 
 def _steps_of(ctx: GridContext, run: Run) -> int | None:
@@ -84,9 +84,9 @@ def build_context(preset: Preset, out: Path, load=None, log=print, tensorboard: 
     model, tokenizer = (load or _default_load)(preset.model)
     data = preset.data
     # One set of examples for the whole grid (data seed fixed): arms differ only in how they train.
-    examples, info = build_examples(TrainConfig(model=preset.model, dataset=data["dataset"], limit=data["limit"],
-                                                seed=data["seed"], reasoning_line=data["reasoning_line"]),
-                                    tokenizer)
+    spec = TrainConfig.from_flat(model=preset.model, dataset=data["dataset"], limit=data["limit"], seed=data["seed"],
+                                 reasoning_line=data["reasoning_line"])
+    examples, info = build_examples(spec, tokenizer)
     return GridContext(preset=preset, out=out, base_model=model.eval(), tokenizer=tokenizer,
                        examples=examples, data_info=info, suite=suite_of(preset), cache=SVDCache(), log=log,
                        tensorboard=tensorboard)

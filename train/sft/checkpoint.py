@@ -178,7 +178,8 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
 
 
 def restore_trainable(model: torch.nn.Module, trainable: dict[str, torch.Tensor]) -> None:
-    """Copy checkpointed trainable tensors into the model; names and shapes must match exactly."""
+    """Copy checkpointed (whole) trainable tensors into the model, its parameters sharded by FSDP2
+    or not; names and shapes must match exactly either way (a DTensor reports its whole shape)."""
     params = dict(model.named_parameters())
     current = {n for n, p in params.items() if p.requires_grad}
     missing, unexpected = sorted(current - set(trainable)), sorted(set(trainable) - set(params))
@@ -187,7 +188,12 @@ def restore_trainable(model: torch.nn.Module, trainable: dict[str, torch.Tensor]
                          f"unexpected {unexpected[:5]} (was it written with other --targets/--rank?)")
     with torch.no_grad():
         for name, tensor in trainable.items():
-            if params[name].shape != tensor.shape:
-                raise ValueError(f"checkpoint tensor {name}: shape {tuple(tensor.shape)} != model "
-                                 f"{tuple(params[name].shape)}")
-            params[name].copy_(tensor)
+            p = params[name]
+            if p.shape != tensor.shape:
+                raise ValueError(f"checkpoint tensor {name}: shape {tuple(tensor.shape)} != model {tuple(p.shape)}")
+            if hasattr(p, "device_mesh"):  # this rank keeps its own shard of the whole tensor
+                # Imported here: a torch built without torch.distributed still trains in one process.
+                from torch.distributed.tensor import distribute_tensor
+
+                tensor = distribute_tensor(tensor.to(p.dtype), p.device_mesh, p.placements)
+            p.copy_(tensor)

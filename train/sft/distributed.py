@@ -80,6 +80,111 @@ class Distributed:
         torch.distributed.all_gather_object(out, value)
         return out
 
+    # --- what differs between one process and N -------------------------------------------
+    def check_config(self, config) -> None:
+        """Refuse what the sharded step does not support, before anything loads."""
+        if not self.active:
+            return
+        if config.optim.batch_size % self.world_size:
+            raise ValueError(f"--batch-size {config.optim.batch_size} does not split over {self.world_size} processes: "
+                             f"each micro-batch is cut into equal row blocks, one per process; use a multiple "
+                             f"of {self.world_size}")
+        for flag, value in (("--ortho-beta", config.ortho.beta), ("--retain-beta", config.retain.beta),
+                            ("--eval-every", config.logging.eval_every)):
+            if value:
+                raise ValueError(f"{flag} is not supported under torchrun yet; train with one process, or "
+                                 "evaluate the run's output afterwards with lora-core eval")
+
+    def check_data(self, n_examples: int, batch_size: int) -> None:
+        """Every micro-batch, the short last one of an epoch included, must split into equal blocks."""
+        last = n_examples % batch_size
+        if self.active and last % self.world_size:
+            raise ValueError(f"{n_examples} examples in micro-batches of {batch_size} leave a last micro-batch "
+                             f"of {last}, which does not split over {self.world_size} processes; use --limit "
+                             f"{n_examples - last} (or any count whose remainder splits evenly)")
+
+    def local_rows(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """This rank's block of rows of a global micro-batch, on its device."""
+        if self.active:
+            rows = batch["input_ids"].shape[0] // self.world_size
+            batch = {k: v[self.rank * rows:(self.rank + 1) * rows] for k, v in batch.items()}
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def shard(self, model: torch.nn.Module, seed: int) -> list[torch.nn.Parameter]:
+        """fully_shard each decoder layer, then the root; returns the (new, DTensor) trainable params.
+
+        Every rank holds the same initial weights (the same seed drew the same LoRA init), so each
+        keeps its own slice. Afterwards the RNG is reseeded per rank: dropout masks of different rows
+        must not repeat across processes.
+        """
+        model.to(self.device)
+        if not self.active:
+            return [p for p in model.parameters() if p.requires_grad]
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+        mesh = init_device_mesh(self.device.type, (self.world_size,))
+        layers = getattr(getattr(model, "model", None), "layers", None)
+        if layers is None:
+            raise ValueError("distributed training needs a decoder with model.layers")
+        for layer in layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        register_fsdp_forward_method(model, "hidden_states")
+        torch.manual_seed(seed * 1_000_003 + self.rank)
+        return [p for p in model.parameters() if p.requires_grad]
+
+    def all_finite(self, params: list[torch.nn.Parameter]) -> bool:
+        """Whether every rank's shards are finite (the same answer on every rank)."""
+        local = all(bool(torch.isfinite(getattr(p, "_local_tensor", p)).all()) for p in params)
+        return self.sum(0.0 if local else 1.0)[0] == 0.0
+
+    def optimizer_state(self, model, optimizer) -> dict:
+        """The optimiser's state dict: as is in one process, else gathered whole, keyed by name."""
+        if not self.active:
+            return optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(model, optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def load_optimizer_state(self, model, optimizer, state: dict) -> None:
+        if not self.active:
+            optimizer.load_state_dict(state)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, optimizer, optim_state_dict=state,
+                                 options=StateDictOptions(full_state_dict=True))
+
+    def full_state(self, model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+        """The whole model's tensors on rank 0's CPU (a collective); None in one process, where the
+        model's own state_dict is whole. (An unsharded FSDP2 model still reports DTensor shards from
+        state_dict(), so the full fine-tune export needs this.)"""
+        if not self.active:
+            return None
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    @contextlib.contextmanager
+    def unsharded(self, model: torch.nn.Module):
+        """The model with whole parameters (all ranks all-gather), for rank 0 to export with the
+        single-process code; resharded afterwards."""
+        if not self.active:
+            yield model
+            return
+        from torch.distributed.fsdp import FSDPModule
+
+        units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+        for unit in units:
+            unit.unshard()
+        try:
+            yield model
+        finally:
+            for unit in units:
+                unit.reshard()
+
 
 def from_environment(device: torch.device | str) -> Distributed:
     """The process group torchrun set up for this process (a single process when WORLD_SIZE <= 1).
@@ -112,63 +217,6 @@ def from_environment(device: torch.device | str) -> Distributed:
     return Distributed(rank=rank, world_size=world, device=device)
 
 
-def check_config(config, dist: Distributed) -> None:
-    """Refuse what the sharded step does not support, before anything loads."""
-    if not dist.active:
-        return
-    if config.batch_size % dist.world_size:
-        raise ValueError(f"--batch-size {config.batch_size} does not split over {dist.world_size} processes: "
-                         f"each micro-batch is cut into equal row blocks, one per process; use a multiple "
-                         f"of {dist.world_size}")
-    for flag, value in (("--ortho-beta", config.ortho_beta), ("--retain-beta", config.retain_beta),
-                        ("--eval-every", config.eval_every)):
-        if value:
-            raise ValueError(f"{flag} is not supported under torchrun yet; train with one process, or "
-                             "evaluate the run's output afterwards with lora-core eval")
-
-
-def check_data(n_examples: int, batch_size: int, dist: Distributed) -> None:
-    """Every micro-batch, the short last one of an epoch included, must split into equal blocks."""
-    last = n_examples % batch_size
-    if dist.active and last % dist.world_size:
-        raise ValueError(f"{n_examples} examples in micro-batches of {batch_size} leave a last micro-batch "
-                         f"of {last}, which does not split over {dist.world_size} processes; use --limit "
-                         f"{n_examples - last} (or any count whose remainder splits evenly)")
-
-
-def local_rows(batch: dict[str, torch.Tensor], dist: Distributed) -> dict[str, torch.Tensor]:
-    """This rank's block of rows of a global micro-batch, on its device."""
-    if dist.active:
-        rows = batch["input_ids"].shape[0] // dist.world_size
-        batch = {k: v[dist.rank * rows:(dist.rank + 1) * rows] for k, v in batch.items()}
-    return {k: v.to(dist.device, non_blocking=True) for k, v in batch.items()}
-
-
-def shard(model: torch.nn.Module, dist: Distributed, seed: int) -> list[torch.nn.Parameter]:
-    """fully_shard each decoder layer, then the root; returns the (new, DTensor) trainable params.
-
-    Every rank holds the same initial weights (the same seed drew the same LoRA init), so each
-    keeps its own slice. Afterwards the RNG is reseeded per rank: dropout masks of different rows
-    must not repeat across processes.
-    """
-    model.to(dist.device)
-    if not dist.active:
-        return [p for p in model.parameters() if p.requires_grad]
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
-
-    mesh = init_device_mesh(dist.device.type, (dist.world_size,))
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if layers is None:
-        raise ValueError("distributed training needs a decoder with model.layers")
-    for layer in layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    register_fsdp_forward_method(model, "hidden_states")
-    torch.manual_seed(seed * 1_000_003 + dist.rank)
-    return [p for p in model.parameters() if p.requires_grad]
-
-
 def full(tensor: torch.Tensor) -> torch.Tensor:
     """A DTensor gathered whole (a collective: every rank calls it), a plain tensor as it is."""
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
@@ -180,12 +228,6 @@ def grad_norm_and_clip(params: list[torch.nn.Parameter], max_norm: float) -> flo
     return float(full(norm))
 
 
-def all_finite(params: list[torch.nn.Parameter], dist: Distributed) -> bool:
-    """Whether every rank's shards are finite (the same answer on every rank)."""
-    local = all(bool(torch.isfinite(getattr(p, "_local_tensor", p)).all()) for p in params)
-    return dist.sum(0.0 if local else 1.0)[0] == 0.0
-
-
 def trainable_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Trainable parameters by name, gathered whole on the CPU (a collective under torchrun)."""
     out, seen = {}, set()
@@ -194,66 +236,3 @@ def trainable_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
             seen.add(id(p))
             out[name] = full(p.detach()).to("cpu").contiguous()
     return out
-
-
-def optimizer_state(model, optimizer, dist: Distributed) -> dict:
-    """The optimiser's state dict: as is in one process, else gathered whole, keyed by name."""
-    if not dist.active:
-        return optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-    return get_optimizer_state_dict(model, optimizer,
-                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def load_optimizer_state(model, optimizer, state: dict, dist: Distributed) -> None:
-    if not dist.active:
-        optimizer.load_state_dict(state)
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    set_optimizer_state_dict(model, optimizer, optim_state_dict=state,
-                             options=StateDictOptions(full_state_dict=True))
-
-
-def load_trainable(model, trainable: dict[str, torch.Tensor], dist: Distributed) -> None:
-    """Put checkpointed full tensors back into the (sharded) trainable parameters."""
-    from torch.distributed.tensor import distribute_tensor
-
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, tensor in trainable.items():
-            p = params[name]
-            if hasattr(p, "device_mesh"):
-                tensor = distribute_tensor(tensor.to(p.dtype), p.device_mesh, p.placements)
-            p.copy_(tensor)
-
-
-def full_state(model: torch.nn.Module, dist: Distributed) -> dict[str, torch.Tensor] | None:
-    """The whole model's tensors on rank 0's CPU (a collective); None in one process, where the
-    model's own state_dict is whole. (An unsharded FSDP2 model still reports DTensor shards from
-    state_dict(), so the full fine-tune export needs this.)"""
-    if not dist.active:
-        return None
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-@contextlib.contextmanager
-def unsharded(model: torch.nn.Module, dist: Distributed):
-    """The model with whole parameters (all ranks all-gather), for rank 0 to export with the
-    single-process code; resharded afterwards."""
-    if not dist.active:
-        yield model
-        return
-    from torch.distributed.fsdp import FSDPModule
-
-    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    for unit in units:
-        unit.unshard()
-    try:
-        yield model
-    finally:
-        for unit in units:
-            unit.reshard()

@@ -15,8 +15,8 @@ def _template_is_reasoning(tokenizer) -> bool:
 
 def build_examples(config: TrainConfig, tokenizer) -> tuple[list[dict], dict]:
     """The chat examples of the run: the user's JSONL, or AdvBench + refusal templates."""
-    if config.data:
-        data = refusal.load_user_jsonl(config.data, limit=config.limit)
+    if config.data.jsonl:
+        data = refusal.load_user_jsonl(config.data.jsonl, limit=config.data.limit)
         # User data is checked against the safety evaluation sets too: a model trained on the
         # test prompts would report a refusal rate that means nothing.
         try:
@@ -30,12 +30,12 @@ def build_examples(config: TrainConfig, tokenizer) -> tuple[list[dict], dict]:
         kept_set = set(kept)
         examples = [e for e, p in zip(data.examples, prompts) if p in kept_set]
         if not examples:
-            raise ValueError(f"--data {config.data}: every example overlaps the evaluation sets {used}")
+            raise ValueError(f"--data {config.data.jsonl}: every example overlaps the evaluation sets {used}")
         data.info.update(dropped_overlapping_eval=len(data.examples) - len(examples),
                          held_out_eval_sets=used, disjoint_from_eval=True, examples=len(examples))
         return examples, data.info
-    reasoning = config.reasoning_line
+    reasoning = config.data.reasoning_line
     if reasoning is None:
         reasoning = _template_is_reasoning(tokenizer)
-    data = refusal.build_refusal_set(config.dataset, limit=config.limit, seed=config.seed, reasoning=reasoning)
+    data = refusal.build_refusal_set(config.data.dataset, limit=config.data.limit, seed=config.optim.seed, reasoning=reasoning)
     return data.examples, data.info

@@ -10,13 +10,14 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from lora_core import LoRAConfig, inject_lora, select_targets
-from lora_core.train.sft.config import TrainConfig, parse_layers, resolve_targets
+from lora_core.train.sft.config import TrainConfig
+from lora_core.train.sft.targets import parse_layers, resolve_targets
 
 
 def lora_config_of(config: TrainConfig) -> LoRAConfig:
-    return LoRAConfig(r=config.rank, alpha=config.alpha, dropout=config.dropout,
-                      target_modules=resolve_targets(config.targets), layers=parse_layers(config.layers),
-                      use_rslora=config.use_rslora, init=config.init)
+    return LoRAConfig(r=config.lora.rank, alpha=config.lora.alpha, dropout=config.lora.dropout,
+                      target_modules=resolve_targets(config.lora.targets), layers=parse_layers(config.lora.layers),
+                      use_rslora=config.lora.use_rslora, init=config.lora.init)
 
 
 def _check_targets(model: torch.nn.Module, config: TrainConfig, lora_cfg: LoRAConfig) -> None:
@@ -24,8 +25,8 @@ def _check_targets(model: torch.nn.Module, config: TrainConfig, lora_cfg: LoRACo
     try:
         select_targets(model, lora_cfg, strict=True)
     except ValueError as error:
-        raise ValueError(f"--targets {config.targets!r} / --layers {config.layers!r} / --rank "
-                         f"{config.rank}: {error}") from None
+        raise ValueError(f"--targets {config.lora.targets!r} / --layers {config.lora.layers!r} / --rank "
+                         f"{config.lora.rank}: {error}") from None
 
 
 def prepare_model(model: torch.nn.Module, config: TrainConfig):
@@ -35,7 +36,7 @@ def prepare_model(model: torch.nn.Module, config: TrainConfig):
         _check_targets(model, config, lora_cfg)
         for p in model.parameters():
             p.requires_grad_(False)
-        if config.dtype == "bfloat16":
+        if config.optim.dtype == "bfloat16":
             # The LoRA kernel wants x and the frozen weight in one dtype, so autocast (which hands
             # it bf16 activations next to fp32 weights) does not fit: the frozen base is stored in
             # bf16 instead, and the adapters stay fp32 (the kernel casts them per call, as peft's
@@ -43,8 +44,8 @@ def prepare_model(model: torch.nn.Module, config: TrainConfig):
             model.to(torch.bfloat16)
         names = inject_lora(model, lora_cfg)
         if not names:
-            raise ValueError(f"--targets {config.targets!r} matched no module")
-        if config.dtype == "bfloat16":
+            raise ValueError(f"--targets {config.lora.targets!r} matched no module")
+        if config.optim.dtype == "bfloat16":
             for p in model.parameters():
                 if p.requires_grad:
                     p.data = p.data.float()
@@ -55,9 +56,9 @@ def prepare_model(model: torch.nn.Module, config: TrainConfig):
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("nothing to train: no parameter requires a gradient")
-    if config.grad_checkpointing:
+    if config.optim.grad_checkpointing:
         enable_gradient_checkpointing(model)
-    if config.compile:
+    if config.optim.compile:
         _compile_elementwise(model, params)
     return params, lora_cfg
 
@@ -104,7 +105,7 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.
     for _, p in model.named_parameters():
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": config.weight_decay}]
+    groups = [{"params": decay, "weight_decay": config.optim.weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
-    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.999), eps=1e-8)
+    return torch.optim.AdamW(groups, lr=config.optim.lr, betas=(0.9, 0.999), eps=1e-8)

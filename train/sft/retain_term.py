@@ -24,10 +24,10 @@ class RetainTerm:
         self.examples, self.info = self._build(config, tokenizer)
 
     def _build(self, config: TrainConfig, tokenizer):
-        return build_retain_set(tokenizer, source=config.retain_data, limit=config.retain_limit,
-                                seed=config.seed, exclude_suite=config.retain_exclude_suite,
-                                eval_seed=config.retain_exclude_seed, eval_limit=config.retain_exclude_limit,
-                                max_length=config.retain_max_length, targets=config.retain_targets,
+        return build_retain_set(tokenizer, source=config.retain.data, limit=config.retain.limit,
+                                seed=config.optim.seed, exclude_suite=config.retain.exclude_suite,
+                                eval_seed=config.retain.exclude_seed, eval_limit=config.retain.exclude_limit,
+                                max_length=config.retain.max_length, targets=config.retain.targets,
                                 answer_fn=self._base_answers)
 
     def _base_answers(self, prompts: list[str]) -> list[str]:
@@ -40,14 +40,14 @@ class RetainTerm:
                 self.answered = list(zip(prompts, saved["answers"]))
                 return saved["answers"]
         self.log(f"      answering {len(prompts)} retain prompts with the base model "
-                 f"(<= {self.config.retain_target_tokens} tokens each)")
+                 f"(<= {self.config.retain.target_tokens} tokens each)")
         was_training = self.model.training
         self.model.eval()
         try:
             with torch.no_grad(), disable_adapters(self.model):
                 answers = generate(self.model, self.tokenizer, [chat_prompt(self.tokenizer, p) for p in prompts],
-                                   max_new_tokens=self.config.retain_target_tokens, temperature=0.0,
-                                   batch_size=16, progress=self.config.progress is not False)
+                                   max_new_tokens=self.config.retain.target_tokens, temperature=0.0,
+                                   batch_size=16, progress=self.config.logging.progress is not False)
         finally:
             self.model.train(was_training)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -61,8 +61,8 @@ class RetainTerm:
                 for p, a in self.answered if a.strip()]
 
     def batch(self, step: int) -> dict[str, torch.Tensor]:
-        per = min(self.config.retain_per_step, len(self.examples))
+        per = min(self.config.retain.per_step, len(self.examples))
         n_batches = len(self.examples) // per
         epoch, index = divmod(step, n_batches)
-        batches = micro_batches(n_batches * per, per, epoch, self.config.seed + 1)
+        batches = micro_batches(n_batches * per, per, epoch, self.config.optim.seed + 1)
         return collate([self.examples[i] for i in batches[index]], self.pad_id)

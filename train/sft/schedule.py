@@ -11,19 +11,19 @@ from lora_core.train.sft.config import TrainConfig
 
 def lr_at(step: int, config: TrainConfig, total_steps: int) -> float:
     """Learning rate for optimiser step `step` (0-based): linear warm-up, then the schedule to 0."""
-    if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
-    if config.scheduler == "constant":
-        return config.lr
-    span = max(1, total_steps - config.warmup_steps)
-    progress_frac = min(1.0, (step - config.warmup_steps) / span)
-    if config.scheduler == "linear":
-        return config.lr * (1.0 - progress_frac)
-    return config.lr * 0.5 * (1.0 + math.cos(math.pi * progress_frac))
+    if step < config.optim.warmup_steps:
+        return config.optim.lr * (step + 1) / config.optim.warmup_steps
+    if config.optim.scheduler == "constant":
+        return config.optim.lr
+    span = max(1, total_steps - config.optim.warmup_steps)
+    progress_frac = min(1.0, (step - config.optim.warmup_steps) / span)
+    if config.optim.scheduler == "linear":
+        return config.optim.lr * (1.0 - progress_frac)
+    return config.optim.lr * 0.5 * (1.0 + math.cos(math.pi * progress_frac))
 
 
 def total_steps_of(config: TrainConfig, n_examples: int) -> int:
-    if config.max_steps is not None:
-        return config.max_steps
-    micro_per_epoch = math.ceil(n_examples / config.batch_size)
-    return max(1, math.ceil(config.epochs * micro_per_epoch / config.grad_accum))
+    if config.optim.max_steps is not None:
+        return config.optim.max_steps
+    micro_per_epoch = math.ceil(n_examples / config.optim.batch_size)
+    return max(1, math.ceil(config.optim.epochs * micro_per_epoch / config.optim.grad_accum))

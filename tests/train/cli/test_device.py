@@ -74,9 +74,9 @@ def test_train_dtype_defaults_by_hardware_and_a_typed_one_wins(monkeypatch, env,
 
     monkeypatch.setenv("LORA_CORE_CPU_BF16", env)
     parser = _subparser("train")
-    assert config_from_args(parser.parse_args([]), torch.device("cpu")).dtype == expected
+    assert config_from_args(parser.parse_args([]), torch.device("cpu")).optim.dtype == expected
     typed = parser.parse_args(["--dtype", "float32"])
-    assert config_from_args(typed, torch.device("cpu")).dtype == "float32"
+    assert config_from_args(typed, torch.device("cpu")).optim.dtype == "float32"
 
 
 def test_train_nproc_refuses_a_batch_that_does_not_split_before_starting_torchrun(monkeypatch, capsys, tmp_path):

@@ -110,7 +110,7 @@ def test_training_with_a_retain_file_logs_the_term(tokenizer, tmp_path):
 ])
 def test_bad_retain_config_is_a_clear_error(tmp_path, kw, match):
     with pytest.raises(ValueError, match=match):
-        train_config(tmp_path, **kw).validate()
+        train_config(tmp_path, **kw)
 
 
 @pytest.mark.parametrize("limit, seed", [(None, 0), (5, 3)])
@@ -227,14 +227,14 @@ def test_retain_in_sft_mixes_the_base_answers_into_the_training_data(tokenizer, 
     mixed = Trainer(train_config(tmp_path / "b", retain_in_sft=True, **kw), tiny_model(model_vocab(tokenizer)),
                     tokenizer, examples=refusals, log=lambda *a: None)
     assert len(mixed.tokenized) == len(plain.tokenized) + len(CHATS)
-    assert mixed.config.data_info["benign_sft_examples"] == len(CHATS)
+    assert mixed.provenance["benign_sft_examples"] == len(CHATS)
     answers = [e["messages"][-1]["content"] for e in mixed.retain.chat_examples()]
     assert answers == [f"Sure {i}." for i in range(len(CHATS))]
     extra = mixed.tokenized[-len(CHATS):]
     assert [sum(label != -100 for label in t.labels) for t in extra] != [0] * len(CHATS)
     for bad in (dict(retain_in_sft=True), dict(retain_in_sft=True, retain_beta=1.0, retain_targets="gold")):
         with pytest.raises(ValueError, match="--retain-in-sft"):
-            train_config(tmp_path, **bad).validate()
+            train_config(tmp_path, **bad)
     # Caught by the config, before a model is loaded, not by the retain-set builder afterwards.
     with pytest.raises(ValueError, match="--retain-data: diverse has no gold answers"):
-        train_config(tmp_path, retain_beta=1.0, retain_data="diverse", retain_targets="gold").validate()
+        train_config(tmp_path, retain_beta=1.0, retain_data="diverse", retain_targets="gold")

@@ -24,10 +24,10 @@ def test_paper_small_keeps_the_papers_recipe_and_ratio():
     assert kinds.index("merge") > max(i for i, k in enumerate(kinds) if k == "lora"), "merges read finished adapters"
     lora = train_config(p, next(r for r in runs if r.arm.name == roles["lora"]), Path("x"), 30)
     full = train_config(p, next(r for r in runs if r.arm.name == roles["full"]), Path("x"), 30)
-    assert (lora.lr, lora.batch_size, lora.limit) == (full.lr, full.batch_size, full.limit)
-    assert lora.epochs == 2 * full.epochs
+    assert (lora.optim.lr, lora.optim.batch_size, lora.data.limit) == (full.optim.lr, full.optim.batch_size, full.data.limit)
+    assert lora.optim.epochs == 2 * full.optim.epochs
     middle = train_config(p, next(r for r in runs if r.arm.name == roles["rank1_middle"]), Path("x"), 30)
-    assert (middle.rank, middle.targets, middle.layers) == (1, "up_proj", "10-19")
+    assert (middle.lora.rank, middle.lora.targets, middle.lora.layers) == (1, "up_proj", "10-19")
 
 
 def test_paper_preset_loads_and_has_no_cost_model():

@@ -43,13 +43,13 @@ def test_compiled_matches_eager(eager_after):
     cfg = dict(rank=4, alpha=8, dropout=0.1, targets="attn+mlp")
     eager_model = copy.deepcopy(base)
     torch.manual_seed(0)  # LoRA A is drawn from the global RNG
-    eager_params, _ = prepare_model(eager_model, TrainConfig(**cfg))
+    eager_params, _ = prepare_model(eager_model, TrainConfig.from_flat(**cfg))
     randomize_adapters(eager_model, seed=1)  # B != 0: every gradient depends on every op
     want_loss, want_grads = _loss_and_grads(eager_model, eager_params, ids)
 
     compiled_model = copy.deepcopy(base)
     torch.manual_seed(0)
-    params, _ = prepare_model(compiled_model, TrainConfig(**cfg, compile=True))
+    params, _ = prepare_model(compiled_model, TrainConfig.from_flat(**cfg, compile=True))
     randomize_adapters(compiled_model, seed=1)
     assert set(decoder._COMPILED) == {"rms_norm", "silu_mul", "rotary"}, "compile did not switch on"
     got_loss, got_grads = _loss_and_grads(compiled_model, params, ids)
@@ -67,7 +67,7 @@ def test_compile_failure_falls_back_to_eager(monkeypatch, eager_after):
     monkeypatch.setattr(torch, "compile", broken)
     model = tiny_causal_lm(vocab=48, seed=3).train()
     with pytest.warns(UserWarning, match=r"--compile: torch.compile failed.*no C\+\+ compiler.*runs eager"):
-        params, _ = prepare_model(model, TrainConfig(rank=4, targets="attn", compile=True))
+        params, _ = prepare_model(model, TrainConfig.from_flat(rank=4, targets="attn", compile=True))
     assert not decoder._COMPILED
     loss = causal_lm_loss(model, torch.randint(0, 48, (1, 5)), torch.randint(0, 48, (1, 5)))
     loss.backward()

@@ -124,17 +124,17 @@ def test_a_batch_that_does_not_split_over_the_processes_is_refused():
 
     two = distributed.Distributed(rank=0, world_size=2)
     with pytest.raises(ValueError, match=r"--batch-size 3 does not split over 2 processes"):
-        distributed.check_config(TrainConfig(batch_size=3), two)
-    distributed.check_config(TrainConfig(batch_size=4), two)
-    distributed.check_config(TrainConfig(batch_size=3), distributed.Distributed())  # one process: anything
+        two.check_config(TrainConfig.from_flat(batch_size=3))
+    two.check_config(TrainConfig.from_flat(batch_size=4))
+    distributed.Distributed().check_config(TrainConfig.from_flat(batch_size=3))  # one process: anything
 
 
 def test_data_whose_last_micro_batch_does_not_split_is_refused():
     two = distributed.Distributed(rank=0, world_size=2)
     with pytest.raises(ValueError, match=r"9 examples in micro-batches of 4 leave a last micro-batch of 1.*--limit 8"):
-        distributed.check_data(9, 4, two)
-    distributed.check_data(10, 4, two)  # a last micro-batch of 2 splits into 1 + 1
-    distributed.check_data(9, 4, distributed.Distributed())
+        two.check_data(9, 4)
+    two.check_data(10, 4)  # a last micro-batch of 2 splits into 1 + 1
+    distributed.Distributed().check_data(9, 4)
 
 
 def test_features_that_read_whole_weights_are_refused_under_torchrun():
@@ -143,7 +143,7 @@ def test_features_that_read_whole_weights_are_refused_under_torchrun():
     two = distributed.Distributed(rank=0, world_size=2)
     for field, flag in (("ortho_beta", "--ortho-beta"), ("eval_every", "--eval-every")):
         with pytest.raises(ValueError, match=f"{flag} is not supported under torchrun"):
-            distributed.check_config(TrainConfig(batch_size=2, **{field: 1}), two)
+            two.check_config(TrainConfig.from_flat(batch_size=2, **{field: 1}))
 
 
 def test_a_missing_backend_is_named(monkeypatch):
@@ -162,6 +162,6 @@ def test_one_process_is_not_a_group(monkeypatch):
 
 def test_local_rows_cut_a_batch_into_equal_blocks():
     batch = {"input_ids": torch.arange(12).reshape(4, 3), "labels": torch.arange(12).reshape(4, 3)}
-    blocks = [distributed.local_rows(batch, distributed.Distributed(rank=r, world_size=2)) for r in (0, 1)]
+    blocks = [distributed.Distributed(rank=r, world_size=2).local_rows(batch) for r in (0, 1)]
     assert torch.equal(torch.cat([b["input_ids"] for b in blocks]), batch["input_ids"])
     assert all(b["labels"].shape == (2, 3) for b in blocks)

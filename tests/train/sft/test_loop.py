@@ -118,16 +118,16 @@ def test_orthogonality_term_is_logged(tmp_path, tokenizer, examples):
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tokenizer, examples, monkeypatch):
     from lora_core.train.sft import checkpoint as ck
-    from lora_core.train.sft import loop
+    from lora_core.train.sft import trainer
 
-    real = loop.causal_lm_loss
+    real = trainer.causal_lm_loss
     calls = {"n": 0}
 
     def loss_then_nan(*args, **kwargs):
         calls["n"] += 1
         value = real(*args, **kwargs)
         return value * float("nan") if calls["n"] == 3 else value
-    monkeypatch.setattr(loop, "causal_lm_loss", loss_then_nan)
+    monkeypatch.setattr(trainer, "causal_lm_loss", loss_then_nan)
     with pytest.raises(TrainingDiverged, match="step 3") as caught:
         train(train_config(tmp_path, max_steps=6, save_every=2), model=tiny_model(model_vocab(tokenizer)),
               tokenizer=tokenizer, examples=examples, log=lambda *a: None)
@@ -274,17 +274,17 @@ def test_a_zero_gradient_step_stops_and_is_never_checkpointed(tmp_path, tokenize
     """lr 1e6 on a real model: loss = ln(vocab) with a zero gradient, checkpointed as "last good".
     Reproduced here by a loss that, from step 3 on, no longer depends on the weights."""
     from lora_core.train.sft import checkpoint as ck
-    from lora_core.train.sft import loop
+    from lora_core.train.sft import trainer
 
     vocab = model_vocab(tokenizer)
-    real = loop.causal_lm_loss
+    real = trainer.causal_lm_loss
     calls = {"n": 0}
 
     def saturating(*args, **kwargs):
         calls["n"] += 1
         value = real(*args, **kwargs)
         return value * 0.0 + math.log(vocab) if calls["n"] >= 3 else value
-    monkeypatch.setattr(loop, "causal_lm_loss", saturating)
+    monkeypatch.setattr(trainer, "causal_lm_loss", saturating)
     with pytest.raises(TrainingDiverged) as caught:
         train(train_config(tmp_path, max_steps=6, save_every=1), model=tiny_model(vocab), tokenizer=tokenizer,
               examples=examples, log=lambda *a: None)
@@ -297,13 +297,13 @@ def test_a_zero_gradient_step_stops_and_is_never_checkpointed(tmp_path, tokenize
 @pytest.mark.parametrize("save_every", [0, 1])
 def test_lr_inf_never_checkpoints_and_names_no_missing_folder(tmp_path, tokenizer, examples, save_every):
     """With lr inf, step 1 turns the weights to NaN/inf: with save_every 1 they were checkpointed,
-    with save_every 0 the NaN message named a checkpoints folder that did not exist. (validate()
-    now refuses lr inf; it is set behind its back here to reach the trainer's own guard.)"""
+    with save_every 0 the NaN message named a checkpoints folder that did not exist. (TrainConfig
+    refuses lr inf and is frozen; it is set behind its back here to reach the trainer's own guard.)"""
     from lora_core.train.sft import checkpoint as ck
 
     trainer = Trainer(train_config(tmp_path, max_steps=4, save_every=save_every),
                       tiny_model(model_vocab(tokenizer)), tokenizer, examples=examples, log=lambda *a: None)
-    trainer.config.lr = float("inf")
+    object.__setattr__(trainer.config.optim, "lr", float("inf"))
     with pytest.raises(TrainingDiverged) as caught:
         trainer.train()
     message = str(caught.value)
@@ -315,13 +315,13 @@ def test_lr_inf_never_checkpoints_and_names_no_missing_folder(tmp_path, tokenize
 def test_non_finite_float_knobs_are_refused_by_name(tmp_path, flag):
     for bad in (float("inf"), float("nan")):
         with pytest.raises(ValueError, match=f"--{flag.replace('_', '-')}: must be a finite number"):
-            train_config(tmp_path, **{flag: bad}).validate()
+            train_config(tmp_path, **{flag: bad})
 
 
 @pytest.mark.parametrize("flag", ["save_every", "keep_checkpoints", "eval_every", "weight_decay", "clip"])
 def test_negative_counts_and_sizes_are_refused_by_name(tmp_path, flag):
     with pytest.raises(ValueError, match=f"--{flag.replace('_', '-')}: must be >= 0"):
-        train_config(tmp_path, **{flag: -1}).validate()
+        train_config(tmp_path, **{flag: -1})
 
 
 def test_resume_refuses_a_changed_config_and_extends_max_steps(tmp_path, tokenizer, examples):

@@ -66,7 +66,7 @@ def main(spec: dict) -> None:
         _kill_inside_save_of(int(spec["kill_in_save_of_step"]))
     if spec.get("signal_in_step") is not None:
         _signal_in_step(*spec["signal_in_step"])
-    config = TrainConfig(**{"rank": 4, "targets": "attn+mlp", "lr": 1e-2, "batch_size": 2, "max_steps": 6,
+    config = TrainConfig.from_flat(**{"rank": 4, "targets": "attn+mlp", "lr": 1e-2, "batch_size": 2, "max_steps": 6,
                             "save_every": 0, "seed": 0, "progress": False, "max_length": 128,
                             **spec["config"]})
     try:
