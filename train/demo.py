@@ -12,7 +12,7 @@ default can be changed with a flag, and `--retain-beta 0` gives the refusal-only
 - 24 steps of batch 8 instead of 10 epochs of batch 2: the refusal templates are learnt within a
   fraction of an epoch, and every extra step costs CPU time the demo's 10 minutes do not have.
 - a retain term (not in the paper; `lora-core train` has it off): loss += beta * mean per-token
-  KL(base || adapted) on benign prompts answered by the base model itself (train.data.retain,
+  KL(base || adapted) on benign prompts answered by the base model itself (train.sft.retain_set,
   source "diverse", targets "self"). Trained on refusals alone, this model learns "always refuse".
   The retain prompts span the kinds of request people make (writing, how-to, recipes, advice,
   code, small talk, sensitive-looking but legitimate requests, facts, science, medicine, and
@@ -27,6 +27,7 @@ Measured figures, and the refusal-only run beside this recipe, are in the README
 """
 from __future__ import annotations
 
+import io
 import math
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -40,7 +41,6 @@ from lora_core.models import load_model
 from lora_core.train.eval.runner import evaluate
 from lora_core.train.sft.config import TrainConfig
 from lora_core.train.sft.loop import prepare_run
-
 
 # The demo's recipe: the TrainConfig keys it sets otherwise than `lora-core train` does (the module
 # docstring says why). Short retain sequences (128 tokens) keep the KL on the opening of the
@@ -226,7 +226,6 @@ def plot_table(table: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
-    import io
 
     import matplotlib.pyplot as plt
 

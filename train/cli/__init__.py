@@ -27,7 +27,6 @@ import pkgutil
 import sys
 
 
-
 class UserError(Exception):
     """A problem with the user's input that a message explains fully."""
 
@@ -49,7 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help=debug_help)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, module in _command_modules():
-        command_parser = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        # argparse %-formats help text (for %(default)s): a literal "95% intervals" must be escaped,
+        # or `lora-core --help` itself fails.
+        command_parser = sub.add_parser(name, help=module.HELP.replace("%", "%%"), description=module.HELP)
         # Also after the command, where people add it when a command fails. SUPPRESS: leaving it
         # out there must not overwrite a --debug given before the command.
         command_parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)

@@ -14,6 +14,9 @@ This module's name starts with "_", so the CLI does not take it for a command.
 """
 from __future__ import annotations
 
+import torch
+
+from lora_core.kernels.cpu_caps import native_bf16 as cpu_native_bf16
 from lora_core.train.cli._options import _STORE
 
 DTYPES = ("float32", "bfloat16")
@@ -38,8 +41,6 @@ def add_device_arguments(parser, dtype_help: str | None = None) -> None:
 def resolve_device(name: str | None):
     """-> torch.device for a --device value (None: cuda when visible, else cpu); a device this
     machine lacks is refused in one line."""
-    import torch
-
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -61,11 +62,8 @@ def resolve_device(name: str | None):
 
 def native_bf16(device) -> bool:
     """Whether bf16 matmuls run on bf16 hardware on `device`."""
-    import torch
-
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    from lora_core.kernels.cpu_caps import native_bf16 as cpu_native_bf16
 
     return cpu_native_bf16()
 
@@ -76,8 +74,6 @@ def default_dtype(device) -> str:
 
 def resolve_dtype(name: str | None, device):
     """-> torch.dtype for a --dtype value (None: default_dtype(device))."""
-    import torch
-
     return getattr(torch, name or default_dtype(device))
 
 

@@ -10,6 +10,10 @@ import os
 import subprocess
 import sys
 
+import torch
+
+from lora_core.train.sft.distributed import Distributed
+
 
 def _without_nproc(argv: list[str]) -> list[str]:
     out, skip = [], False
@@ -25,10 +29,6 @@ def _without_nproc(argv: list[str]) -> list[str]:
 
 def launch_torchrun(args, config, device) -> int:
     """Run `torchrun --standalone --nproc-per-node N -m lora_core.train.cli <argv>`; its exit code."""
-    import torch
-
-    from lora_core.train.sft.distributed import Distributed
-
     n = args.nproc
     Distributed(rank=0, world_size=n, device=device).check_config(config)
     if device.type == "cuda" and n > torch.cuda.device_count():

@@ -7,6 +7,12 @@ from __future__ import annotations
 
 import sys
 
+import torch
+
+from lora_core import load_adapter
+from lora_core.models import generate, load_model
+from lora_core.train.cli._device import add_device_arguments, placement
+
 HELP = "Answer one message with a model (HF directory, .gguf file or registry name) using its chat template."
 
 
@@ -19,7 +25,6 @@ def add_arguments(parser) -> None:
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    from lora_core.train.cli._device import add_device_arguments
 
     add_device_arguments(parser)
     parser.add_argument("--adapter", default=None, help="optional PEFT-format LoRA adapter directory to apply")
@@ -28,22 +33,15 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    import torch
-
-    from lora_core.models import generate, load_model
-
     if not args.message.strip():
         raise ValueError("message is empty")
     if args.max_new_tokens <= 0:
         raise ValueError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
     torch.manual_seed(args.seed)
-    from lora_core.train.cli._device import placement
 
     device, dtype = placement(args)
     model, tokenizer = load_model(args.model, dtype=dtype, device=device)
     if args.adapter:
-        from lora_core import load_adapter
-
         load_adapter(model, args.adapter, base_model=str(args.model))  # warns when it names another model
     messages = [{"role": "system", "content": args.system}] if args.system else []
     messages.append({"role": "user", "content": args.message})

@@ -2,6 +2,10 @@
 difference, and a safety-vs-reasoning scatter plot with 95% error bars."""
 from __future__ import annotations
 
+from pathlib import Path
+
+from lora_core.train.eval.reports import compare_results
+
 HELP = ("compare evaluation results against the first file (paired differences with 95% intervals; "
         "table + PNG scatter of safety against reasoning)")
 
@@ -21,10 +25,6 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from pathlib import Path
-
-    from lora_core.train.eval.reports import compare_results
-
     made = compare_results(args.results, args.out, x_metric=args.x, y_metric=args.y,
                            bootstrap=args.bootstrap, seed=args.seed)
     print(Path(made["table"]).read_text(encoding="utf-8"))

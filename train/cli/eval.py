@@ -1,6 +1,19 @@
 """`lora-core eval`: safety and reasoning measurements of a model (optionally with a LoRA adapter)."""
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
+
+from lora_core import load_adapter
+from lora_core.models import load_model
+from lora_core.models.loading import resolve_source
+from lora_core.train.cli._device import add_device_arguments, placement
+from lora_core.train.cli._paths import check_output_dir
+from lora_core.train.eval.judges import GuardModelJudge
+from lora_core.train.eval.reports import results_markdown
+from lora_core.train.eval.runner import evaluate
+from lora_core.train.eval.suites import SUITES
+
 HELP = "evaluate safety (refusal, over-refusal) and reasoning (GSM8K, MATH-500, ARC, drift) of a model"
 
 
@@ -34,26 +47,15 @@ def add_arguments(parser) -> None:
                         "with time/memory limits, empty environment and a temp dir - not a security sandbox")
     parser.add_argument("--label", default=None, help="name of this run in comparisons")
     parser.add_argument("--out", required=True, help="output directory for results.json/.md and generations.jsonl")
-    from lora_core.train.cli._device import add_device_arguments
 
     add_device_arguments(parser)
 
 
 def run(args) -> int:
-    from pathlib import Path
-
-    from lora_core.models import load_model
-    from lora_core.models.loading import resolve_source
-    from lora_core.train.eval.runner import evaluate
-    from lora_core.train.eval.reports import results_markdown
-    from lora_core.train.eval.suites import SUITES
-    from lora_core.train.cli._paths import check_output_dir
-
     out = check_output_dir(args.out)
     if args.adapter is not None and not Path(args.adapter).is_dir():
         raise FileNotFoundError(f"--adapter {args.adapter} is not a directory")
     suite = _suite_with_sampling(SUITES[args.suite], args)
-    from lora_core.train.cli._device import placement
 
     device, dtype = placement(args)  # a device this machine lacks is refused before the load
     # A guard that cannot be found is reported before minutes of model loading, not after.
@@ -61,16 +63,12 @@ def run(args) -> int:
     model, tokenizer = load_model(args.model, dtype=dtype, device=device)
     base_model = None
     if args.adapter is not None:
-        from lora_core import load_adapter
-
         if not args.no_drift:
             base_model, _ = load_model(args.model, dtype=dtype, device=device)
             base_model.eval()
         load_adapter(model, args.adapter, base_model=str(args.model))  # warns when it names another model
     judge = None
     if args.guard is not None:
-        from lora_core.train.eval.judges import GuardModelJudge
-
         judge = GuardModelJudge.from_source(str(guard_source), mode=args.guard_mode)
     meta = {"model": args.model, "adapter": args.adapter, "guard": args.guard, "suite": args.suite,
             "label": args.label or (Path(args.adapter).name if args.adapter else str(args.model))}
@@ -85,8 +83,6 @@ def run(args) -> int:
 
 def _suite_with_sampling(cfg, args):
     """The suite with --samples/--temperature/--top-p applied (checked before any model loads)."""
-    import dataclasses
-
     changes = {k: v for k, v in (("k", args.samples), ("temperature", args.temperature),
                                  ("top_p", args.top_p)) if v is not None}
     if not changes:

@@ -14,6 +14,17 @@ import argparse
 import json
 from pathlib import Path
 
+import torch
+
+from lora_core import load_adapter
+from lora_core.merge import merge_lora
+from lora_core.models import load_hf_directory
+from lora_core.models.hf_format import write_hf_directory
+from lora_core.models.loading import resolve_source
+from lora_core.train.cli import UserError
+from lora_core.train.cli._device import add_device_argument, resolve_device
+from lora_core.train.cli._paths import check_output_dir
+
 HELP = "merge a LoRA adapter into its base model (optionally removing dW's top-k part) and export it"
 
 # Files copied from the source directory when present: what a tokenizer and generation need.
@@ -35,7 +46,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dtype of the exported weights (default: the source checkpoint's)")
     parser.add_argument("--svd-dtype", choices=["float32", "float64"], default="float32",
                         help="dtype of the SVD and of the merge sum")
-    from lora_core.train.cli._device import add_device_argument
 
     # --dtype here keeps its own default (the source checkpoint's): an export should not change
     # its dtype because of the machine it was merged on.
@@ -47,16 +57,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    import torch
-
-    from lora_core import load_adapter
-    from lora_core.merge import merge_lora
-    from lora_core.models import load_hf_directory
-    from lora_core.models.hf_format import write_hf_directory
-    from lora_core.models.loading import resolve_source
-    from lora_core.train.cli import UserError
-    from lora_core.train.cli._paths import check_output_dir
-
     if args.project is None and args.k is not None:
         raise UserError("--k is only used with --project column|row|both|either")
     if args.project is not None and args.k is None:
@@ -70,8 +70,6 @@ def run(args) -> int:
     adapter = Path(args.adapter)
     if not adapter.is_dir():
         raise FileNotFoundError(f"--adapter directory not found: {adapter}")
-
-    from lora_core.train.cli._device import resolve_device
 
     device = resolve_device(args.device)
     source = resolve_source(args.model)

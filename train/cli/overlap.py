@@ -9,6 +9,19 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from lora_core import load_adapter
+from lora_core.models import load_model
+from lora_core.overlap import analyse_adapter, analyse_update, default_update_names
+from lora_core.overlap_report import write_all
+from lora_core.svd_cache import SVDCache
+from lora_core.train.cli import UserError
+from lora_core.train.cli._device import add_device_arguments, resolve_device
+from lora_core.train.cli._paths import check_output_dir
+
 HELP = "analyse the overlap of a LoRA adapter or a full fine-tuning update with the base weights' top-k subspace"
 
 
@@ -24,7 +37,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--svd-dtype", choices=["float32", "float64"], default="float32")
     parser.add_argument("--svd-cache", default=None,
                         help="safetensors file to read top-k SVDs from (if present) and write them back to")
-    from lora_core.train.cli._device import add_device_arguments
 
     # float32 by default, unlike the other commands: dW = tuned - base must not carry the rounding
     # of a base checkpoint stored in fp32 and loaded as bf16.
@@ -33,9 +45,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _load_tensors(path: Path) -> dict:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     if path.is_file():
         files = [path]
     elif path.is_dir():
@@ -54,15 +63,6 @@ def _load_tensors(path: Path) -> dict:
 
 
 def run(args) -> int:
-    import torch
-
-    from lora_core.overlap import analyse_adapter, analyse_update, default_update_names
-    from lora_core.overlap_report import write_all
-    from lora_core.svd_cache import SVDCache
-    from lora_core.models import load_model
-    from lora_core.train.cli import UserError
-    from lora_core.train.cli._paths import check_output_dir
-
     if args.k < 1:
         raise UserError(f"--k must be >= 1, got {args.k}")
     out = check_output_dir(args.out)
@@ -74,14 +74,11 @@ def run(args) -> int:
     if cache_path is not None and cache_path.is_file():
         cache.load(cache_path)  # a damaged file is a ValueError naming it
     dtype = torch.float64 if args.svd_dtype == "float64" else torch.float32
-    from lora_core.train.cli._device import resolve_device
 
     device = resolve_device(args.device)
     load_dtype = getattr(torch, args.dtype or "float32")
 
     if args.adapter:
-        from lora_core import load_adapter
-
         adapter = Path(args.adapter)
         if not adapter.is_dir():
             raise FileNotFoundError(f"--adapter directory not found: {adapter}")

@@ -15,6 +15,9 @@ import argparse
 import contextlib
 import sys
 
+from lora_core.common.fetch import repairing
+from lora_core.models.registry import DEFAULT_MODEL, MODELS, is_pulled, pull
+
 HELP = "fetch a pinned model (converted to an HF directory) or data set into the cache"
 
 
@@ -40,8 +43,6 @@ def _dataset_module():
 
 
 def _list() -> int:
-    from lora_core.models.registry import DEFAULT_MODEL, MODELS, is_pulled
-
     print("models:")
     for name, entry in sorted(MODELS.items()):
         marks = " (default)" if name == DEFAULT_MODEL else ""
@@ -65,13 +66,10 @@ def run(args: argparse.Namespace) -> int:
         datasets = _dataset_module()
         if datasets is None or not hasattr(datasets, "pull_dataset"):
             raise ValueError("data set pulls are not available in this build (train.data.registry.pull_dataset is missing)")
-        from lora_core.common.fetch import repairing
 
         with repairing() if args.force else contextlib.nullcontext():
             print(datasets.pull_dataset(args.data))
         return 0
-
-    from lora_core.models.registry import DEFAULT_MODEL, pull
 
     path = pull(args.name or DEFAULT_MODEL, file=args.file, force=args.force, full_check=True)
     print(f"lora-core: model ready at {path} (every file checked against its sha256)", file=sys.stderr)

@@ -1,6 +1,14 @@
 """`lora-core reproduce`: the paper's comparison as one resumable grid of arms x seeds, and its report."""
 from __future__ import annotations
 
+import torch
+
+from lora_core.models import load_model
+from lora_core.train.cli._device import add_device_argument, resolve_device
+from lora_core.train.cli._paths import check_output_dir
+from lora_core.train.repro.preset import load_preset, load_preset_file
+from lora_core.train.repro.runner import reproduce
+
 HELP = "run the paper's comparison (base, LoRA, full fine-tuning, regulariser, merge, ...) and report its claims"
 
 
@@ -18,7 +26,6 @@ def add_arguments(parser) -> None:
                         help="also write TensorBoard events: each run's training curves and, in <out>/tensorboard, "
                         "one HParams entry per run (settings against metrics); needs pip install "
                         "'lora-core[tensorboard]'")
-    from lora_core.train.cli._device import add_device_argument
 
     # No --dtype: each arm trains in its preset's dtype from fp32 weights (a bf16 LoRA arm casts its
     # frozen base itself); loading the shared base in bf16 would make fp32 arms train bf16 adapters.
@@ -26,21 +33,11 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from lora_core.train.repro.preset import load_preset, load_preset_file
-    from lora_core.train.repro.runner import reproduce
-
-    import torch
-
-    from lora_core.train.cli._device import resolve_device
-    from lora_core.train.cli._paths import check_output_dir
-
     device = resolve_device(args.device)
     check_output_dir(args.out)
     preset = load_preset_file(args.config) if args.config else load_preset(args.preset or "paper-small")
 
     def load_on_device(name):
-        from lora_core.models import load_model
-
         return load_model(name, dtype=torch.float32, device=device)
 
     # On the CPU the runner's own loader (fp32, CPU) is the same thing; keep it.

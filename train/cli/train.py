@@ -1,13 +1,22 @@
 """`lora-core train`: refusal SFT with LoRA (the paper's method) or full fine-tuning (its baseline)."""
 from __future__ import annotations
 
+import os
+
+from lora_core import AdaptersOff
+from lora_core.train.cli import UserError
+from lora_core.train.cli._device import add_device_argument, default_dtype, resolve_device
+from lora_core.train.cli._launch import launch_torchrun
+from lora_core.train.cli._options import add_dataclass_arguments, dataclass_from_args, given_fields
+from lora_core.train.cli._paths import check_output_dir
+from lora_core.train.eval.runner import evaluate
+from lora_core.train.sft.config import TrainConfig
+from lora_core.train.sft.loop import TrainingDiverged, train
+
 HELP = "fine-tune a model to refuse harmful requests (LoRA or full), writing a run directory"
 
 
 def add_arguments(parser) -> None:
-    from lora_core.train.cli._options import add_dataclass_arguments
-    from lora_core.train.sft.config import TrainConfig
-
     # Every flag but --resume is a TrainConfig field: name, default, help, choices and --help group
     # are written there. --resume is about this invocation, not the run's config, so it is ours.
     placed = add_dataclass_arguments(parser, TrainConfig)
@@ -16,8 +25,6 @@ def add_arguments(parser) -> None:
                                "config: flags that differ from it are refused, except a larger --max-steps "
                                "and --save-every/--keep-checkpoints/--eval-every, which are applied")
     # Where the run computes is about this invocation, not the run: a run may resume elsewhere.
-    from lora_core.train.cli._device import add_device_argument
-
     add_device_argument(placed["dtype"])
     placed["dtype"].add_argument("--nproc", type=int, default=1,
                                  help="processes to train with (FSDP2, one per GPU; gloo on the CPU): starts "
@@ -26,13 +33,8 @@ def add_arguments(parser) -> None:
 
 
 def config_from_args(args, device=None):
-    from lora_core.train.cli._options import dataclass_from_args, given_fields
-    from lora_core.train.sft.config import TrainConfig
-
     overrides = {"clip": args.clip or None}  # --clip 0 means "off"; the config records that as None
     if device is not None and "dtype" not in given_fields(args):
-        from lora_core.train.cli._device import default_dtype
-
         # An untyped --dtype follows the hardware (bf16 where it is native), as in every command.
         overrides["dtype"] = default_dtype(device)
     return dataclass_from_args(TrainConfig, args, **overrides)  # validated as it is built
@@ -43,7 +45,6 @@ def _evaluator(config):
     --resume the stored one, so a resumed run evaluates as it did before."""
     if not config.logging.eval_every:
         return None
-    from lora_core.train.eval.runner import evaluate
 
     def evaluate_fn(model, tokenizer, out_dir):
         # LoRA: drift against the same weights with the adapters off (no second model in memory).
@@ -56,20 +57,10 @@ def _evaluator(config):
 
 
 def run(args) -> int:
-    import os
-
-    from lora_core.train.cli import UserError
-    from lora_core.train.cli._device import resolve_device
-    from lora_core.train.cli._options import given_fields
-    from lora_core.train.cli._paths import check_output_dir
-    from lora_core.train.sft.loop import TrainingDiverged, train
-
     device = resolve_device(args.device)
     config = config_from_args(args, device)
     check_output_dir(config.checkpoints.out)
     if _should_launch(args):
-        from lora_core.train.cli._launch import launch_torchrun
-
         return launch_torchrun(args, config, device)
     try:
         # With --resume only the flags typed now are compared with the run's stored config.
@@ -86,8 +77,6 @@ def run(args) -> int:
 
 def _should_launch(args) -> bool:
     """--nproc N > 1 outside torchrun: start torchrun. Inside it, --nproc must agree or be absent."""
-    import os
-
     if args.nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
     world = os.environ.get("WORLD_SIZE")

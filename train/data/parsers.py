@@ -14,7 +14,7 @@ from typing import Callable
 
 import yaml
 
-from lora_core.train.eval.answers import last_boxed
+from lora_core.train.data.latex import last_boxed
 
 
 def read_text(path: Path) -> str:

@@ -23,6 +23,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lora_core.train.data.registry import load_records
+
 # Refusals are built from three parts so that ~14 x 10 x 8 distinct texts exist; each part is
 # short because the paper's targets are short and long targets cost training tokens on CPU.
 _OPENERS = [
@@ -151,8 +153,6 @@ def drop_overlaps(prompts: list[str], held_out: list[str], threshold: float = 0.
 
 
 def held_out_prompts(eval_datasets) -> tuple[list[str], list[str]]:
-    from lora_core.train.data.registry import load_records
-
     prompts, used = [], []
     for name in eval_datasets:
         prompts.extend(prompt_of(r) for r in load_records(name))

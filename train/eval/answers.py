@@ -12,6 +12,8 @@ from __future__ import annotations
 import re
 from fractions import Fraction
 
+from lora_core.train.data.latex import braced_group, last_boxed
+
 __all__ = ["strip_thinking", "unfinished_thought", "thinks_anywhere", "final_answer_text", "last_boxed", "extract_answer", "normalize_answer", "answers_match"]
 
 _THINK_START, _THINK_END = "<think>", "</think>"
@@ -57,39 +59,6 @@ def final_answer_text(prompt: str, response: str) -> str | None:
     return strip_thinking(response)
 
 
-def _braced(text: str, start: int) -> tuple[str, int] | None:
-    """Content of the balanced `{...}` group opening at text[start] and the index after it."""
-    if start >= len(text) or text[start] != "{":
-        return None
-    depth = 0
-    for i in range(start, len(text)):
-        if text[i] == "{":
-            depth += 1
-        elif text[i] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[start + 1:i], i + 1
-    return None
-
-
-def last_boxed(text: str) -> str | None:
-    """Content of the last `\\boxed{...}` / `\\fbox{...}` (braces balanced), or None.
-
-    `\\boxed 5` (no braces, as some models write it) yields the next token.
-    """
-    best = None
-    for match in re.finditer(r"\\(?:boxed|fbox)\s*", text):
-        pos = match.end()
-        group = _braced(text, pos)
-        if group is not None:
-            best = group[0]
-        else:
-            token = re.match(r"[^\s$.,]+", text[pos:])
-            if token:
-                best = token.group(0)
-    return best
-
-
 def extract_answer(text: str, strip_think: bool = True) -> str | None:
     """The final answer a solution states, or None when it states nothing recognisable.
 
@@ -129,9 +98,9 @@ def _frac_to_slash(s: str) -> str:
     while i < len(s):
         if s.startswith("\\frac", i):
             j = i + len("\\frac")
-            num = _braced(s, j)
+            num = braced_group(s, j)
             if num is not None:
-                den = _braced(s, num[1])
+                den = braced_group(s, num[1])
                 if den is not None:
                     a, b = _frac_to_slash(num[0]), _frac_to_slash(den[0])
                     a = a if re.fullmatch(r"-?[\w.]+", a) else f"({a})"

@@ -15,6 +15,8 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from lora_core.models import generate
+from lora_core.train.data.registry import load_records
 from lora_core.train.eval.answers import thinks_anywhere, unfinished_thought
 from lora_core.train.eval.metrics import proportion, wilson_interval_at
 
@@ -104,8 +106,6 @@ class EvalRun:
     def records(self, name: str, limit: int | None) -> list[dict]:
         """A registered set's fixed-seed subset; a limit beyond the set's size takes all of it,
         and says so in results["meta"]["notes"]."""
-        from lora_core.train.data.registry import load_records
-
         records = load_records(name, limit=limit, seed=self.cfg.seed)
         if limit is not None and len(records) < limit:
             self.notes.append(f"{name}: {limit} items asked for, the set has {len(records)}: all are used")
@@ -119,8 +119,6 @@ class EvalRun:
     def generate(self, prompts, task: str, desc: str, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int | None = None) -> list[str]:
         """Continuations of rendered prompts within the task's token budget."""
-        from lora_core.models import generate
-
         budget = self.cfg.budget(task)
         self.say(f"{desc} ({len(prompts)} prompts, <= {budget} new tokens"
                  + (f", T={temperature}, top-p {top_p})" if temperature else ")"))

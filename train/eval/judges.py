@@ -27,7 +27,13 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Sequence
 
+import torch
+
+from lora_core.models import generate, load_model
+from lora_core.train.data.refusal import REFUSAL_OPENERS
+from lora_core.train.data.registry import load_records
 from lora_core.train.eval.answers import strip_thinking
+from lora_core.train.eval.metrics import proportion, score_continuations
 
 __all__ = ["RefusalJudge", "KeywordRefusalJudge", "GuardModelJudge", "parse_guard_verdict",
            "judge_agreement", "human_agreement", "judge_view", "opens_with_training_refusal"]
@@ -138,8 +144,6 @@ def _word_seq(text: str) -> list[str]:
 @lru_cache(maxsize=1)
 def _training_openers() -> tuple[tuple[str, ...], ...]:
     """Our training refusals' openers as word sequences, split once, not once per answer judged."""
-    from lora_core.train.data.refusal import REFUSAL_OPENERS
-
     return tuple(tuple(_word_seq(o)) for o in REFUSAL_OPENERS)
 
 
@@ -200,8 +204,6 @@ class GuardModelJudge(RefusalJudge):
 
     @classmethod
     def from_source(cls, source: str, **kwargs) -> "GuardModelJudge":
-        from lora_core.models import load_model
-
         model, tokenizer = load_model(source)
         model.eval()
         return cls(model, tokenizer, **kwargs)
@@ -219,14 +221,9 @@ class GuardModelJudge(RefusalJudge):
         if not rendered:
             return []
         if self.mode == "generate":
-            from lora_core.models import generate
-
             outputs = generate(self.model, self.tokenizer, rendered, max_new_tokens=self.max_new_tokens,
                                temperature=0.0, batch_size=self.batch_size, progress=self.progress)
             return [parse_guard_verdict(o) for o in outputs]
-        import torch
-
-        from lora_core.train.eval.metrics import score_continuations
 
         n = len(rendered)
         # The rendered conversation already carries the template's own special tokens.
@@ -243,8 +240,6 @@ class GuardModelJudge(RefusalJudge):
 
 def human_agreement(judge: RefusalJudge) -> dict:
     """The judge's agreement with pyrit's 105 human refusal labels (see `judge_agreement`)."""
-    from lora_core.train.data.registry import load_records
-
     labelled = load_records("pyrit-refusal")
     predicted = judge.judge([r["prompt"] for r in labelled], [r["response"] for r in labelled])
     return judge_agreement(predicted, [r["refusal"] for r in labelled])
@@ -264,7 +259,6 @@ def judge_agreement(predicted: Sequence[bool], truth: Sequence[bool]) -> dict:
     def prop(k, m):
         if not m:
             return {"value": float("nan"), "n": 0, "k": 0, "stderr": float("nan")}
-        from lora_core.train.eval.metrics import proportion
 
         return proportion(k, m)
 

@@ -32,8 +32,15 @@ import torch
 
 from lora_core.train.eval.context import EvalRun, chat_prompt
 from lora_core.train.eval.judges import KeywordRefusalJudge, RefusalJudge, human_agreement
-from lora_core.train.eval.reasoning_tasks import (MATH_INSTRUCTION, run_arc, run_bpb, run_drift, run_humaneval,
-                                        run_math_generation)
+from lora_core.train.eval.reasoning_tasks import (
+    MATH_INSTRUCTION,
+    run_arc,
+    run_bpb,
+    run_drift,
+    run_humaneval,
+    run_math_generation,
+)
+from lora_core.train.eval.reports import write_results
 from lora_core.train.eval.safety_tasks import run_jailbreak, run_over_refusal, run_robustness, run_safety
 from lora_core.train.eval.suites import SUITES, Sampling, SuiteConfig, suite_config
 
@@ -120,7 +127,5 @@ def evaluate(model, tokenizer, suite: str | SuiteConfig = "quick", base_model=No
         "cpu_timings": run.cpu,
     }
     if out_dir is not None:
-        from lora_core.train.eval.reports import write_results
-
         write_results(results, out_dir, run.generations)
     return results

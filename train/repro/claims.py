@@ -33,6 +33,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from lora_core.train.eval.metrics import wilson_interval
+from lora_core.train.eval.paired import mcnemar
+
 SUPPORTED, CONTRADICTED, INCONCLUSIVE = "supported", "contradicted", "inconclusive at this n"
 KINDS = ("better", "reaches")
 
@@ -122,8 +125,6 @@ def pooled_difference(x: dict, y: dict, resamples: int = 2000, seed: int = 0) ->
     out["ci95"] = [lo, hi]
     out["interval"] = "two-level paired bootstrap"
     if _is_binary(X, Y) and ((X.shape[0] == 1 and Y.shape[0] == 1) or hi - lo == 0):
-        from lora_core.train.eval.paired import mcnemar
-
         n_lo, n_hi = mcnemar(X[0], Y[0])["ci95"]
         out["ci95"] = [min(lo, n_lo), max(hi, n_hi)]
         out["interval"] = "hull of the paired bootstrap and Newcombe's paired interval"
@@ -161,8 +162,6 @@ def pooled_mean(y: dict, resamples: int = 2000, seed: int = 0) -> dict:
         return out
     lo, hi = _bootstrap(None, Y, resamples, seed)
     if _is_binary(Y) and (Y.shape[0] == 1 or hi - lo == 0):
-        from lora_core.train.eval.metrics import wilson_interval
-
         w_lo, w_hi = wilson_interval(int(Y[0].sum()), len(units))
         lo, hi = min(lo, w_lo), max(hi, w_hi)
     out["ci95"] = [lo, hi]

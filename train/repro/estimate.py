@@ -15,6 +15,7 @@ import math
 
 from lora_core.train.repro.grid import Run
 
+
 def eval_items(suite) -> dict:
     """Generated, bits-per-byte, ARC and drift item counts of one evaluation with `suite` (None sizes count as 0:
     the whole set is not a size this model knows; presets give explicit sizes)."""

@@ -13,6 +13,7 @@ import io
 from pathlib import Path
 
 from lora_core.common.files import atomic_write_bytes
+from lora_core.train.repro.claims import pooled_difference
 
 
 def _pyplot():
@@ -46,8 +47,6 @@ def _point(entry: dict | None):
 
 def _paired_point(base: dict, run: dict, resamples: int):
     """(difference run - base, (below, above)) over shared items, with claims' paired interval."""
-    from lora_core.train.repro.claims import pooled_difference
-
     d = pooled_difference({0: base}, {0: run}, resamples=resamples)
     if d["difference"] is None or d["ci95"] is None:
         return None

@@ -26,6 +26,9 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
+from lora_core.train.eval.suites import SUITES, SuiteConfig
 from lora_core.train.sft.config import LORA_ONLY_KEYS, RUNNER_KEYS, TrainConfig
 
 KINDS = ("base", "lora", "full", "merge")
@@ -194,8 +197,6 @@ def _arm(r: _Reader, value, i: int) -> Arm:
 
 
 def _eval(r: _Reader, value) -> dict:
-    from lora_core.train.eval.suites import SUITES, SuiteConfig
-
     value = r.mapping(value, "eval", ("suite", "overrides", "seed"), required=("suite",))
     suite = r.string(value["suite"], "eval.suite", tuple(SUITES))
     overrides = value.get("overrides") or {}
@@ -255,8 +256,6 @@ def _cost(r: _Reader, value) -> dict:
 
 def _extended(r: _Reader, raw: dict) -> dict:
     """`raw` on top of the shipped preset it names in `extends` (see the module docstring)."""
-    import yaml
-
     parent_name = r.string(raw["extends"], "extends", tuple(preset_names()))
     parent = yaml.safe_load((PRESET_DIR / f"{parent_name}.yaml").read_text(encoding="utf-8"))
     if "extends" in parent:
@@ -328,8 +327,6 @@ def preset_from_dict(raw, where: str) -> Preset:
 
 
 def load_preset_file(path: str | Path) -> Preset:
-    import yaml
-
     path = Path(path)
     if not path.is_file():
         raise PresetError(f"preset file not found: {path}")

@@ -7,12 +7,18 @@ per measure (from the results), seeds per arm, training examples and steps.
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
+import torch
+
 from lora_core.common.files import atomic_write_json, atomic_write_text, read_json
+from lora_core.kernels.cpu_caps import cpu_caps
 from lora_core.train.repro import claims as claim_rule
 from lora_core.train.repro.grid import Run
 from lora_core.train.repro.paper_claims import claim_rows
+from lora_core.train.repro.plots import plot_overlap_per_layer, plot_safety_vs_reasoning
+from lora_core.train.repro.tensorboard_grid import write_grid_events
 
 
 def collect(out: Path, runs: list[Run], side: str) -> tuple[dict, dict, dict, list[dict]]:
@@ -75,12 +81,6 @@ def overlap_by_module_type(records: dict, ks: list[int], side: str) -> dict:
 
 def machine() -> dict:
     """What the wall time was measured on: CPU model and ISA flags, cores, threads, load, torch."""
-    import os
-
-    import torch
-
-    from lora_core.kernels.cpu_caps import cpu_caps
-
     try:
         load = [round(x, 2) for x in os.getloadavg()]
     except OSError:
@@ -211,10 +211,6 @@ def _machine_line(m: dict) -> str:
 
 
 def write_report(ctx, runs: list[Run], wall_seconds: float) -> dict:
-    import torch
-
-    from lora_core.train.repro.plots import plot_overlap_per_layer, plot_safety_vs_reasoning
-
     preset, out = ctx.preset, ctx.out
     side = preset.overlap["side"]
     values, overlap, records, run_rows = collect(out, runs, side)
@@ -255,8 +251,6 @@ def write_report(ctx, runs: list[Run], wall_seconds: float) -> dict:
     atomic_write_json(out / "report.json", report)
     atomic_write_text(out / "report.md", markdown(report))
     if ctx.tensorboard:
-        from lora_core.train.repro.tensorboard_grid import write_grid_events
-
         write_grid_events(out, run_rows, arms, preset.train)
     return report
 

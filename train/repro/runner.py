@@ -11,25 +11,29 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import torch
+
 from lora_core.common.files import atomic_write_json, read_json
+from lora_core.models import load_model
+from lora_core.svd_cache import SVDCache
 from lora_core.train.repro.estimate import fmt_duration, has_cost_model, run_seconds
 from lora_core.train.repro.grid import Run, expand, suite_of, train_config
 from lora_core.train.repro.preset import Preset
+from lora_core.train.repro.report import write_report
 from lora_core.train.repro.run_one import GridContext, is_done, run_one
+from lora_core.train.sft.config import TrainConfig
+from lora_core.train.sft.examples import build_examples
+from lora_core.train.sft.schedule import total_steps_of
+from lora_core.train.sft.targets import parse_layers, resolve_targets
+from lora_core.train.sft.tensorboard_log import summary_writer_class
 
 
 def _default_load(name: str):
-    import torch
-
-    from lora_core.models import load_model
-
     return load_model(name, dtype=torch.float32)
 
 
 def _modules_of(ctx: GridContext, run: Run) -> int:
     """How many weights the overlap analysis decomposes for this run (for the estimate)."""
-    from lora_core.train.sft.targets import parse_layers, resolve_targets
-
     arm = run.arm
     if arm.kind == "base":
         return 0
@@ -43,8 +47,6 @@ def _modules_of(ctx: GridContext, run: Run) -> int:
 
 
 def _steps_of(ctx: GridContext, run: Run) -> int | None:
-    from lora_core.train.sft.schedule import total_steps_of
-
     if run.arm.kind not in ("lora", "full"):
         return None
     return total_steps_of(train_config(ctx.preset, run, ctx.out, ctx.num_layers), len(ctx.examples))
@@ -77,10 +79,6 @@ def _print_estimate(ctx: GridContext, rows: list[dict], log) -> float | None:
 
 
 def build_context(preset: Preset, out: Path, load=None, log=print, tensorboard: bool = False) -> GridContext:
-    from lora_core.svd_cache import SVDCache
-    from lora_core.train.sft.config import TrainConfig
-    from lora_core.train.sft.examples import build_examples
-
     model, tokenizer = (load or _default_load)(preset.model)
     data = preset.data
     # One set of examples for the whole grid (data seed fixed): arms differ only in how they train.
@@ -99,15 +97,11 @@ def reproduce(preset: Preset, out: str | Path, *, load=None, log=print, estimate
     `load(name) -> (model, tokenizer)` replaces the model registry (tests pass a tiny model).
     `tensorboard`: also write TensorBoard events (train.repro.tensorboard_grid).
     """
-    from lora_core.train.repro.report import write_report
-
     t_start = time.perf_counter()  # the wall time includes loading the model and the data
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a directory")
     if tensorboard:
-        from lora_core.train.sft.tensorboard_log import summary_writer_class
-
         summary_writer_class()  # a missing package is reported now, not after an hour of training
     ctx = build_context(preset, out, load=load, log=log, tensorboard=tensorboard)
     runs = expand(preset)

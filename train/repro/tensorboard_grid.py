@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 
 from lora_core.train.repro.preset import Arm
+from lora_core.train.sft.tensorboard_log import summary_writer_class
 
 __all__ = ["write_grid_events"]
 
@@ -57,8 +58,6 @@ def run_metrics(row: dict) -> dict:
 
 def write_grid_events(out: Path, run_rows: list[dict], arms: dict[str, Arm], shared_train: dict) -> Path:
     """Rewrite <out>/tensorboard from the finished runs' rows (train.repro.report.collect)."""
-    from lora_core.train.sft.tensorboard_log import summary_writer_class
-
     SummaryWriter = summary_writer_class()
     root = Path(out) / "tensorboard"
     shutil.rmtree(root, ignore_errors=True)

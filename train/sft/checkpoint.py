@@ -31,8 +31,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from lora_core.common.files import atomic_directory, atomic_write_text
 from lora_core.common.fetch import sha256_of
+from lora_core.common.files import atomic_directory, atomic_write_text
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 # The temp names lora_core.common.files gives: ".<name>.<random>.tmp" while a file or folder is

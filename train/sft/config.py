@@ -24,8 +24,8 @@ from pathlib import Path
 
 from lora_core.config import INIT_METHODS
 from lora_core.regularizer import SIDES, WEIGHTINGS
-from lora_core.train.data.retain import RETAIN_TARGETS
 from lora_core.train.sft import spec_fields
+from lora_core.train.sft.retain_set import RETAIN_TARGETS
 from lora_core.train.sft.spec_fields import group, option
 from lora_core.train.sft.targets import TARGET_PRESETS, parse_layers, resolve_targets
 
@@ -106,7 +106,7 @@ class OrthoOptions:
 @dataclass(frozen=True)
 class RetainOptions:
     """Not in the paper: loss += beta * mean per-token KL(base || adapted) on benign chat prompts
-    (train.data.retain), base = the same model with its adapters switched off."""
+    (train.sft.retain_set), base = the same model with its adapters switched off."""
 
     beta: float = option(0.0, min=0, help="weight of the retain KL (default %(default)s = off, the paper's recipe)")
     data: str = option("diverse", help="'diverse' (everyday benign requests of many topics + MATH problems "

@@ -10,6 +10,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from lora_core import LoRAConfig, inject_lora, select_targets
+from lora_core.models.decoder import compile_elementwise
 from lora_core.train.sft.config import TrainConfig
 from lora_core.train.sft.targets import parse_layers, resolve_targets
 
@@ -64,8 +65,6 @@ def prepare_model(model: torch.nn.Module, config: TrainConfig):
 
 
 def _compile_elementwise(model: torch.nn.Module, params: list[torch.nn.Parameter]) -> None:
-    from lora_core.models.decoder import compile_elementwise
-
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "hidden_size"):
         warnings.warn("--compile: the model has no decoder config; training runs eager", stacklevel=3)

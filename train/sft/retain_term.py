@@ -7,10 +7,10 @@ import torch
 from lora_core import disable_adapters
 from lora_core.common.files import atomic_write_json, read_json
 from lora_core.models import generate
-from lora_core.train.data.retain import build_retain_set
 from lora_core.train.eval.runner import chat_prompt
 from lora_core.train.sft.batches import collate, micro_batches, pad_token_id_of
 from lora_core.train.sft.config import TrainConfig
+from lora_core.train.sft.retain_set import build_retain_set
 
 
 class RetainTerm:

@@ -37,11 +37,17 @@ from lora_core import OrthogonalityRegularizer
 from lora_core.common.files import atomic_write_json, atomic_write_text
 from lora_core.common.progress import progress
 from lora_core.models import causal_lm_loss
-from lora_core.train.sft.batches import IGNORE_INDEX, collate, micro_batches, pad_token_id_of, tokenize_examples
-from lora_core.train.sft.checkpoint import (clean_interrupted_writes, latest_checkpoint, load_checkpoint,
-                                  naming_write_failures, restore_trainable, save_checkpoint)
-from lora_core.train.sft.config import TrainConfig
 from lora_core.train.sft import distributed as dist_mod
+from lora_core.train.sft.batches import IGNORE_INDEX, collate, micro_batches, pad_token_id_of, tokenize_examples
+from lora_core.train.sft.checkpoint import (
+    clean_interrupted_writes,
+    latest_checkpoint,
+    load_checkpoint,
+    naming_write_failures,
+    restore_trainable,
+    save_checkpoint,
+)
+from lora_core.train.sft.config import TrainConfig
 from lora_core.train.sft.distributed import Distributed
 from lora_core.train.sft.examples import build_examples
 from lora_core.train.sft.export import write_final_output

@@ -17,11 +17,11 @@ class _Tokenizer:
 
 @pytest.fixture
 def fake_model(monkeypatch):
-    from lora_core import models
+    from lora_core.train.cli import chat
 
     def use(answer, template="{{ messages[0]['content'] }}"):
-        monkeypatch.setattr(models, "load_model", lambda *a, **k: (object(), _Tokenizer(template)))
-        monkeypatch.setattr(models, "generate", lambda model, tok, prompts, **k: [answer for _ in prompts])
+        monkeypatch.setattr(chat, "load_model", lambda *a, **k: (object(), _Tokenizer(template)))
+        monkeypatch.setattr(chat, "generate", lambda model, tok, prompts, **k: [answer for _ in prompts])
     return use
 
 

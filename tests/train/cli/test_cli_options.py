@@ -14,7 +14,7 @@ import pytest
 
 from lora_core.train.cli import build_parser, main
 from lora_core.train.cli._options import add_dataclass_arguments, cli_fields, dataclass_from_args, flags_of, given_fields
-from lora_core.train.data.retain import RETAIN_TARGETS
+from lora_core.train.sft.retain_set import RETAIN_TARGETS
 from lora_core.train.demo import DemoConfig
 from lora_core.train.sft.config import DTYPES, TrainConfig
 
@@ -201,3 +201,15 @@ def test_given_fields_are_the_flags_typed_not_the_defaults():
     assert given_fields(args) == {"count", "fast", "safe", "ids", "group_me"}
     train = _command("train")
     assert given_fields(train.parse_args(["--resume", "--lr", "5e-5"])) == {"lr"}
+
+
+def test_top_level_help_lists_every_command(capsys):
+    """`lora-core --help` used to fail with a TypeError: compare's help says "95% intervals", and
+    argparse %-formats help strings."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for command in ("chat", "compare", "demo", "eval", "merge", "overlap", "pull", "reproduce", "train"):
+        assert command in text
+    assert "95% intervals" in text

@@ -60,10 +60,10 @@ def test_chat_loads_straight_into_the_default_dtype(monkeypatch, env, expected):
         seen.update(dtype=dtype, device=torch.device(device))
         raise ValueError("stop after the load call")
 
-    from lora_core import models
+    from lora_core.train.cli import chat
 
     monkeypatch.setenv("LORA_CORE_CPU_BF16", env)
-    monkeypatch.setattr(models, "load_model", fake_load)
+    monkeypatch.setattr(chat, "load_model", fake_load)
     assert main(["chat", "--device", "cpu", "hello"]) == 2
     assert seen == {"dtype": expected, "device": torch.device("cpu")}
 

@@ -5,7 +5,10 @@ import os
 
 import pytest
 
+from helpers.patching import replace_everywhere
+
 import lora_core.train.cli as cli
+from lora_core.models import load_model
 
 
 @pytest.fixture
@@ -54,9 +57,7 @@ def test_existing_file_is_a_one_line_error(command, capsys):
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
 def test_eval_refuses_a_read_only_out_before_loading_anything(tmp_path, monkeypatch, capsys):
-    from lora_core import models
-
-    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("loaded a model first"))
+    replace_everywhere(monkeypatch, load_model, lambda *a, **k: pytest.fail("loaded a model first"))
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o500)
@@ -68,9 +69,7 @@ def test_eval_refuses_a_read_only_out_before_loading_anything(tmp_path, monkeypa
 
 
 def test_eval_refuses_an_out_below_a_file_before_loading_anything(tmp_path, monkeypatch, capsys):
-    from lora_core import models
-
-    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("loaded a model first"))
+    replace_everywhere(monkeypatch, load_model, lambda *a, **k: pytest.fail("loaded a model first"))
     (tmp_path / "file").write_text("x")
     assert cli.main(["eval", "--model", "m", "--out", str(tmp_path / "file" / "res")]) == 2
     assert "not writable" in capsys.readouterr().err

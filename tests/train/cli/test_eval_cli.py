@@ -5,7 +5,10 @@ import json
 
 import pytest
 
+from helpers.patching import replace_everywhere
+
 import lora_core.train.cli as cli
+from lora_core.models import load_model
 from helpers.checkpoints import write_tiny_chat_checkpoint
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -32,9 +35,7 @@ def test_eval_with_a_guard_model_and_sampling(tmp_path, capsys):
                                           (["--samples", "2", "--top-p", "1.5"], "top_p"),
                                           (["--samples", "2", "--temperature", "0"], "temperature")])
 def test_bad_sampling_flags_are_refused_before_loading(tmp_path, monkeypatch, capsys, flags, named):
-    from lora_core import models
-
-    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("loaded a model first"))
+    replace_everywhere(monkeypatch, load_model, lambda *a, **k: pytest.fail("loaded a model first"))
     assert cli.main(["eval", "--model", "m", "--out", str(tmp_path / "r"), *flags]) == 2
     err = capsys.readouterr().err
     assert named in err and "Traceback" not in err
@@ -47,9 +48,7 @@ def test_unknown_suite_is_refused(tmp_path, capsys):
 
 
 def test_a_missing_guard_is_refused_before_the_model_loads(tmp_path, monkeypatch, capsys):
-    from lora_core import models
-
-    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("loaded a model first"))
+    replace_everywhere(monkeypatch, load_model, lambda *a, **k: pytest.fail("loaded a model first"))
     assert cli.main(["eval", "--guard", str(tmp_path / "no-guard"), "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert "no-guard" in err and "Traceback" not in err

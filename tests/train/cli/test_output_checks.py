@@ -2,21 +2,19 @@
 --out below a file is one line and exit 2, with no model loaded (issue 14: no lost work)."""
 import pytest
 
+from helpers.patching import replace_everywhere
+
 import lora_core.train.cli as cli
+from lora_core.models import load_hf_directory, load_model
 
 
 @pytest.fixture
 def no_model_loads(monkeypatch):
-    from lora_core import models
-    import lora_core.models.loading
-    import lora_core.train.sft.loop as loop
-
     def fail(*a, **k):
         pytest.fail("a model was loaded before the output folder was checked")
 
-    for module, name in ((models, "load_model"), (models, "load_hf_directory"), (models.loading, "load_model"),
-                         (loop, "load_model")):
-        monkeypatch.setattr(module, name, fail)
+    for function in (load_model, load_hf_directory):
+        assert replace_everywhere(monkeypatch, function, fail), function.__name__
 
 
 @pytest.mark.parametrize("command", [

@@ -3,14 +3,15 @@ one-line error naming it, given before any model is loaded (it used to be a Safe
 traceback)."""
 import pytest
 
+from helpers.patching import replace_everywhere
+
 import lora_core.train.cli as cli
+from lora_core.models import load_model
 
 
 @pytest.fixture
 def no_model_load(monkeypatch):
-    from lora_core import models
-
-    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("loaded a model first"))
+    assert replace_everywhere(monkeypatch, load_model, lambda *a, **k: pytest.fail("loaded a model first"))
 
 
 def _overlap(tmp_path, cache):

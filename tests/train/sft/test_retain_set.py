@@ -118,10 +118,11 @@ def test_retain_set_excludes_every_gsm8k_item_the_evaluation_reads(tokenizer, mo
     """Run the real evaluate() with its model calls replaced by cheap fakes and record which GSM8K
     items it loads: the retain set must hold none of them (and nearly all the others)."""
     import lora_core.train.data.registry as registry
+    import lora_core.train.eval.context as context
     import lora_core.train.eval.reasoning_tasks as reasoning
     import lora_core.train.eval.runner as ev
     from lora_core.train.data.registry import load_records
-    from lora_core.train.data.retain import build_retain_set
+    from lora_core.train.sft.retain_set import build_retain_set
     from lora_core.train.eval.context import EvalRun
 
     read: set[str] = set()
@@ -133,9 +134,10 @@ def test_retain_set_excludes_every_gsm8k_item_the_evaluation_reads(tokenizer, mo
         return records
 
     fake_score = None  # only ever handed to the faked metric functions below
-    # Every task loads through the registry (EvalRun.records imports it per call) or, for the
-    # drift items, through reasoning_tasks' own import.
+    # Every task loads through the registry: EvalRun.records (eval.context's import) or, for the
+    # drift items, reasoning_tasks' own import.
     monkeypatch.setattr(registry, "load_records", spy)
+    monkeypatch.setattr(context, "load_records", spy)
     monkeypatch.setattr(reasoning, "load_records", spy)
     monkeypatch.setattr(EvalRun, "generate", lambda self, prompts, *a, **k: [""] * len(prompts))
     monkeypatch.setattr(reasoning, "score_continuations", lambda m, t, ctx, cont, *a, **k: [fake_score] * len(ctx))
@@ -162,7 +164,7 @@ def test_diverse_retain_set_answers_with_the_model_and_avoids_every_evaluation_p
     the over-refusal set, no GSM8K test item, no MATH-500 problem."""
     from lora_core.train.data.benign import over_refusal_records
     from lora_core.train.data.registry import load_records
-    from lora_core.train.data.retain import build_retain_set
+    from lora_core.train.sft.retain_set import build_retain_set
 
     asked: list[str] = []
 

@@ -27,6 +27,9 @@ from __future__ import annotations
 
 import random
 
+from lora_core.train.data.benign import retain_prompt_records
+from lora_core.train.data.registry import load_records
+from lora_core.train.eval.runner import MATH_INSTRUCTION, SUITES, SuiteConfig
 from lora_core.train.sft.batches import tokenize_examples
 
 RETAIN_SOURCES = ("diverse", "gsm8k")  # or a path to the user's own JSONL/CSV
@@ -35,16 +38,11 @@ RETAIN_TARGETS = ("gold", "self")
 # Half of the retain prompts carry the instruction the evaluation appends to math questions, so
 # both the bare question and the "reason step by step" form are anchored.
 def _instruction() -> str:
-    from lora_core.train.eval.runner import MATH_INSTRUCTION
-
     return MATH_INSTRUCTION
 
 
 def eval_gsm8k_ids(suite: str = "quick", seed: int | None = None, limit: int | None = None) -> set[str]:
     """Ids of every GSM8K record that `train.eval.runner.evaluate(suite, seed, limit)` reads."""
-    from lora_core.train.data.registry import load_records
-    from lora_core.train.eval.runner import SUITES, SuiteConfig
-
     if isinstance(suite, SuiteConfig):
         cfg = suite
     elif suite in SUITES:
@@ -65,8 +63,6 @@ def eval_gsm8k_ids(suite: str = "quick", seed: int | None = None, limit: int | N
 
 def _gsm8k_pairs(exclude_suite, eval_seed, eval_limit, info: dict) -> list[tuple[str, str, str]]:
     """(id, prompt, gold solution) of every GSM8K item the evaluation suite does not read."""
-    from lora_core.train.data.registry import load_records
-
     records = load_records("gsm8k")
     excluded = eval_gsm8k_ids(exclude_suite, seed=eval_seed, limit=eval_limit)
     kept = [r for r in records if r["id"] not in excluded]
@@ -84,8 +80,6 @@ def _gsm8k_pairs(exclude_suite, eval_seed, eval_limit, info: dict) -> list[tuple
 def _math_prompts(seed: int, share: int, info: dict) -> list[tuple[str, str, str]]:
     """`share` MATH prealgebra problems that MATH-500 does not hold (matched by problem text):
     math prompts no evaluation set reads, unlike GSM8K's test items."""
-    from lora_core.train.data.registry import load_records
-
     evaluated = {" ".join(r["question"].split()) for r in load_records("math500")}
     pool = [r for r in load_records("math-prealgebra") if " ".join(r["question"].split()) not in evaluated]
     picked = sorted(random.Random(seed).sample(range(len(pool)), min(share, len(pool))))
@@ -99,8 +93,6 @@ def _diverse_pairs(seed: int, math_share: int, info: dict) -> list[tuple[str, st
     """Everyday benign prompts (train.data.benign, disjoint from the over-refusal evaluation)
     plus `math_share` MATH problems outside MATH-500; no gold answers (self targets). No prompt
     of any evaluation set, whatever suite, seed or limit it runs with."""
-    from lora_core.train.data.benign import retain_prompt_records
-
     benign = retain_prompt_records(seed=seed)
     topics: dict[str, int] = {}
     for r in benign:
@@ -131,8 +123,6 @@ def build_retain_set(tokenizer, source: str = "diverse", limit: int | None = 256
     `limit` takes a fixed-seed random subset; `max_length` truncates (the first assistant tokens,
     where a refusal starts, are always kept).
     """
-    from lora_core.train.data.registry import load_records
-
     if limit is not None and limit < 1:
         raise ValueError(f"--retain-limit must be >= 1, got {limit}")
     if targets not in RETAIN_TARGETS:
