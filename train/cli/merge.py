@@ -18,6 +18,7 @@ import torch
 
 from lora_core import load_adapter
 from lora_core.merge import merge_lora
+from lora_core.merge_math import PROJECTIONS
 from lora_core.models import load_hf_directory
 from lora_core.models.hf_format import write_hf_directory
 from lora_core.models.loading import resolve_source
@@ -30,19 +31,19 @@ HELP = "merge a LoRA adapter into its base model (optionally removing dW's top-k
 # Files copied from the source directory when present: what a tokenizer and generation need.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json", "chat_template.jinja", "chat_template.json")
-_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+EXPORT_DTYPES = ("bfloat16", "float16", "float32")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="base model: HF directory, .gguf file or registry name")
     parser.add_argument("--adapter", required=True, help="PEFT-format adapter directory")
     parser.add_argument("--out", required=True, help="output HF-format directory (must not exist or be empty)")
-    parser.add_argument("--project", choices=["column", "row", "both", "either"], default=None,
+    parser.add_argument("--project", choices=[p for p in PROJECTIONS if p], default=None,
                         help="remove dW's component in W's top-k left (column) or right (row) subspace, in both "
                              "at once (both: U U^T dW V V^T, what --ortho-side both penalises) or in either "
                              "(the union)")
     parser.add_argument("--k", type=int, default=None, help="subspace size for --project")
-    parser.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
+    parser.add_argument("--dtype", choices=EXPORT_DTYPES, default=None,
                         help="dtype of the exported weights (default: the source checkpoint's)")
     parser.add_argument("--svd-dtype", choices=["float32", "float64"], default="float32",
                         help="dtype of the SVD and of the merge sum")

@@ -17,6 +17,7 @@ from lora_core import load_adapter
 from lora_core.models import load_model
 from lora_core.overlap import analyse_adapter, analyse_update, default_update_names
 from lora_core.overlap_report import write_all
+from lora_core.regularizer import SIDES
 from lora_core.svd_cache import SVDCache
 from lora_core.train.cli import UserError
 from lora_core.train.cli._device import add_device_arguments, resolve_device
@@ -32,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--tuned", help="fully fine-tuned checkpoint: HF directory, directory of .safetensors, or a .safetensors file")
     parser.add_argument("--k", type=int, required=True, help="top singular directions of each W (capped per module by min(N, K))")
     parser.add_argument("--out", required=True, help="output directory for overlap.json / overlap.md / overlap.png")
-    parser.add_argument("--side", choices=["column", "row", "both"], default="column",
+    parser.add_argument("--side", choices=SIDES, default="column",
                         help="side plotted and printed (all sides are in the JSON)")
     parser.add_argument("--svd-dtype", choices=["float32", "float64"], default="float32")
     parser.add_argument("--svd-cache", default=None,

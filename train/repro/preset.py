@@ -29,7 +29,8 @@ from pathlib import Path
 import yaml
 
 from lora_core.train.eval.suites import SUITES, SuiteConfig
-from lora_core.train.sft.config import LORA_ONLY_KEYS, RUNNER_KEYS, TrainConfig
+from lora_core.regularizer import SIDES
+from lora_core.train.sft.config import LORA_ONLY_KEYS, METHODS, PAPER_EPOCHS, RUNNER_KEYS, TrainConfig
 
 KINDS = ("base", "lora", "full", "merge")
 PRESET_DIR = Path(__file__).parent / "presets"
@@ -65,7 +66,7 @@ class Preset:
     data: dict = field(default_factory=lambda: {"dataset": "advbench", "limit": None, "seed": 0,
                                                 "reasoning_line": None})
     train: dict = field(default_factory=dict)
-    epochs: dict = field(default_factory=lambda: {"lora": 10.0, "full": 5.0})
+    epochs: dict = field(default_factory=lambda: dict(PAPER_EPOCHS))
     eval: dict = field(default_factory=lambda: {"suite": "standard", "overrides": {}, "seed": 0})
     overlap: dict = field(default_factory=lambda: {"k": [16, 64], "side": "column"})
     claims: dict = field(default_factory=dict)
@@ -190,7 +191,7 @@ def _arm(r: _Reader, value, i: int) -> Arm:
     if kind == "merge":
         r.mapping(value, path, tuple(value), required=("source", "projection", "k"))
         source = r.string(value["source"], f"{path}.source")
-        projection = r.string(value["projection"], f"{path}.projection", ("column", "row", "both"))
+        projection = r.string(value["projection"], f"{path}.projection", SIDES)
         k = r.integer(value["k"], f"{path}.k", least=1)
     return Arm(name=name, kind=kind, label=label, train=train, seeds=seeds, source=source,
                projection=projection, k=k)
@@ -292,11 +293,11 @@ def preset_from_dict(raw, where: str) -> Preset:
             "reasoning_line": data.get("reasoning_line")}
     if data["reasoning_line"] not in (None, True, False):
         r.fail("data.reasoning_line", f"expected true, false or null, got {data['reasoning_line']!r}")
-    epochs = r.mapping(raw.get("epochs") or {"lora": 10, "full": 5}, "epochs", ("lora", "full"), required=("lora", "full"))
+    epochs = r.mapping(raw.get("epochs") or PAPER_EPOCHS, "epochs", METHODS, required=METHODS)
     epochs = {k: r.number(v, f"epochs.{k}", positive=True) for k, v in epochs.items()}
     overlap = r.mapping(raw.get("overlap") or {"k": [16, 64]}, "overlap", ("k", "side"), required=("k",))
     overlap = {"k": list(r.int_list(overlap["k"], "overlap.k", least=1)),
-               "side": r.string(overlap.get("side", "column"), "overlap.side", ("column", "row", "both"))}
+               "side": r.string(overlap.get("side", "column"), "overlap.side", SIDES)}
     if not isinstance(raw["arms"], list) or not raw["arms"]:
         r.fail("arms", "expected a non-empty list of arms")
     arms = [_arm(r, a, i) for i, a in enumerate(raw["arms"])]
