@@ -29,10 +29,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import types
 import typing
 
-from lora_core.train.sft.spec_fields import Leaf, from_flat, leaves
+from lora_core.train.sft.spec_fields import Leaf, from_flat, leaves, split_optional
 
 # The namespace attribute that collects the dests of the generated flags the user typed.
 _GIVEN = "_given_fields"
@@ -59,16 +58,6 @@ def _none_or(kind):
     # argparse names the type in its errors: "invalid int value: 'x'", not the helper's name.
     parse.__name__ = kind.__name__
     return parse
-
-
-def _split_optional(hint):
-    """(T, True) for `T | None`, (hint, False) otherwise."""
-    args = typing.get_args(hint)
-    if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args:
-        rest = [a for a in args if a is not type(None)]
-        if len(rest) == 1:
-            return rest[0], True
-    return hint, False
 
 
 def _recording(action_class):
@@ -102,7 +91,7 @@ def _bool_kwargs(default) -> dict:
 
 def _type_kwargs(leaf: Leaf, hint, default) -> dict:
     """The argparse keywords that follow from the field's type annotation."""
-    kind, optional = _split_optional(hint)
+    kind, optional = split_optional(hint)
     if kind is bool:
         return _bool_kwargs(default)
     if typing.get_origin(kind) is list:

@@ -216,6 +216,8 @@ class TrainConfig:
     def _validate(self) -> None:
         for leaf in spec_fields.leaves(type(self)):
             value = getattr(getattr(self, leaf.group) if leaf.group else self, leaf.field.name)
+            if (wrong := spec_fields.type_error(leaf, value)) is not None:
+                _bad(leaf.key, wrong)
             # inf and NaN pass every comparison check below and wreck a run later (lr inf: NaN
             # weights after one step), so no float knob may take them.
             if isinstance(value, float) and not math.isfinite(value):

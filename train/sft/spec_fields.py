@@ -21,6 +21,7 @@ and lora_only (its knobs mean nothing for full fine-tuning).
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from dataclasses import dataclass, field
 
@@ -39,6 +40,31 @@ def group(cls, title: str, prefix: str = "", lora_only: bool = False):
     """A field holding one group dataclass, at its defaults unless given."""
     return field(default_factory=cls, metadata={"spec_group": cls, "title": title, "prefix": prefix,
                                                 "lora_only": lora_only})
+
+
+def split_optional(hint):
+    """(T, True) for `T | None`, (hint, False) otherwise."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) == 1:
+            return rest[0], True
+    return hint, False
+
+
+def type_error(leaf: "Leaf", value) -> str | None:
+    """Why `value` cannot be this knob's (wrong type), or None. A preset or a library caller can
+    hand any YAML/JSON value; `lr: "1e-3"` must be named, not fail later in a comparison."""
+    kind, optional = split_optional(leaf.hint)
+    if value is None:
+        return None if optional else "must be given (got none)"
+    if kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif kind in (int, bool, str):
+        ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+    else:
+        return None
+    return None if ok else f"expected {'a number' if kind is float else kind.__name__}, got {value!r}"
 
 
 @dataclass(frozen=True)

@@ -78,3 +78,16 @@ def test_the_shared_blocks_lora_keys_reach_lora_arms_only():
 def test_keys_helper_reads_metadata():
     assert spec_fields.keys(TrainConfig, preset=False) == RUNNER_KEYS
     assert spec_fields.keys(TrainConfig, role="bookkeeping", lora_only=True) == ()
+
+
+@pytest.mark.parametrize("key, value, why", [("lr", "1e-3", "expected a number, got '1e-3'"),
+                                             ("rank", 2.5, "expected int, got 2.5"),
+                                             ("rank", True, "expected int, got True"),
+                                             ("use_rslora", 1, "expected bool, got 1"),
+                                             ("batch_size", None, "must be given")])
+def test_a_value_of_the_wrong_type_is_refused_by_name(key, value, why):
+    """A preset or a library caller can hand any YAML/JSON value; it used to fail later, inside a
+    comparison, with a message that named no knob."""
+    with pytest.raises(ValueError, match=f"--{key.replace('_', '-')}: {why}"):
+        TrainConfig.from_flat(**{key: value})
+    assert TrainConfig.from_flat(lr=1, epochs=2, limit=None).optim.lr == 1  # an int is a number
