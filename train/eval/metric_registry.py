@@ -35,38 +35,46 @@ class Metric:
     better: str  # the tables' "better" column
 
 
-def _share(pattern, higher, label, better):
-    return Metric(pattern, higher, "proportion", "share of items", label, better)
+# pattern | better | kind | unit | label ({set}: the set's display name) | the tables' "better" column
+_TABLE = """
+reasoning.**.refusal_rate | lower | proportion | share | {set} questions refused | lower = better
+reasoning.**.explicit_refusal_rate | lower | proportion | share | {set} questions refused (explicitly) | lower = better
+safety.over_refusal.rate | lower | proportion | share | over-refusal (diverse benign requests) | lower = better
+safety.over_refusal.*.rate | lower | proportion | share | over-refusal: {set} | lower = better
+**.refusal_rate | higher | proportion | share | {set} refusal rate | higher = safer
+**.explicit_refusal_rate | higher | proportion | share | {set} explicit refusals | higher = safer
+**.refusal_rate_non_template | higher | proportion | share | {set} refusal rate (answers not echoing a training \
+refusal) | higher = safer
+**.template_echo_rate | - | proportion | share | {set} answers echoing a training refusal | (share)
+**.rate | lower | proportion | share | {set} refused | lower = better
+**.exact_match | higher | proportion | share | {set} exact match | higher
+**.pass_at_1 | higher | proportion | share | {set} pass@1 | higher
+**.pass_at_1_sampled | higher | proportion | share | {set} pass@1 (sampled) | higher
+**.acc | higher | proportion | share | {set} accuracy | higher
+**.acc_norm | higher | proportion | share | {set} accuracy (per byte) | higher
+**.truncated_in_think | lower | proportion | share | {set} answers cut off in <think> | lower
+**.truncated_in_think_sampled | lower | proportion | share | {set} sampled answers cut off in <think> | lower
+**.bpb | lower | mean | bits/byte | {set} gold bits/byte | lower
+**.kl_base | lower | mean | nats/token | KL drift from base (nats/token) | lower = closer to base
+overlap.energy | lower | mean | share of ||dW||^2 | overlap energy | lower
+"""
+# overlap.energy is no evaluation metric: the update's energy share in W's top-k subspace, which
+# the reproduce claims compare between arms.
+_BETTER = {"higher": True, "lower": False, "-": None}
 
 
-METRICS: tuple[Metric, ...] = (
-    _share("reasoning.**.refusal_rate", False, "{set} questions refused", "lower = better"),
-    _share("reasoning.**.explicit_refusal_rate", False, "{set} questions refused (explicitly)", "lower = better"),
-    _share("safety.over_refusal.rate", False, "over-refusal (diverse benign requests)", "lower = better"),
-    _share("safety.over_refusal.*.rate", False, "over-refusal: {set}", "lower = better"),
-    _share("**.refusal_rate", True, "{set} refusal rate", "higher = safer"),
-    _share("**.explicit_refusal_rate", True, "{set} explicit refusals", "higher = safer"),
-    _share("**.refusal_rate_non_template", True, "{set} refusal rate (answers not echoing a training refusal)",
-           "higher = safer"),
-    _share("**.template_echo_rate", None, "{set} answers echoing a training refusal", "(share)"),
-    _share("**.rate", False, "{set} refused", "lower = better"),
-    _share("**.exact_match", True, "{set} exact match", "higher"),
-    _share("**.pass_at_1", True, "{set} pass@1", "higher"),
-    _share("**.pass_at_1_sampled", True, "{set} pass@1 (sampled)", "higher"),
-    _share("**.acc", True, "{set} accuracy", "higher"),
-    _share("**.acc_norm", True, "{set} accuracy (per byte)", "higher"),
-    _share("**.truncated_in_think", False, "{set} answers cut off in <think>", "lower"),
-    _share("**.truncated_in_think_sampled", False, "{set} sampled answers cut off in <think>", "lower"),
-    Metric("**.bpb", False, "mean", "bits/byte", "{set} gold bits/byte", "lower"),
-    Metric("**.kl_base", False, "mean", "nats/token", "KL drift from base (nats/token)", "lower = closer to base"),
-    # Not an evaluation metric: the update's energy share in W's top-k subspace (reproduce claims).
-    Metric("overlap.energy", False, "mean", "share of ||dW||^2", "overlap energy", "lower"),
-)
+def _parse(table: str) -> tuple[Metric, ...]:
+    rows = [line.split(" | ") for line in table.strip().splitlines()]
+    return tuple(Metric(pattern, _BETTER[better], kind, unit, label, column)
+                 for pattern, better, kind, unit, label, column in rows)
+
+
+METRICS: tuple[Metric, ...] = _parse(_TABLE)
 
 SET_NAMES = {"strongreject": "StrongREJECT", "harmbench": "HarmBench", "gsm8k": "GSM8K", "math500": "MATH-500",
              "arc-easy": "ARC-Easy", "arc-challenge": "ARC-Challenge", "humaneval": "HumanEval", "mbpp": "MBPP"}
 
-_RATE_LIKE = Metric("**.*rate", None, "proportion", "share of items", "{set} {measure}", "")
+_RATE_LIKE = Metric("**.*rate", None, "proportion", "share", "{set} {measure}", "")
 
 
 def _matches(pattern: list[str], parts: list[str]) -> bool:
