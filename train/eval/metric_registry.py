@@ -5,8 +5,9 @@ are read from.
 
 A metric name is dotted, `<group>.<set>[.<subset>].<measure>` (see train.eval.runner), e.g.
 `safety.strongreject.refusal_rate`, `reasoning.gsm8k.bpb`, `drift.kl_base`. An entry matches by
-pattern, segment by segment: `*` is one segment, `**` any number of them; the first entry that matches
-wins, so the specific ones come first (a refused math question is over-refusal, not safety).
+pattern, segment by segment: `*` is one segment, `**` any number of them; the first entry that
+matches wins, so the specific ones come first (a refused math question is over-refusal, not
+safety).
 
 - kind "proportion": a share of items in [0, 1] (a Wilson interval, an absolute margin, a [0, 1]
   axis); "mean": a mean over items in its own unit (bits per byte, nats per token; a margin
@@ -74,7 +75,7 @@ METRICS: tuple[Metric, ...] = _parse(_TABLE)
 SET_NAMES = {"strongreject": "StrongREJECT", "harmbench": "HarmBench", "gsm8k": "GSM8K", "math500": "MATH-500",
              "arc-easy": "ARC-Easy", "arc-challenge": "ARC-Challenge", "humaneval": "HumanEval", "mbpp": "MBPP"}
 
-_RATE_LIKE = Metric("**.*rate", None, "proportion", "share", "{set} {measure}", "")
+_RATE_LIKE = Metric("(a measure ending in rate)", None, "proportion", "share", "{set} {measure}", "")
 
 
 def _matches(pattern: list[str], parts: list[str]) -> bool:
@@ -85,8 +86,6 @@ def _matches(pattern: list[str], parts: list[str]) -> bool:
         return any(_matches(rest, parts[i:]) for i in range(0, len(parts) - len(rest) + 1))
     if not parts:
         return False
-    if head.startswith("*") and head != "*":
-        return parts[0].endswith(head[1:]) and _matches(rest, parts[1:])
     return (head == "*" or head == parts[0]) and _matches(rest, parts[1:])
 
 
