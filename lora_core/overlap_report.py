@@ -1,27 +1,25 @@
 """Writers for an `OverlapReport`: JSON (everything), Markdown (summary tables), PNG (by layer / type).
 
-All writes are atomic (temp file in the same directory + os.replace), so a reader never sees half a
-report. matplotlib is imported lazily with the Agg backend (no display needed).
+All writes are atomic (lora_core.common.files), so a reader never sees half a report; matplotlib
+is imported lazily with the Agg backend (lora_core.common.plotting).
 """
 from __future__ import annotations
 
-import json
-import math
 from pathlib import Path
 
-from lora_core.common.files import atomic_write_bytes
+from lora_core.common.files import atomic_write_json, atomic_write_text
+from lora_core.common.plotting import pyplot, write_png
+from lora_core.common.text import fmt_number
 from lora_core.overlap import OverlapReport
 from lora_core.regularizer import SIDES
 
 
 def write_json(report: OverlapReport, path) -> Path:
-    return atomic_write_bytes(path, (json.dumps(report.to_dict(), indent=2) + "\n").encode())
+    return atomic_write_json(path, report.to_dict(), sort_keys=False)
 
 
-def _fmt(x, digits=4) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "-"
-    return f"{x:.{digits}g}"
+def _fmt(x) -> str:
+    return fmt_number(x, ".4g", nan="-")
 
 
 def markdown(report: OverlapReport) -> str:
@@ -65,20 +63,14 @@ def markdown(report: OverlapReport) -> str:
 
 
 def write_markdown(report: OverlapReport, path) -> Path:
-    return atomic_write_bytes(path, markdown(report).encode())
+    return atomic_write_text(path, markdown(report))
 
 
 def write_plot(report: OverlapReport, path, side: str = "column") -> Path:
     """Energy fraction by layer (one line per module type) and by module type, with baselines."""
     if side not in SIDES:
         raise ValueError(f"unknown side {side!r}: expected one of {', '.join(SIDES)}")
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     live = [r for r in report.records if not r["zero_update"]]
     types = sorted({r["module_type"] for r in live})
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -105,11 +97,7 @@ def write_plot(report: OverlapReport, path, side: str = "column") -> Path:
     ax2.set_xticklabels(types, rotation=30)
     ax2.set_title(f"mean by module type ({report.source}, k={report.k})")
     ax2.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return atomic_write_bytes(path, buf.getvalue())
+    return write_png(fig, path, dpi=110)
 
 
 def write_all(report: OverlapReport, out_dir, side: str = "column") -> dict[str, Path]:

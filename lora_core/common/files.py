@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_write_via",
-           "atomic_directory", "read_json", "file_mode", "dir_mode"]
+__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_write_jsonl", "atomic_write_via",
+           "atomic_directory", "read_json", "null_for_nan", "file_mode", "dir_mode"]
 
 
 def _umask() -> int:
@@ -72,8 +73,31 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def atomic_write_json(path: str | Path, obj, *, sort_keys: bool = True) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n")
+def null_for_nan(value):
+    """`value` with every non-finite float (NaN, ±inf) replaced by None and every key made a str:
+    NaN is not JSON, and null says "not defined" (e.g. a standard error from one item)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): null_for_nan(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [null_for_nan(v) for v in value]
+    return value
+
+
+def atomic_write_json(path: str | Path, obj, *, sort_keys: bool = True, ensure_ascii: bool = True,
+                      nan_as_null: bool = False) -> Path:
+    """`obj` as indented JSON and a newline. nan_as_null: non-finite floats become null (strict
+    JSON, see `null_for_nan`) instead of Python's NaN/Infinity tokens."""
+    obj = null_for_nan(obj) if nan_as_null else obj
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=sort_keys, ensure_ascii=ensure_ascii) + "\n")
+
+
+def atomic_write_jsonl(path: str | Path, rows: Iterable, *, ensure_ascii: bool = True,
+                       nan_as_null: bool = False) -> Path:
+    """One JSON object a line (keys in their own order), as `atomic_write_json` treats NaN."""
+    fix = null_for_nan if nan_as_null else (lambda row: row)
+    return atomic_write_text(path, "".join(json.dumps(fix(r), ensure_ascii=ensure_ascii) + "\n" for r in rows))
 
 
 def _finish_directory(directory: Path) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lora_core.train.eval.reports import compare_results
+from lora_core.train.eval.compare import compare_results
 
 HELP = ("compare evaluation results against the first file (paired differences with 95% intervals; "
         "table + PNG scatter of safety against reasoning)")

@@ -10,7 +10,7 @@ from lora_core.models.loading import resolve_source
 from lora_core.train.cli._device import add_device_arguments, placement
 from lora_core.train.cli._paths import check_output_dir
 from lora_core.train.eval.judges import GuardModelJudge
-from lora_core.train.eval.reports import results_markdown
+from lora_core.train.eval.report_markdown import results_markdown
 from lora_core.train.eval.runner import evaluate
 from lora_core.train.eval.suites import SUITES
 

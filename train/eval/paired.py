@@ -30,9 +30,11 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["Z95", "item_values", "align_items", "bootstrap_difference", "mcnemar",
-           "newcombe_paired_interval", "newcombe_unpaired_interval", "square_and_add_interval",
-           "normal_unpaired_interval", "paired_difference", "is_binary"]
+from lora_core.common.text import short_repr
+
+__all__ = ["Z95", "is_number", "ci95_of", "interval95", "error_bar", "item_values", "align_items",
+           "bootstrap_difference", "mcnemar", "newcombe_paired_interval", "newcombe_unpaired_interval",
+           "square_and_add_interval", "normal_unpaired_interval", "paired_difference", "is_binary"]
 
 Z95 = 1.959963984540054  # the 0.975 quantile of the standard normal
 
@@ -46,10 +48,40 @@ def _wilson(k: int, n: int) -> tuple[float, float]:
     return wilson_interval(k, n, Z95)
 
 
-def _short(value) -> str:
-    # A value that is a long string or list would otherwise turn a one-line error into a page.
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
+def is_number(value) -> bool:
+    """A finite int or float, not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def ci95_of(m: dict):
+    """A metric entry's "ci95" when it is a whole [low, high]; None when absent or [null, null]."""
+    ci = m.get("ci95")
+    return ci if isinstance(ci, (list, tuple)) and len(ci) == 2 and None not in ci else None
+
+
+def interval95(m: dict | None) -> tuple[float, float] | None:
+    """A metric entry's 95% interval: its own "ci95" when whole (Wilson's for a rate, never empty
+    at 0 or 1), else value ± Z95 standard errors; None without either. A "ci95" of [null, null]
+    (a NaN written as JSON) counts as none."""
+    if not m:
+        return None
+    ci, value, se = ci95_of(m), m.get("value"), m.get("stderr")
+    if ci is not None:
+        return ci[0], ci[1]
+    if isinstance(value, (int, float)) and is_number(se):
+        return value - Z95 * se, value + Z95 * se
+    return None
+
+
+def error_bar(m: dict | None) -> tuple[float, float] | None:
+    """(below, above) distances of a metric's 95% interval (`interval95`) from its value, for a
+    plot; None without a finite value or an interval."""
+    if not m or not is_number(m.get("value")):
+        return None
+    ci, value, se = ci95_of(m), m["value"], m.get("stderr")
+    if ci is not None:
+        return max(0.0, value - ci[0]), max(0.0, ci[1] - value)
+    return (Z95 * se, Z95 * se) if is_number(se) else None
 
 
 def item_values(ids: Sequence, values: Sequence, where: str) -> dict[str, float]:
@@ -61,12 +93,12 @@ def item_values(ids: Sequence, values: Sequence, where: str) -> dict[str, float]
     by_id: dict[str, float] = {}
     for i, (item, value) in enumerate(zip(ids, values)):
         if not isinstance(item, str):
-            raise ValueError(f"{where}: item id #{i} is {_short(item)}, not a string")
+            raise ValueError(f"{where}: item id #{i} is {short_repr(item)}, not a string")
         if item in by_id:
-            raise ValueError(f"{where}: item id {_short(item)} appears twice, so it cannot be paired")
+            raise ValueError(f"{where}: item id {short_repr(item)} appears twice, so it cannot be paired")
         if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
                 or not math.isfinite(value):
-            raise ValueError(f"{where}: item {_short(item)} has value {_short(value)}, not a finite number")
+            raise ValueError(f"{where}: item {short_repr(item)} has value {short_repr(value)}, not a finite number")
         by_id[item] = float(value)
     return by_id
 
@@ -86,8 +118,9 @@ def align_items(ids_a: Sequence[str], values_a: Sequence[float], ids_b: Sequence
             np.array([b[i] for i in shared], dtype=np.float64))
 
 
-def is_binary(values: np.ndarray) -> bool:
-    return bool(np.all((values == 0.0) | (values == 1.0)))
+def is_binary(*arrays: np.ndarray) -> bool:
+    """Every value of every array is 0 or 1 (0/1 outcomes: McNemar, Newcombe, Wilson apply)."""
+    return all(bool(np.all((a == 0.0) | (a == 1.0))) for a in arrays)
 
 
 def bootstrap_difference(a: np.ndarray, b: np.ndarray, resamples: int = 10_000, seed: int = 0,
@@ -133,7 +166,7 @@ def mcnemar(a: np.ndarray, b: np.ndarray) -> dict:
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if a.shape != b.shape or a.ndim != 1 or a.size == 0:
         raise ValueError(f"need two equal-length, non-empty 1-D arrays, got {a.shape} and {b.shape}")
-    if not (is_binary(a) and is_binary(b)):
+    if not is_binary(a, b):
         raise ValueError("McNemar's test needs 0/1 outcomes")
     only_a = int(np.sum((a == 1) & (b == 0)))
     only_b = int(np.sum((a == 0) & (b == 1)))
@@ -214,7 +247,7 @@ def paired_difference(ids_a: Sequence[str], values_a: Sequence[float], ids_b: Se
     """
     shared, a, b = align_items(ids_a, values_a, ids_b, values_b)
     boot = bootstrap_difference(a, b, resamples=resamples, seed=seed)
-    binary = is_binary(a) and is_binary(b)
+    binary = is_binary(a, b)
     exact = mcnemar(a, b) if binary else None
     return {"n_shared": len(shared), "difference": boot["difference"],
             "ci95": exact["ci95"] if binary and len(shared) >= 2 else boot["ci95"],

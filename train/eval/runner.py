@@ -40,7 +40,7 @@ from lora_core.train.eval.reasoning_tasks import (
     run_humaneval,
     run_math_generation,
 )
-from lora_core.train.eval.reports import write_results
+from lora_core.train.eval.result_files import write_results
 from lora_core.train.eval.safety_tasks import run_jailbreak, run_over_refusal, run_robustness, run_safety
 from lora_core.train.eval.suites import SUITES, Sampling, SuiteConfig, suite_config
 

@@ -33,8 +33,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from lora_core.train.eval.metric_registry import is_proportion
 from lora_core.train.eval.metrics import wilson_interval
-from lora_core.train.eval.paired import mcnemar
+from lora_core.train.eval.paired import is_binary, mcnemar
 
 SUPPORTED, CONTRADICTED, INCONCLUSIVE = "supported", "contradicted", "inconclusive at this n"
 KINDS = ("better", "reaches")
@@ -58,9 +59,9 @@ def verdict(ci, kind: str, margin: float = 0.0) -> str:
 
 
 def is_rate(metric: str) -> bool:
-    """Measures bounded in [0, 1] that an absolute margin suits (refusal rates, accuracies)."""
-    last = metric.rsplit(".", 1)[-1]
-    return last.endswith("rate") or last in ("acc", "acc_norm", "exact_match")
+    """Measures bounded in [0, 1] that an absolute margin suits (refusal rates, accuracies, pass@1):
+    the metric registry's proportions."""
+    return is_proportion(metric)
 
 
 def margin_for(metric: str, margin: float, mean_x: float | None) -> float:
@@ -102,10 +103,6 @@ def _bootstrap(X: np.ndarray, Y: np.ndarray | None, resamples: int, seed: int) -
     return [float(lo), float(hi)]
 
 
-def _is_binary(*arrays: np.ndarray) -> bool:
-    return all(bool(np.all((a == 0) | (a == 1))) for a in arrays)
-
-
 def pooled_difference(x: dict, y: dict, resamples: int = 2000, seed: int = 0) -> dict:
     """mean(Y) - mean(X) over shared units, seeds pooled, with the two-level paired bootstrap
     interval of rule 3. `x`, `y`: {seed: {unit id: value}}. Not oriented (see `compare`)."""
@@ -124,7 +121,7 @@ def pooled_difference(x: dict, y: dict, resamples: int = 2000, seed: int = 0) ->
     lo, hi = _bootstrap(X, Y, resamples, seed)
     out["ci95"] = [lo, hi]
     out["interval"] = "two-level paired bootstrap"
-    if _is_binary(X, Y) and ((X.shape[0] == 1 and Y.shape[0] == 1) or hi - lo == 0):
+    if is_binary(X, Y) and ((X.shape[0] == 1 and Y.shape[0] == 1) or hi - lo == 0):
         n_lo, n_hi = mcnemar(X[0], Y[0])["ci95"]
         out["ci95"] = [min(lo, n_lo), max(hi, n_hi)]
         out["interval"] = "hull of the paired bootstrap and Newcombe's paired interval"
@@ -161,7 +158,7 @@ def pooled_mean(y: dict, resamples: int = 2000, seed: int = 0) -> dict:
     if len(units) < 2:
         return out
     lo, hi = _bootstrap(None, Y, resamples, seed)
-    if _is_binary(Y) and (Y.shape[0] == 1 or hi - lo == 0):
+    if is_binary(Y) and (Y.shape[0] == 1 or hi - lo == 0):
         w_lo, w_hi = wilson_interval(int(Y[0].sum()), len(units))
         lo, hi = min(lo, w_lo), max(hi, w_hi)
     out["ci95"] = [lo, hi]

@@ -19,7 +19,10 @@ the numbers `claims.compare` returns. Which arm plays which part is the preset's
 """
 from __future__ import annotations
 
+from lora_core.train.eval.metric_registry import lower_is_better as registry_lower
 from lora_core.train.repro.claims import compare, margin_for
+
+OVERLAP = "overlap.energy"  # the registry's entry for the overlap rows (lower is better)
 
 
 def _row(claim: str, text: str, x: str, y: str, measure: str, data_x: dict, data_y: dict, *, kind: str,
@@ -39,7 +42,12 @@ def claim_rows(values: dict, overlap: dict, claims_cfg: dict, arms: dict, ks: li
     roles = claims_cfg["roles"]
     safety, reasoning = claims_cfg["safety"], claims_cfg["reasoning"]
     over = claims_cfg.get("over_refusal")
-    lower = set(claims_cfg["lower_is_better"])
+    listed = set(claims_cfg["lower_is_better"])
+
+    def lower(name):
+        """How a measure is read: lower is better where the metric registry says so, or where the
+        preset's `claims.lower_is_better` lists it (a measure the registry does not know)."""
+        return name in listed or registry_lower(name)
     common = dict(margin=claims_cfg["margin"], resamples=claims_cfg["resamples"])
 
     def metric(arm, name):
@@ -58,18 +66,19 @@ def claim_rows(values: dict, overlap: dict, claims_cfg: dict, arms: dict, ks: li
         pairs.append((roles["lora_high_lr"], roles["full_high_lr"], " (higher lr, same for both)"))
     for lo, fu, note in pairs:
         rows.append(_row("a", f"{title(lo)} reaches the safety of {title(fu)}{note}", fu, lo, safety,
-                         metric(fu, safety), metric(lo, safety), kind="reaches", lower_is_better=False, **common))
+                         metric(fu, safety), metric(lo, safety), kind="reaches", lower_is_better=lower(safety),
+                         **common))
         if over:
             rows.append(_row("a", f"{title(lo)} refuses benign requests less often than {title(fu)}{note} "
                              "(companion row, not the paper's)", fu, lo, over, metric(fu, over), metric(lo, over),
-                             kind="better", lower_is_better=True, **common))
+                             kind="better", lower_is_better=lower(over), **common))
         for r in reasoning:
             rows.append(_row("b", f"{title(fu)} loses more {r} than {title(lo)}{note}", fu, lo, r,
-                             metric(fu, r), metric(lo, r), kind="better", lower_is_better=r in lower, **common))
+                             metric(fu, r), metric(lo, r), kind="better", lower_is_better=lower(r), **common))
         for k in ks:
             rows.append(_row("c", f"{title(lo)}'s update overlaps W's top-{k} subspace less than {title(fu)}'s{note}",
                              fu, lo, f"overlap energy, k={k}", energy(fu, k), energy(lo, k), kind="better",
-                             lower_is_better=True, **common))
+                             lower_is_better=lower(OVERLAP), **common))
     # A regularised arm is compared with the plain LoRA arm trained like it (the paper's lr or the
     # higher one); a merge arm with the LoRA arm whose adapter it merged.
     plain = {"regularised": lora, "regularised_high_lr": roles.get("lora_high_lr")}
@@ -79,24 +88,24 @@ def claim_rows(values: dict, overlap: dict, claims_cfg: dict, arms: dict, ks: li
             for k in ks:
                 rows.append(_row("d", f"{title(arm)} overlaps W's top-{k} subspace less than {title(ref)}", ref, arm,
                                  f"overlap energy, k={k}", energy(ref, k), energy(arm, k), kind="better",
-                                 lower_is_better=True, **common))
+                                 lower_is_better=lower(OVERLAP), **common))
             for r in [safety] + ([over] if over else []) + reasoning:
                 rows.append(_row("d", f"{title(arm)} keeps the {r} of {title(ref)} (its cost)", ref, arm, r,
-                                 metric(ref, r), metric(arm, r), kind="reaches", lower_is_better=r in lower, **common))
+                                 metric(ref, r), metric(arm, r), kind="reaches", lower_is_better=lower(r), **common))
     middle = roles.get("rank1_middle")
     if middle:
         for ref in [lora] + [a for a in roles.get("rank_sweep", []) if a != middle]:
             rows.append(_row("e", f"{title(middle)} reaches the safety of {title(ref)}", ref, middle, safety,
-                             metric(ref, safety), metric(middle, safety), kind="reaches", lower_is_better=False,
+                             metric(ref, safety), metric(middle, safety), kind="reaches", lower_is_better=lower(safety),
                              **common))
         for role in ("rank1_early", "rank1_late"):
             other = roles.get(role)
             if other:
                 rows.append(_row("e", f"{title(middle)} is safer than {title(other)}", other, middle, safety,
                                  metric(other, safety), metric(middle, safety), kind="better",
-                                 lower_is_better=False, **common))
+                                 lower_is_better=lower(safety), **common))
                 for r in reasoning:
                     rows.append(_row("e", f"{title(middle)} keeps more {r} than {title(other)}", other, middle, r,
                                      metric(other, r), metric(middle, r), kind="better",
-                                     lower_is_better=r in lower, **common))
+                                     lower_is_better=lower(r), **common))
     return rows

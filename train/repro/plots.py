@@ -1,48 +1,28 @@
 """The report's two figures, written atomically as PNG (matplotlib, Agg backend).
 
 - safety vs reasoning: one point per arm and seed, error bars = each run's own 95% interval
-  (Wilson for rates, 1.96 standard errors for means) on both axes; beside it, each run's paired
-  difference from the base model on the same items, with the claims' paired interval;
+  (Wilson for rates, 1.96 standard errors for means: train.eval.paired.error_bar) on both axes;
+  beside it, each run's paired difference from the base model on the same items, with the claims'
+  paired interval;
 - overlap per layer: the update's energy share in W's top-k subspace over the random-update
   baseline, mean over module types and seeds, for the LoRA and full fine-tuning arms (both learning
   rates) and the rank-1 middle arm.
 """
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
-from lora_core.common.files import atomic_write_bytes
+from lora_core.common.plotting import pyplot, write_png
+from lora_core.train.eval.paired import error_bar
 from lora_core.train.repro.claims import pooled_difference
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, plt, path: Path) -> None:
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")  # keeps a legend placed outside
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-
-
 def _point(entry: dict | None):
-    """(value, (below, above)) error-bar lengths of one metric entry; None without a value."""
+    """(value, (below, above)) error-bar lengths of one metric entry (no interval: no bar); None
+    without a value."""
     if not entry or entry.get("value") is None:
         return None
-    v = entry["value"]
-    if entry.get("ci95"):
-        lo, hi = entry["ci95"]
-        return v, (max(0.0, v - lo), max(0.0, hi - v))
-    half = 1.96 * (entry.get("stderr") or 0.0)
-    return v, (half, half)
+    return entry["value"], error_bar(entry) or (0.0, 0.0)
 
 
 def _paired_point(base: dict, run: dict, resamples: int):
@@ -81,7 +61,7 @@ def plot_safety_vs_reasoning(run_rows: list[dict], arms: dict, safety: str, reas
     """Left: each run's own values and intervals. Right (with per-item `values` and a `base` arm):
     each run's paired difference from the base model on the same items, with the claims' paired
     interval; item-to-item spread cancels there, so it shows what the left panel's wide bars hide."""
-    plt = _pyplot()
+    plt = pyplot()
     paired = bool(values) and base in (values or {})
     fig, axes = plt.subplots(1, 2 if paired else 1, figsize=(13 if paired else 7, 5), squeeze=False)
     names = list(dict.fromkeys(r["arm"] for r in run_rows))
@@ -114,7 +94,7 @@ def plot_safety_vs_reasoning(run_rows: list[dict], arms: dict, safety: str, reas
     if names:  # the left panel has every arm, the base model included
         handles, labels = axes[0][0].get_legend_handles_labels()
         axes[0][-1].legend(handles, labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
-    _save(fig, plt, path)
+    write_png(fig, path, dpi=110, bbox_inches="tight")  # "tight": keeps a legend placed outside
 
 
 def _by_layer(records_by_seed: dict, k: int, side: str) -> dict:
@@ -135,7 +115,7 @@ def plot_overlap_per_layer(records: dict, arms: dict, roles: dict, k: int, side:
     """Energy share over the random baseline, per layer: a ratio, so module types with different
     baselines (k/m for an m-row weight) average fairly and arms that adapt different modules
     (rank 1 on up_proj vs r=8 on every linear) share one scale; 1 is a random update."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5))
     shown = [roles.get(r) for r in OVERLAP_ROLES if roles.get(r) in records]
     for name in shown:
@@ -149,4 +129,4 @@ def plot_overlap_per_layer(records: dict, arms: dict, roles: dict, k: int, side:
     ax.set_title(f"overlap per layer over the random baseline (mean over module types and seeds), k={k}",
                  fontsize=10)
     ax.legend(fontsize=8)
-    _save(fig, plt, path)
+    write_png(fig, path, dpi=110, bbox_inches="tight")  # "tight": keeps a legend placed outside

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from lora_core.common.files import atomic_write_json, atomic_write_text, read_json
+from lora_core.common.text import fmt_number
 from lora_core.kernels.cpu_caps import cpu_caps
 from lora_core.train.repro import claims as claim_rule
 from lora_core.train.repro.grid import Run
@@ -100,8 +101,8 @@ def baselines(records: dict, ks: list[int], side: str) -> dict:
     return out
 
 
-def _fmt(x, digits=3):
-    return "-" if x is None else f"{x:.{digits}f}" if abs(x) >= 1e-3 or x == 0 else f"{x:.2e}"
+def _fmt(x):
+    return fmt_number(x, small=".2e")
 
 
 def _secs(x):
