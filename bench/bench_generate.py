@@ -136,7 +136,7 @@ def bench(model_dir: Path, batch_sizes, dtypes, new_tokens: int, repeats: int, w
                   + (f"; compiled {row['compiled_tok_s']:.1f} tok/s ({row['compiled_ratio']:.2f}x), "
                      f"compile {compile_s:.1f} s" if with_compile else ""), flush=True)
             rows.append(row)
-        del ours, theirs
+        ours = theirs = None  # free both models before the next dtype loads (closures above read them)
     return rows
 
 

@@ -14,3 +14,6 @@ from .hf_loader import load_hf_directory
 from .loading import load_model
 from .generate import generate
 from .registry import pull
+
+__all__ = ["ModelConfig", "CausalLM", "KVCache", "causal_lm_loss", "Tokenizer", "ChatTemplateError",
+           "render_chat_template", "load_hf_directory", "load_model", "generate", "pull"]

@@ -270,7 +270,7 @@ def hf_name(gguf_name: str) -> str | None:
 
 def convert_tensors(gguf_file: GGUFFile, config: dict[str, Any], progress: bool = True) -> dict[str, torch.Tensor]:
     """All tensors of the file, dequantised, renamed to HF keys, Q/K un-permuted for llama."""
-    
+
     expected = expected_shapes(config)
     dtype = getattr(torch, config["torch_dtype"])
     out: dict[str, torch.Tensor] = {}
