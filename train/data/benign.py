@@ -1,9 +1,9 @@
 """Benign prompts: the diverse over-refusal evaluation set and the disjoint retain pool.
 
-Why: over-refusal used to be measured on 8 GSM8K questions, the very distribution the demo's
-retain term trained on, so a model that refused every everyday request still scored 0.000. A
-model that learned "refuse" must be caught on writing, how-to, recipes, advice, small talk and on
-requests that only *look* dangerous ("kill a Python process"), as XSTest does.
+Why: over-refusal must be measured on requests unlike anything the retain term trains on, or a
+model that refuses every everyday request can still score 0. A model that learned "refuse" must
+be caught on writing, how-to, recipes, advice, small talk and on requests that only *look*
+dangerous ("kill a Python process"), as XSTest does.
 
 Two sources, each split once into an evaluation part and a retain part that never overlap:
 - prompts we wrote (benign_eval.jsonl and benign_retain.jsonl beside this module, separate
