@@ -49,6 +49,7 @@ setup(
             "pytest",
             "pytest-timeout",
             "hypothesis",
+            "ruff",  # the lint the test command runs first (ruff.toml)
             # Independent references for parity tests; never imported by the library.
             "transformers>=4.45",
             "peft>=0.13",
