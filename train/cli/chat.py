@@ -11,6 +11,7 @@ import torch
 
 from lora_core import load_adapter
 from lora_core.models import generate, load_model
+from lora_core.models.registry import DEFAULT_MODEL
 from lora_core.train.cli._device import add_device_arguments, placement
 
 HELP = "Answer one message with a model (HF directory, .gguf file or registry name) using its chat template."
@@ -18,8 +19,8 @@ HELP = "Answer one message with a model (HF directory, .gguf file or registry na
 
 def add_arguments(parser) -> None:
     parser.add_argument("message", help="the user message")
-    parser.add_argument("--model", default="smollm2-135m-instruct",
-                        help="HF-format directory, .gguf file or registry name (default: smollm2-135m-instruct)")
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help=f"HF-format directory, .gguf file or registry name (default: {DEFAULT_MODEL})")
     parser.add_argument("--system", default=None, help="optional system message")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="answer length limit in tokens (default 128)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")

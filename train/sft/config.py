@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lora_core.config import INIT_METHODS
+from lora_core.models.registry import DEFAULT_MODEL
 from lora_core.regularizer import SIDES, WEIGHTINGS
 from lora_core.train.sft import spec_fields
 from lora_core.train.sft.retain_set import RETAIN_TARGETS
@@ -158,7 +159,7 @@ def _bad(name: str, why: str):
 class TrainConfig:
     """One refusal SFT run. Build it from flat keys with `TrainConfig.from_flat(lr=..., rank=...)`."""
 
-    model: str = option("smollm2-135m-instruct", title="model and data", **_BY_RUNNER,
+    model: str = option(DEFAULT_MODEL, title="model and data", **_BY_RUNNER,
                         help="registry name, HF directory or .gguf (default %(default)s)")
     method: str = option("lora", choices=METHODS, title="model and data", **_BY_RUNNER,
                          help="lora: the paper's method; full: full fine-tuning, its baseline (default %(default)s)")
