@@ -5,7 +5,8 @@ Every merge path uses this one function: `LoRALinear.merge` / `unmerge` / `to_li
 Summing in float32 (or float64) and casting back once matters: adding a bf16 dW to a bf16 W rounds
 dW first and the sum again, so the merged model drifts further from the exact sum than one rounding
 of it does. The sum is never narrower than W itself: a float64 weight is merged in float64 whatever
-`dtype` asks for (a float32 sum would put ~1e-8 relative error into an fp64 model). Unmerge is the same call with -s; since -(s x) is exact in floating point, it subtracts
+`dtype` asks for (a float32 sum would put ~1e-8 relative error into an fp64 model). Unmerge is the same call with -s;
+since -(s x) is exact in floating point, it subtracts
 bit for bit the delta merge added, and W comes back within two roundings in W's dtype.
 
 Projection (the paper's post-hoc alternative to the regulariser; exact form inferred), with U_k, V_k

@@ -112,7 +112,8 @@ def analyse_weight(
 
         zero = dw_energy == 0.0
         record["zero_update"] = zero
-        record["svd"] = {"method": basis.method, "rel_residual": basis.rel_residual, "dtype": str(dtype).replace("torch.", "")}
+        record["svd"] = {"method": basis.method, "rel_residual": basis.rel_residual,
+                         "dtype": str(dtype).replace("torch.", "")}
         record["w_fro"] = float(W.detach().to(dtype).norm())
         record["dw_fro"] = dw_energy ** 0.5
         record["relative_update"] = record["dw_fro"] / record["w_fro"] if record["w_fro"] > 0 else None

@@ -15,7 +15,8 @@ Which s. The paper writes R on dW = B A, with LoRA's alpha/r left out, and that 
 `OrthogonalityRegularizer` (s = 1): beta then means what it means in the paper, whatever alpha and
 r are. `scaled_update=True` uses s = alpha/r, i.e. R of the update actually added to W; that is
 exactly (alpha/r)^2 times the paper's term, so the same loss needs beta_paper = beta_scaled * (alpha/r)^2
-(the old default was the scaled form: an old beta carries over multiplied by (alpha/r)^2). It is kept because it measures the real update
+(the old default was the scaled form: an old beta carries over multiplied by (alpha/r)^2). It is kept because it
+measures the real update
 (what `lora_core.overlap` reports) and so does not change meaning when alpha/r does. With
 `normalize=True` the two agree up to eps, since s^2 cancels in R / ||dW||^2. `lowrank_overlap`
 itself always takes s explicitly.

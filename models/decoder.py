@@ -325,7 +325,8 @@ class CausalLM(nn.Module):
         past = kv_cache.length if kv_cache is not None else 0
         new_mask = None
         if attention_mask is not None:
-            if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] not in (steps, past + steps):
+            if (attention_mask.dim() != 2 or attention_mask.shape[0] != batch
+                    or attention_mask.shape[1] not in (steps, past + steps)):
                 raise ValueError(
                     f"attention_mask shape {tuple(attention_mask.shape)} does not match input_ids "
                     f"{tuple(input_ids.shape)} with {past} cached positions"

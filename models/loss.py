@@ -186,7 +186,8 @@ def causal_lm_loss(
     if input_ids.shape != labels.shape:
         raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(input_ids.shape)}")
     if attention_mask is not None and attention_mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}")
+        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} "
+                         f"!= input_ids shape {tuple(input_ids.shape)}")
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     hidden = model.hidden_states(input_ids, attention_mask=attention_mask)  # (B, T, D)

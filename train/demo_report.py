@@ -136,8 +136,10 @@ def plot_table(table: dict, path: Path) -> None:
     unit = [r for r in table["rows"] if r["base"] is not None and r["aligned"] is not None
             and is_proportion(r["metric"])]
     other = [r for r in table["rows"] if r["base"] is not None and r["aligned"] is not None and r not in unit]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [max(1, len(unit)), max(1, len(other))]})
-    for ax, rows, title in ((axes[0], unit, "rates and accuracies"), (axes[1], other, "bits/byte and KL drift (lower is better)")):
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5),
+                             gridspec_kw={"width_ratios": [max(1, len(unit)), max(1, len(other))]})
+    for ax, rows, title in ((axes[0], unit, "rates and accuracies"),
+                            (axes[1], other, "bits/byte and KL drift (lower is better)")):
         x = range(len(rows))
         ax.bar([i - 0.2 for i in x], [r["base"] for r in rows], width=0.4, label="base")
         ax.bar([i + 0.2 for i in x], [r["aligned"] for r in rows], width=0.4, label="LoRA-aligned")

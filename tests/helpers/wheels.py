@@ -19,7 +19,8 @@ def build_wheel(directory: Path, package: str = PACKAGE, version: str = VERSION,
     path = directory / f"{dist}-py3-none-any.whl"
     files = dict(members)
     files[f"{dist}.dist-info/METADATA"] = f"Metadata-Version: 2.1\nName: {package}\nVersion: {version}\n".encode()
-    files[f"{dist}.dist-info/WHEEL"] = b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+    files[f"{dist}.dist-info/WHEEL"] = (b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+                                        b"Tag: py3-none-any\n")
     record = "".join(f"{name},,\n" for name in files) + f"{dist}.dist-info/RECORD,,\n"
     files[f"{dist}.dist-info/RECORD"] = record.encode()
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:

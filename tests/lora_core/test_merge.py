@@ -127,7 +127,8 @@ def test_bad_inputs_are_named_and_leave_the_model_unchanged():
         merge_lora(model, projection="column")
     with pytest.raises(ValueError, match="without a projection"):
         merge_lora(model, k=3)
-    with pytest.raises(ValueError, match=r"k=17 is out of range for model\.layers\.0\.mlp\.up_proj of shape \(24, 16\)"):
+    with pytest.raises(ValueError,
+                       match=r"k=17 is out of range for model\.layers\.0\.mlp\.up_proj of shape \(24, 16\)"):
         merge_lora(model, projection="row", k=17)
     assert len(lora_modules(model)) == 4  # nothing was merged by the refused calls
     with pytest.raises(ValueError, match="no LoRA-adapted modules"):
@@ -240,7 +241,8 @@ def test_cli_merge_matches_adapter_logits_and_loads_in_transformers(tiny):
         got = merged(ids)
     tol = 64 * torch.finfo(torch.float32).eps * float(ref.abs().max() + 1)
     err = (got - ref).abs()
-    assert float(err.max()) <= tol, f"ours: max err {float(err.max()):.3e} at {tuple(int(i) for i in (err == err.max()).nonzero()[0])}"
+    assert float(err.max()) <= tol, (f"ours: max err {float(err.max()):.3e} "
+                                     f"at {tuple(int(i) for i in (err == err.max()).nonzero()[0])}")
     transformers = pytest.importorskip("transformers")
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
     with torch.no_grad():

@@ -94,7 +94,8 @@ def make_model(dtype=F64):
                 lin.weight.copy_(torch.randn(N, K, generator=g, dtype=dtype))
             mod = LoRALinear.from_linear(lin, LoRAConfig(r=2, dropout=0.0))
             with torch.no_grad():
-                mod.lora_B.copy_(torch.randn(N, 2, generator=g, dtype=dtype) * (0 if (i, name) == (2, "down_proj") else 1))
+                mod.lora_B.copy_(torch.randn(N, 2, generator=g, dtype=dtype)
+                                 * (0 if (i, name) == (2, "down_proj") else 1))
             setattr(blk.mlp, name, mod)
         root.model.layers.append(blk)
     return root

@@ -47,7 +47,8 @@ def test_values_are_the_stored_ones_cast_once(tmp_path, stored, target):
     state = model.state_dict()
     for name, tensor in reference.items():
         assert state[name].dtype == target, name
-        assert torch.equal(state[name], tensor.to(target)), f"{name}: max error {(state[name].float() - tensor.float()).abs().max()}"
+        assert torch.equal(state[name], tensor.to(target)), \
+            f"{name}: max error {(state[name].float() - tensor.float()).abs().max()}"
 
 
 _CHILD = textwrap.dedent("""

@@ -80,7 +80,8 @@ def test_fused_loss_and_grads_match_plain(dtype, bias, head_trains, tied, chunk)
     for g, w in zip(got_grads, want_grads):
         err = (g - w).abs().max().item()
         scale = w.abs().max().item()
-        assert err <= max(tol, 1e-14) * max(1.0, scale) * 4, f"grad {tuple(g.shape)}: max error {err:.3e} (|max| {scale:.3e})"
+        assert err <= max(tol, 1e-14) * max(1.0, scale) * 4, \
+            f"grad {tuple(g.shape)}: max error {err:.3e} (|max| {scale:.3e})"
 
 
 def test_bf16_matches_fp64_reference_within_bf16_tolerance():
@@ -188,4 +189,5 @@ def test_retain_kl_builds_each_logit_chunk_once():
     with _HeadProducts(40) as counter:
         kl = retain_kl(model, ids, ids, chunk_size=chunk)
         kl.backward()
-    assert counter.count == 2 * math.ceil(rows / chunk), f"{counter.count} logit products for {math.ceil(rows / chunk)} chunks"
+    assert counter.count == 2 * math.ceil(rows / chunk), \
+        f"{counter.count} logit products for {math.ceil(rows / chunk)} chunks"

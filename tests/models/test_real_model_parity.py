@@ -129,7 +129,8 @@ def test_config_matches_transformers(smollm, reference):
     theta = (getattr(ref, "rope_parameters", None) or {}).get("rope_theta", getattr(ref, "rope_theta", None))
     assert ours["rope_theta"] == theta
     # both are the file's float32 value; we print it as the shortest decimal (1e-05)
-    assert torch.tensor(ours["rms_norm_eps"], dtype=torch.float32) == torch.tensor(ref.rms_norm_eps, dtype=torch.float32)
+    assert torch.tensor(ours["rms_norm_eps"], dtype=torch.float32) == torch.tensor(ref.rms_norm_eps,
+                                                                                  dtype=torch.float32)
 
 
 def test_tokenisation_equals_transformers(smollm, reference, advbench):

@@ -97,7 +97,8 @@ def test_train_then_eval_end_to_end(tmp_path, checkpoint, monkeypatch, capsys):
 
     out = tmp_path / "eval"
     assert main(["eval", "--model", str(checkpoint), "--adapter", str(adapter), "--suite", "quick",
-                 "--limit", "1", "--samples", "0", "--max-new-tokens", "6", "--out", str(out)]) == 0, capsys.readouterr().err
+                 "--limit", "1", "--samples", "0", "--max-new-tokens", "6", "--out", str(out)]) == 0, \
+        capsys.readouterr().err
     results = json.loads((out / "results.json").read_text())
     assert results["metrics"]["safety.strongreject.refusal_rate"]["n"] == 1
 

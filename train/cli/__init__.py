@@ -1,7 +1,8 @@
 """The `lora-core` command line.
 
 Each subcommand lives in its own module in this package (`train/cli/<name>.py`) and is found by
-name, so adding a command never touches this file; modules whose name starts with "_" are helpers. A command module defines:
+name, so adding a command never touches this file; modules whose name starts with "_" are helpers. A command module
+defines:
 
     HELP: str                              one line for `lora-core --help`
     add_arguments(parser) -> None          its flags (keep heavy imports out of this function)

@@ -29,9 +29,13 @@ HELP = "analyse the overlap of a LoRA adapter or a full fine-tuning update with 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="base model: HF directory, .gguf file or registry name")
     src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--adapter", help="PEFT-format adapter directory (adapter_config.json + adapter_model.safetensors)")
-    src.add_argument("--tuned", help="fully fine-tuned checkpoint: HF directory, directory of .safetensors, or a .safetensors file")
-    parser.add_argument("--k", type=int, required=True, help="top singular directions of each W (capped per module by min(N, K))")
+    src.add_argument("--adapter",
+                     help="PEFT-format adapter directory (adapter_config.json + adapter_model.safetensors)")
+    src.add_argument("--tuned",
+                     help="fully fine-tuned checkpoint: HF directory, directory of .safetensors, "
+                          "or a .safetensors file")
+    parser.add_argument("--k", type=int, required=True,
+                        help="top singular directions of each W (capped per module by min(N, K))")
     parser.add_argument("--out", required=True, help="output directory for overlap.json / overlap.md / overlap.png")
     parser.add_argument("--side", choices=SIDES, default="column",
                         help="side plotted and printed (all sides are in the JSON)")

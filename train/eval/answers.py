@@ -14,7 +14,8 @@ from fractions import Fraction
 
 from lora_core.train.data.latex import braced_group, last_boxed
 
-__all__ = ["strip_thinking", "unfinished_thought", "thinks_anywhere", "final_answer_text", "last_boxed", "extract_answer", "normalize_answer", "answers_match"]
+__all__ = ["strip_thinking", "unfinished_thought", "thinks_anywhere", "final_answer_text", "last_boxed",
+           "extract_answer", "normalize_answer", "answers_match"]
 
 _THINK_START, _THINK_END = "<think>", "</think>"
 # A number as people write it in answers: sign, thousands commas, decimals, or a plain fraction a/b.

@@ -63,9 +63,11 @@ def plot_panels(results_list, labels, comparisons, x: str, y: str) -> list[dict]
         if not (cx and cy and cx["paired"] and cy["paired"] and cx["ci95"] and cy["ci95"]):
             continue
         dx, dy = cx["difference"], cy["difference"]
-        changes.append((lab, dx, dy, (dx - cx["ci95"][0], cx["ci95"][1] - dx), (dy - cy["ci95"][0], cy["ci95"][1] - dy)))
+        changes.append((lab, dx, dy, (dx - cx["ci95"][0], cx["ci95"][1] - dx),
+                        (dy - cy["ci95"][0], cy["ci95"][1] - dy)))
         colors.append(f"C{i % 10}")
     if changes:
-        panels.append({"points": changes, "colors": colors, "x_label": f"Δ {x}", "y_label": f"Δ {y}", "zero_lines": True,
+        panels.append({"points": changes, "colors": colors, "x_label": f"Δ {x}", "y_label": f"Δ {y}",
+                       "zero_lines": True,
                        "title": f"paired change from {labels[0]} (95% bootstrap intervals)"})
     return panels

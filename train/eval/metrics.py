@@ -28,7 +28,8 @@ import torch
 from lora_core.models.loss import token_kl
 from lora_core.common.progress import progress
 
-__all__ = ["wilson_interval", "wilson_interval_at", "proportion", "mean_with_stderr", "ContinuationScore", "score_continuations",
+__all__ = ["wilson_interval", "wilson_interval_at", "proportion", "mean_with_stderr", "ContinuationScore",
+           "score_continuations",
            "bits_per_byte", "item_bits_per_byte", "choice_hits", "choice_accuracy", "kl_drift"]
 
 

@@ -226,7 +226,8 @@ def _claims(r: _Reader, value, arms: dict[str, Arm]) -> dict:
     roles = r.mapping(value["roles"], "claims.roles", roles_single + roles_many, required=("base", "lora", "full"))
     out_roles = {}
     for role, name in roles.items():
-        names = r.str_list(name, f"claims.roles.{role}") if role in roles_many else (r.string(name, f"claims.roles.{role}"),)
+        names = (r.str_list(name, f"claims.roles.{role}") if role in roles_many
+                 else (r.string(name, f"claims.roles.{role}"),))
         for n in names:
             if n not in arms:
                 r.fail(f"claims.roles.{role}", f"names no arm: {n!r} (arms: {', '.join(arms)})")

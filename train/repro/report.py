@@ -37,7 +37,8 @@ def collect(out: Path, runs: list[Run], side: str) -> tuple[dict, dict, dict, li
         for k in done.get("overlap", {}):
             recs = read_json(d / "overlap" / f"k-{k}.json")["records"]
             live = [r for r in recs if not r["zero_update"]]
-            overlap.setdefault(run.arm.name, {}).setdefault(run.seed, {})[k] = {r["name"]: r["energy"][side] for r in live}
+            overlap.setdefault(run.arm.name, {}).setdefault(run.seed, {})[k] = {r["name"]: r["energy"][side]
+                                                                                for r in live}
             records.setdefault(run.arm.name, {}).setdefault(run.seed, {})[k] = live
         rows.append({"key": run.key, "arm": run.arm.name, "seed": run.seed, "metrics": results["metrics"],
                      "train": done.get("train"), "overlap": done.get("overlap"), "seconds": done.get("seconds")})
@@ -164,10 +165,12 @@ def markdown(report: dict) -> str:
               f"- machine: {_machine_line(s.get('machine') or {})}", ""]
     for note in s.get("notes", []):
         lines.append(f"- {note}")
-    lines += ["", "## Runs", "", "| run | steps | final loss | train s | eval s | overlap s |", "|---|---:|---:|---:|---:|---:|"]
+    lines += ["", "## Runs", "", "| run | steps | final loss | train s | eval s | overlap s |",
+              "|---|---:|---:|---:|---:|---:|"]
     for r in report["runs"]:
         t, sec = r.get("train") or {}, r.get("seconds") or {}
-        lines.append(f"| {r['key']} | {t.get('steps', '-')} | {_fmt(t.get('final_loss'))} | {_secs(sec.get('train'))} | "
+        lines.append(f"| {r['key']} | {t.get('steps', '-')} | {_fmt(t.get('final_loss'))} | "
+                     f"{_secs(sec.get('train'))} | "
                      f"{_secs(sec.get('eval'))} | {_secs(sec.get('overlap'))} |")
     return "\n".join(lines) + "\n"
 

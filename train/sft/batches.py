@@ -105,7 +105,8 @@ def tokenize_example(tokenizer, messages: list[dict], max_length: int | None = N
     return TokenizedExample(ids, labels, truncated, rebuilt)
 
 
-def tokenize_examples(tokenizer, examples: list[dict], max_length: int | None = 512) -> tuple[list[TokenizedExample], dict]:
+def tokenize_examples(tokenizer, examples: list[dict],
+                      max_length: int | None = 512) -> tuple[list[TokenizedExample], dict]:
     """Tokenise a data set; examples whose assistant tokens all fall past `max_length` are dropped."""
     if not examples:
         raise ValueError("the training data set is empty")

@@ -37,5 +37,6 @@ def build_examples(config: TrainConfig, tokenizer) -> tuple[list[dict], dict]:
     reasoning = config.data.reasoning_line
     if reasoning is None:
         reasoning = _template_is_reasoning(tokenizer)
-    data = refusal.build_refusal_set(config.data.dataset, limit=config.data.limit, seed=config.optim.seed, reasoning=reasoning)
+    data = refusal.build_refusal_set(config.data.dataset, limit=config.data.limit, seed=config.optim.seed,
+                                     reasoning=reasoning)
     return data.examples, data.info

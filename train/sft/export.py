@@ -22,8 +22,8 @@ def write_final_output(model, tokenizer, config: TrainConfig, run_dir: Path, lor
     tensors = {k: v.detach().contiguous() for k, v in (model.state_dict() if state is None else state).items()}
     if hf_config.get("tie_word_embeddings"):
         tensors.pop("lm_head.weight", None)  # shares storage with the embeddings; HF re-ties it
-    return write_hf_directory(run_dir / "model", hf_config, tensors, extra_files=_tokenizer_files(config.model, tokenizer),
-                              overwrite=True)
+    return write_hf_directory(run_dir / "model", hf_config, tensors,
+                              extra_files=_tokenizer_files(config.model, tokenizer), overwrite=True)
 
 
 def _tokenizer_files(source: str, tokenizer) -> dict[str, bytes]:

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 import pytest
 
 from lora_core.train.cli import build_parser, main
-from lora_core.train.cli._options import add_dataclass_arguments, cli_fields, dataclass_from_args, flags_of, given_fields
+from lora_core.train.cli._options import (add_dataclass_arguments, cli_fields, dataclass_from_args, flags_of,
+                                          given_fields)
 from lora_core.train.sft.retain_set import RETAIN_TARGETS
 from lora_core.train.demo import DemoConfig
 from lora_core.train.sft.config import DTYPES, TrainConfig

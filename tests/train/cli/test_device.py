@@ -102,7 +102,8 @@ def test_train_nproc_starts_torchrun_with_the_same_command(monkeypatch, tmp_path
     argv = ["train", "--nproc", "2", "--batch-size", "4", "--device", "cpu", "--out", str(tmp_path / "r")]
     assert main(argv) == 0
     (command,) = calls
-    assert command[1:7] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "lora_core.train.cli"]
+    assert command[1:7] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                            "-m", "lora_core.train.cli"]
     assert command[7:] == ["train", "--batch-size", "4", "--device", "cpu", "--out", str(tmp_path / "r")]
 
 

@@ -120,7 +120,8 @@ def test_three_runs_one_table_many_metrics(tmp_path):
         outcomes = {name: (rng.random(20) < 0.5).astype(float) for name in names}
         results = {"meta": {"label": label},
                    "metrics": {n: proportion(int(v.sum()), 20) for n, v in outcomes.items()},
-                   "items": {n: {"ids": [f"i{j}" for j in range(20)], "values": v.tolist()} for n, v in outcomes.items()}}
+                   "items": {n: {"ids": [f"i{j}" for j in range(20)], "values": v.tolist()}
+                             for n, v in outcomes.items()}}
         paths.append(_write(tmp_path / label / "results.json", results))
     compare_results(paths, tmp_path / "cmp", bootstrap=200)
     table = (tmp_path / "cmp" / "comparison.md").read_text()
@@ -169,7 +170,8 @@ MALFORMED = [
      f"metrics['{RATE}']['ci95'] is [0.9, 0.1], not [low, high]"),
     ("items not a dict", json.dumps({"metrics": {RATE: {"value": 0.5}}, "items": []}),
      "'items' is a list, not an object"),
-    ("items short", json.dumps({"metrics": {RATE: {"value": 0.5}}, "items": {RATE: {"ids": ["a", "b"], "values": [1]}}}),
+    ("items short", json.dumps({"metrics": {RATE: {"value": 0.5}},
+                                "items": {RATE: {"ids": ["a", "b"], "values": [1]}}}),
      f"items['{RATE}']: 2 item ids but 1 values"),
     ("items without ids", json.dumps({"metrics": {RATE: {"value": 0.5}}, "items": {RATE: {"values": [1]}}}),
      f"items['{RATE}'] needs 'ids' and 'values'"),

@@ -40,7 +40,8 @@ def test_jailbreak_wraps_the_request_and_judges_against_the_bare_request(monkeyp
     from lora_core.train.eval.context import EvalRun
 
     seen_prompts, judged = [], []
-    monkeypatch.setattr(EvalRun, "generate", lambda self, prompts, *a, **k: seen_prompts.extend(prompts) or [""] * len(prompts))
+    monkeypatch.setattr(EvalRun, "generate",
+                        lambda self, prompts, *a, **k: seen_prompts.extend(prompts) or [""] * len(prompts))
 
     class SpyJudge:
         name = "spy"
@@ -123,7 +124,8 @@ def test_every_metric_has_per_item_values_that_make_its_value():
     cfg = SuiteConfig(**{**NOTHING, "safety": {"strongreject": 3}, "over_refusal": 12,
                          "bpb": {"gsm8k": 2, "mbpp": 2, "humaneval": 2}, "arc": {"arc-easy": 3}, "drift": 2})
     model = tiny_causal_lm(vocab=64)
-    res = evaluate(model, WordTokenizer(vocab=64), suite=cfg, progress=False, base_model=tiny_causal_lm(vocab=64, seed=1))
+    res = evaluate(model, WordTokenizer(vocab=64), suite=cfg, progress=False,
+                   base_model=tiny_causal_lm(vocab=64, seed=1))
     assert set(res["items"]) == set(res["metrics"])
     for name, m in res["metrics"].items():
         ids, values = res["items"][name]["ids"], res["items"][name]["values"]

@@ -24,7 +24,8 @@ def test_paper_small_keeps_the_papers_recipe_and_ratio():
     assert kinds.index("merge") > max(i for i, k in enumerate(kinds) if k == "lora"), "merges read finished adapters"
     lora = train_config(p, next(r for r in runs if r.arm.name == roles["lora"]), Path("x"), 30)
     full = train_config(p, next(r for r in runs if r.arm.name == roles["full"]), Path("x"), 30)
-    assert (lora.optim.lr, lora.optim.batch_size, lora.data.limit) == (full.optim.lr, full.optim.batch_size, full.data.limit)
+    assert (lora.optim.lr, lora.optim.batch_size, lora.data.limit) == (full.optim.lr, full.optim.batch_size,
+                                                                        full.data.limit)
     assert lora.optim.epochs == 2 * full.optim.epochs
     middle = train_config(p, next(r for r in runs if r.arm.name == roles["rank1_middle"]), Path("x"), 30)
     assert (middle.lora.rank, middle.lora.targets, middle.lora.layers) == (1, "up_proj", "10-19")
@@ -84,7 +85,8 @@ def test_unknown_keys_are_named_with_their_path(tmp_path):
     (lambda r: r["arms"][-1].update(source="nope"), ["source", "nope"]),
     (lambda r: r["arms"][-1].update(k=0), ["k", ">= 1"]),
     (lambda r: r["claims"]["roles"].update(full="nope"), ["claims.roles.full", "nope"]),
-    (lambda r: r["arms"][1]["train"].update(rank=4) if "train" in r["arms"][1] else r["arms"][1].update(train={"rank": 4}),
+    (lambda r: r["arms"][1]["train"].update(rank=4) if "train" in r["arms"][1]
+     else r["arms"][1].update(train={"rank": 4}),
      ["arms[1].train", "full fine-tuning"]),
     (lambda r: r["arms"].append(copy.deepcopy(r["arms"][2])), ["used twice"]),
     (lambda r: r["cost"].update(lora_step_s="fast"), ["cost.lora_step_s"]),

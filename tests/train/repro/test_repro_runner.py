@@ -145,7 +145,8 @@ def test_a_changed_preset_is_refused_for_a_started_run(tmp_path, load):
     changed = tiny_preset([{"name": "base", "kind": "base"},
                            {"name": "lora", "kind": "lora", "train": {"rank": 4, "targets": "attn+mlp"}},
                            {"name": "full", "kind": "full"}])
-    with pytest.raises(ValueError, match=r"runs/lora/seed-0/spec.json: run lora/seed-0 was started with other settings"):
+    with pytest.raises(ValueError,
+                       match=r"runs/lora/seed-0/spec.json: run lora/seed-0 was started with other settings"):
         reproduce(changed, out, load=load, log=quiet([]))
 
 

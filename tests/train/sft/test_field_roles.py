@@ -50,7 +50,8 @@ def _preset(first: dict, shared: dict | None = None):
     """A preset whose arms[0] is `first`, then the base, full and LoRA arms the claims need."""
     arms = [first, {"name": "b", "kind": "base"}, {"name": "f", "kind": "full"}, {"name": "l", "kind": "lora"}]
     raw = {"name": "t", "model": "m", "seeds": [0], "train": shared or {"lr": 1e-3}, "eval": {"suite": "quick"},
-           "arms": arms, "claims": {"safety": "s", "reasoning": ["r"], "roles": {"base": "b", "lora": "l", "full": "f"}}}
+           "arms": arms,
+           "claims": {"safety": "s", "reasoning": ["r"], "roles": {"base": "b", "lora": "l", "full": "f"}}}
     return preset_from_dict(raw, "t.yaml")
 
 

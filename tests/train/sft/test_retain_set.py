@@ -201,7 +201,8 @@ def test_self_targets_are_generated_once_and_reused_on_resume(tokenizer, tmp_pat
     from lora_core.train.sft import retain_term
 
     # A tiny random model may answer with nothing at all; what is cached is what counts here.
-    monkeypatch.setattr(retain_term, "generate", lambda model, tok, prompts, **k: [f"Answer {i}." for i in range(len(prompts))])
+    monkeypatch.setattr(retain_term, "generate",
+                        lambda model, tok, prompts, **k: [f"Answer {i}." for i in range(len(prompts))])
     first = train(cfg, tokenizer=tokenizer, model=tiny_model(model_vocab(tokenizer)))
     cached = json.loads((first.run_dir / "retain_answers.json").read_text())
     assert cached == {"prompts": [q for q, _ in CHATS], "answers": ["Answer 0.", "Answer 1.", "Answer 2."]}
@@ -220,7 +221,8 @@ def test_retain_in_sft_mixes_the_base_answers_into_the_training_data(tokenizer, 
 
     retain = tmp_path / "retain.jsonl"
     retain.write_text("".join(json.dumps({"prompt": q}) + "\n" for q, _ in CHATS))
-    monkeypatch.setattr(retain_term, "generate", lambda model, tok, prompts, **k: [f"Sure {i}." for i in range(len(prompts))])
+    monkeypatch.setattr(retain_term, "generate",
+                        lambda model, tok, prompts, **k: [f"Sure {i}." for i in range(len(prompts))])
     refusals = [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": "I can't help."}]}
                 for p in PROMPTS]
     kw = dict(max_steps=1, retain_beta=1.0, retain_data=str(retain), retain_targets="self", retain_per_step=2)
