@@ -21,6 +21,7 @@ and lora_only (its knobs mean nothing for full fine-tuning).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
 from dataclasses import dataclass, field
@@ -94,8 +95,10 @@ class Leaf:
         return {"group": self.title, **self.field.metadata} if self.title else dict(self.field.metadata)
 
 
-def leaves(cls) -> list[Leaf]:
-    """Every knob of `cls` in declaration order (top-level fields, then each group's)."""
+@functools.cache
+def leaves(cls) -> tuple[Leaf, ...]:
+    """Every knob of `cls` in declaration order (a group's knobs where the group is declared).
+    Cached: every TrainConfig built reads it to validate and to flatten."""
     hints, out = typing.get_type_hints(cls), []
     for f in dataclasses.fields(cls):
         sub = f.metadata.get("spec_group")
@@ -110,7 +113,7 @@ def leaves(cls) -> list[Leaf]:
     keys = [leaf.key for leaf in out]
     if len(set(keys)) != len(keys):
         raise TypeError(f"{cls.__name__}: two fields share a flat key")
-    return out
+    return tuple(out)
 
 
 def keys(cls, *, role: str | None = None, lora_only: bool | None = None, **metadata) -> tuple[str, ...]:
