@@ -22,8 +22,8 @@ Metrics (see train.eval.runner for the whole list):
 from __future__ import annotations
 
 from lora_core.train.data.registry import load_records
-from lora_core.train.eval.answers import answers_match, extract_answer, final_answer_text, thinks_anywhere, unfinished_thought
-from lora_core.train.eval.context import chat_prompt, record_truncation
+from lora_core.train.eval.answers import answers_match, extract_answer, final_answer_text
+from lora_core.train.eval.context import chat_prompt, record_truncation, sampled_pass_at_1
 from lora_core.train.eval.metrics import bits_per_byte, choice_hits, item_bits_per_byte, kl_drift, score_continuations
 from lora_core.train.eval.safety_tasks import EXPLICIT
 
@@ -67,26 +67,11 @@ def run_math_generation(run) -> None:
 
 
 def _sampled(run, name, records, prompts) -> None:
-    """k samples per item in one generate call (prompts repeated), so a fixed seed and batch size
-    give the same draws on a rerun."""
-    k, n = run.cfg.sampling.k, len(records)
-    repeated = [p for p in prompts for _ in range(k)]
-    responses = run.generate(repeated, name, f"pass@1 over {k} samples/{name}",
-                             temperature=run.cfg.sampling.temperature, top_p=run.cfg.sampling.top_p)
-    per_item, rows = [], []
-    for i, r in enumerate(records):
-        mine = responses[i * k:(i + 1) * k]
-        scored = [_scored(prompts[i], resp, r["answer"]) for resp in mine]
-        per_item.append(sum(ok for _, ok in scored) / k)
-        rows += [{"task": f"reasoning.{name}", "id": r["id"], "sample": j, "response": resp,
-                  "extracted": pred, "gold": r["answer"], "correct": ok, "decoding": "sampled"}
-                 for j, (resp, (pred, ok)) in enumerate(zip(mine, scored))]
-    ids = [r["id"] for r in records]
-    run.mean_of_item_rates(f"reasoning.{name}.pass_at_1_sampled", ids, per_item, samples=k)
-    if thinks_anywhere(repeated, responses):
-        cut = [sum(unfinished_thought(prompts[i], x) for x in responses[i * k:(i + 1) * k]) / k for i in range(n)]
-        run.mean_of_item_rates(f"reasoning.{name}.truncated_in_think_sampled", ids, cut, samples=k)
-    run.generations.extend(rows)
+    def score(i, response):
+        pred, ok = _scored(prompts[i], response, records[i]["answer"])
+        return ok, {"extracted": pred, "gold": records[i]["answer"], "correct": ok}
+
+    sampled_pass_at_1(run, name, name, records, prompts, score)
 
 
 def _bpb_pairs(name: str, records: list[dict]) -> tuple[list[str], list[str]]:
