@@ -15,7 +15,8 @@ from lora_core.train.eval.report_markdown import results_markdown
 from lora_core.train.eval.runner import evaluate
 from lora_core.train.eval.suites import SUITES
 
-HELP = "evaluate safety (refusal, over-refusal) and reasoning (GSM8K, MATH-500, ARC, drift) of a model"
+HELP = ("evaluate safety (refusal, over-refusal) and reasoning (GSM8K, MATH-500, ARC, HumanEval/MBPP "
+        "with --execute-code, drift) of a model")
 
 
 def add_arguments(parser) -> None:
@@ -30,8 +31,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=None,
                         help="override every per-task generation budget")
     parser.add_argument("--samples", type=int, default=None,
-                        help="sampled answers per exact-match item (pass@1 averaged over them, next to greedy); "
-                        "0 turns sampling off (default: the suite's)")
+                        help="sampled answers per exact-match or code item (pass@1 averaged over them, next to "
+                        "greedy); 0 turns sampling off (default: the suite's)")
     parser.add_argument("--temperature", type=float, default=None, help="sampling temperature (default 0.6)")
     parser.add_argument("--top-p", type=float, default=None, help="sampling nucleus (default 0.95)")
     parser.add_argument("--batch-size", type=int, default=None)
@@ -44,8 +45,9 @@ def add_arguments(parser) -> None:
                         help="likelihood: the guard's verdict is the likelier of 'safe'/'unsafe'; "
                         "generate: decode and parse its first line")
     parser.add_argument("--execute-code", action="store_true",
-                        help="run HumanEval (full suite): executes model-written code in a separate process "
-                        "with time/memory limits, empty environment and a temp dir - not a security sandbox")
+                        help="run HumanEval and MBPP pass@1 (standard and full suites): executes model-written "
+                        "code in a separate process with time/memory limits, empty environment and a temp dir "
+                        "- not a security sandbox")
     parser.add_argument("--label", default=None, help="name of this run in comparisons")
     parser.add_argument("--out", required=True, help="output directory for results.json/.md and generations.jsonl")
 

@@ -184,8 +184,11 @@ def parse_piqa_howto(paths: list[Path]) -> list[dict]:
 
 def parse_mbpp(paths: list[Path]) -> list[dict]:
     # The gold code keeps the original's Windows line ends; bits per byte reads it as shipped.
+    # test_setup builds the tests' inputs (one item, 367, defines its trees there); execution runs
+    # it between the code and the asserts, as MBPP's own harness does.
     return [{"id": f"mbpp-{row['doc']['task_id']}", "prompt": row["doc"]["text"].strip(),
-             "code": row["doc"]["code"], "tests": list(row["doc"]["test_list"])}
+             "code": row["doc"]["code"], "tests": list(row["doc"]["test_list"]),
+             "test_setup": row["doc"].get("test_setup_code") or ""}
             for row in _jsonl(paths[0])]
 
 

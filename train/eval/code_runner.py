@@ -1,4 +1,4 @@
-"""Run untrusted, model-written Python in a separate, limited process (HumanEval pass@1).
+"""Run untrusted, model-written Python in a separate, limited process (HumanEval and MBPP pass@1).
 
 The program runs as `python -I` (isolated: no user site, no PYTHON* variables, no cwd on sys.path)
 in a fresh temporary folder, stdin closed, with resource limits set before exec: address space
@@ -35,7 +35,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["SandboxLimits", "sandbox_available", "run_program", "humaneval_program", "extract_code"]
+__all__ = ["SandboxLimits", "sandbox_available", "run_program", "humaneval_program", "mbpp_program",
+           "extract_code"]
 
 try:
     import resource
@@ -237,3 +238,10 @@ def humaneval_program(problem: dict, completion: str) -> str:
     else:
         code = problem["prompt"] + completion
     return f"{code}\n\n{problem['test']}\n\ncheck({entry})\n"
+
+
+def mbpp_program(problem: dict, code: str) -> str:
+    """The code, the item's test set-up, then every one of its asserts: MBPP's own check, which
+    passes when the program exits cleanly (a failed assert or any exception exits non-zero)."""
+    setup = problem.get("test_setup") or ""
+    return f"{code}\n\n{setup}\n\n" + "\n".join(problem["tests"]) + "\n"

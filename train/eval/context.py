@@ -20,7 +20,7 @@ from lora_core.train.data.registry import load_records
 from lora_core.train.eval.answers import thinks_anywhere, unfinished_thought
 from lora_core.train.eval.metrics import proportion, wilson_interval_at
 
-__all__ = ["EvalRun", "chat_prompt", "record_truncation"]
+__all__ = ["EvalRun", "chat_prompt", "record_truncation", "sampled_pass_at_1"]
 
 
 def chat_prompt(tokenizer, user_text: str) -> str:
@@ -34,6 +34,37 @@ def record_truncation(run, prefix: str, ids, prompts, responses) -> None:
     (a thought opened in a prompt or an answer); for others it would be a column of zeros."""
     if thinks_anywhere(prompts, responses):
         run.rate(f"{prefix}.truncated_in_think", ids, [unfinished_thought(p, r) for p, r in zip(prompts, responses)])
+
+
+def sampled_pass_at_1(run, name: str, budget_task: str, records, prompts, score) -> list[float]:
+    """`reasoning.<name>.pass_at_1_sampled`: k samples per item at the suite's temperature/top-p,
+    pass@1 = the share of an item's samples that `score` accepts, averaged over items (the paper's
+    figure); returns the per-item shares.
+
+    `score(i, response) -> (ok, fields)` judges one sample of item i; `fields` go into its row of
+    generations.jsonl. Every task that samples goes through here, so exact match and code execution
+    draw in the same way. The k samples of all items are one generate call (prompts repeated), so
+    a fixed seed and batch size give the same draws on a rerun.
+    """
+    sampling = run.cfg.sampling
+    k, n = sampling.k, len(records)
+    repeated = [p for p in prompts for _ in range(k)]
+    responses = run.generate(repeated, budget_task, f"pass@1 over {k} samples/{name}",
+                             temperature=sampling.temperature, top_p=sampling.top_p)
+    per_item, rows = [], []
+    for i, r in enumerate(records):
+        mine = responses[i * k:(i + 1) * k]
+        scored = [score(i, resp) for resp in mine]
+        per_item.append(sum(bool(ok) for ok, _ in scored) / k)
+        rows += [{"task": f"reasoning.{name}", "id": r["id"], "sample": j, "response": resp, **fields,
+                  "decoding": "sampled"} for j, (resp, (_, fields)) in enumerate(zip(mine, scored))]
+    ids = [r["id"] for r in records]
+    run.mean_of_item_rates(f"reasoning.{name}.pass_at_1_sampled", ids, per_item, samples=k)
+    if thinks_anywhere(repeated, responses):
+        cut = [sum(unfinished_thought(prompts[i], x) for x in responses[i * k:(i + 1) * k]) / k for i in range(n)]
+        run.mean_of_item_rates(f"reasoning.{name}.truncated_in_think_sampled", ids, cut, samples=k)
+    run.generations.extend(rows)
+    return per_item
 
 
 @dataclass

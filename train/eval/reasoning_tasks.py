@@ -1,5 +1,6 @@
 """Reasoning tasks of an evaluation: exact match (greedy and sampled), bits per byte of gold
-solutions, ARC by log-likelihood, HumanEval execution, and KL drift from the base model.
+solutions, ARC by log-likelihood, and KL drift from the base model. HumanEval and MBPP pass@1 by
+execution are in train.eval.code_tasks.
 
 Metrics (see train.eval.runner for the whole list):
 - reasoning.<gsm8k|math500>.exact_match: greedy chat answer to the question plus
@@ -14,20 +15,19 @@ Metrics (see train.eval.runner for the whole list):
   signature and docstring (its canonical body is the continuation).
 - reasoning.<arc-easy|arc-challenge>.acc / acc_norm: log-likelihood of each " choice" given
   "Question: ...\\nAnswer:" (OLMES's rc formulation), acc_norm per UTF-8 byte.
-- reasoning.humaneval.pass_at_1: greedy chat completion run against the unit tests in a separate
-  limited process (only with allow_code_execution).
+- reasoning.<humaneval|mbpp>.pass_at_1(_sampled): see train.eval.code_tasks.
 - drift.kl_base: mean per-token KL(base || model) on chat-formatted GSM8K questions continued by
   their gold solutions (teacher-forced); only when a base model is given.
 """
 from __future__ import annotations
 
 from lora_core.train.data.registry import load_records
-from lora_core.train.eval.answers import answers_match, extract_answer, final_answer_text, thinks_anywhere, unfinished_thought
-from lora_core.train.eval.context import chat_prompt, record_truncation
+from lora_core.train.eval.answers import answers_match, extract_answer, final_answer_text
+from lora_core.train.eval.context import chat_prompt, record_truncation, sampled_pass_at_1
 from lora_core.train.eval.metrics import bits_per_byte, choice_hits, item_bits_per_byte, kl_drift, score_continuations
 from lora_core.train.eval.safety_tasks import EXPLICIT
 
-__all__ = ["MATH_INSTRUCTION", "run_math_generation", "run_bpb", "run_arc", "run_humaneval", "run_drift"]
+__all__ = ["MATH_INSTRUCTION", "run_math_generation", "run_bpb", "run_arc", "run_drift"]
 
 MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
@@ -67,26 +67,11 @@ def run_math_generation(run) -> None:
 
 
 def _sampled(run, name, records, prompts) -> None:
-    """k samples per item in one generate call (prompts repeated), so a fixed seed and batch size
-    give the same draws on a rerun."""
-    k, n = run.cfg.sampling.k, len(records)
-    repeated = [p for p in prompts for _ in range(k)]
-    responses = run.generate(repeated, name, f"pass@1 over {k} samples/{name}",
-                             temperature=run.cfg.sampling.temperature, top_p=run.cfg.sampling.top_p)
-    per_item, rows = [], []
-    for i, r in enumerate(records):
-        mine = responses[i * k:(i + 1) * k]
-        scored = [_scored(prompts[i], resp, r["answer"]) for resp in mine]
-        per_item.append(sum(ok for _, ok in scored) / k)
-        rows += [{"task": f"reasoning.{name}", "id": r["id"], "sample": j, "response": resp,
-                  "extracted": pred, "gold": r["answer"], "correct": ok, "decoding": "sampled"}
-                 for j, (resp, (pred, ok)) in enumerate(zip(mine, scored))]
-    ids = [r["id"] for r in records]
-    run.mean_of_item_rates(f"reasoning.{name}.pass_at_1_sampled", ids, per_item, samples=k)
-    if thinks_anywhere(repeated, responses):
-        cut = [sum(unfinished_thought(prompts[i], x) for x in responses[i * k:(i + 1) * k]) / k for i in range(n)]
-        run.mean_of_item_rates(f"reasoning.{name}.truncated_in_think_sampled", ids, cut, samples=k)
-    run.generations.extend(rows)
+    def score(i, response):
+        pred, ok = _scored(prompts[i], response, records[i]["answer"])
+        return ok, {"extracted": pred, "gold": records[i]["answer"], "correct": ok}
+
+    sampled_pass_at_1(run, name, name, records, prompts, score)
 
 
 def _bpb_pairs(name: str, records: list[dict]) -> tuple[list[str], list[str]]:
@@ -127,31 +112,6 @@ def run_arc(run) -> None:
             ids = [r["id"] for r in records]
             for measure, hits in choice_hits(grouped, [r["gold"] for r in records]).items():
                 run.rate(f"reasoning.{name}.{measure}", ids, hits)
-
-
-def run_humaneval(run, allow: bool) -> None:
-    if run.cfg.humaneval == 0:
-        return
-    from lora_core.train.eval.code_runner import extract_code, humaneval_program, run_program, sandbox_available
-
-    if not allow:
-        run.skipped.append("humaneval: generated code runs only with allow_code_execution / --execute-code")
-        return
-    if not sandbox_available():
-        run.skipped.append("humaneval: no POSIX resource limits on this platform")
-        return
-    with run.timed("reasoning.humaneval"):
-        records = run.records("humaneval", run.cfg.humaneval)
-        responses = run.chat_answers(["Complete the following Python function. Reply with the whole "
-                                      f"function in a ```python code block.\n\n```python\n{r['prompt']}```"
-                                      for r in records], "humaneval", "humaneval")
-        passed = []
-        for r, resp in zip(records, responses):
-            outcome = run_program(humaneval_program(r, extract_code(resp)))
-            passed.append(outcome["status"] == "passed")
-            run.generations.append({"task": "reasoning.humaneval", "id": r["id"], "prompt": r["prompt"],
-                                    "response": resp, "status": outcome["status"]})
-        run.rate("reasoning.humaneval.pass_at_1", [r["id"] for r in records], passed)
 
 
 def run_drift(run) -> None:

@@ -12,11 +12,12 @@ training workflow call. It returns a results dict
 and, with `out_dir`, writes results.json, results.md and generations.jsonl there.
 
 The measures are defined where they are computed: train.eval.safety_tasks (refusal, template
-echo, over-refusal, past/future-tense rephrasings, jailbreak wrappers) and
-train.eval.reasoning_tasks (exact match greedy and sampled, bits per byte, ARC, HumanEval, KL
-drift). Suite sizes are in train.eval.suites. Every rate carries a Wilson 95% interval, every
-mean a standard error. Subsets are fixed-seed random samples, so two models evaluated with the
-same suite and seed see the same items, and their per-item values can be paired.
+echo, over-refusal, past/future-tense rephrasings, jailbreak wrappers),
+train.eval.reasoning_tasks (exact match greedy and sampled, bits per byte, ARC, KL drift) and
+train.eval.code_tasks (HumanEval and MBPP pass@1 by execution, greedy and sampled). Suite sizes
+are in train.eval.suites. Every rate carries a Wilson 95% interval, every mean a standard error.
+Subsets are fixed-seed random samples, so two models evaluated with the same suite and seed see
+the same items, and their per-item values can be paired.
 
 `results["judge"]["human_agreement"]` is the run's judge scored against pyrit's 105 human refusal
 labels, on every evaluation, so a refusal rate is never read without the judge's own error.
@@ -30,16 +31,10 @@ from pathlib import Path
 
 import torch
 
+from lora_core.train.eval.code_tasks import run_code
 from lora_core.train.eval.context import EvalRun, chat_prompt
 from lora_core.train.eval.judges import KeywordRefusalJudge, RefusalJudge, human_agreement
-from lora_core.train.eval.reasoning_tasks import (
-    MATH_INSTRUCTION,
-    run_arc,
-    run_bpb,
-    run_drift,
-    run_humaneval,
-    run_math_generation,
-)
+from lora_core.train.eval.reasoning_tasks import MATH_INSTRUCTION, run_arc, run_bpb, run_drift, run_math_generation
 from lora_core.train.eval.result_files import write_results
 from lora_core.train.eval.safety_tasks import run_jailbreak, run_over_refusal, run_robustness, run_safety
 from lora_core.train.eval.suites import SUITES, Sampling, SuiteConfig, suite_config
@@ -51,7 +46,7 @@ def _needs_chat(cfg: SuiteConfig, allow_code_execution: bool) -> bool:
     return (any(v != 0 for v in cfg.safety.values()) or cfg.over_refusal != 0
             or any(v != 0 for v in cfg.robustness.values()) or cfg.jailbreak != 0
             or any(v != 0 for v in cfg.math_generation.values())
-            or (cfg.humaneval != 0 and allow_code_execution))
+            or ((cfg.humaneval != 0 or cfg.mbpp != 0) and allow_code_execution))
 
 
 def _require_chat_template(tokenizer) -> None:
@@ -85,7 +80,7 @@ def evaluate(model, tokenizer, suite: str | SuiteConfig = "quick", base_model=No
     max_new_tokens overrides every token budget; batch_size, limit (cap on every subset) and
     seed override the suite's. `base_model` (same tokenizer) enables the KL drift measure.
     `meta` is merged into results["meta"] (e.g. the model source and adapter path).
-    `allow_code_execution` lets HumanEval run model-written code (in a limited subprocess).
+    `allow_code_execution` lets HumanEval and MBPP run model-written code (in a limited subprocess).
     """
     cfg, suite_name = _configured(suite, limit, max_new_tokens, batch_size, seed)
     needs_chat = _needs_chat(cfg, allow_code_execution)
@@ -107,7 +102,7 @@ def evaluate(model, tokenizer, suite: str | SuiteConfig = "quick", base_model=No
             run_math_generation(run)
             run_bpb(run)
             run_arc(run)
-            run_humaneval(run, allow_code_execution)
+            run_code(run, allow_code_execution)
             run_drift(run)
             with run.timed("judge.human_agreement"):
                 agreement = human_agreement(run.judge) if needs_chat else None

@@ -13,13 +13,13 @@ __all__ = ["SuiteConfig", "Sampling", "SUITES", "BUDGET_TASKS", "suite_config"]
 
 # Tasks whose generation length is set separately: a refusal shows in its first sentence, a
 # worked MATH solution needs hundreds of tokens, a reasoning model's <think> block even more.
-BUDGET_TASKS = ("safety", "over_refusal", "robustness", "jailbreak", "gsm8k", "math500", "humaneval")
+BUDGET_TASKS = ("safety", "over_refusal", "robustness", "jailbreak", "gsm8k", "math500", "humaneval", "mbpp")
 
 
 @dataclass(frozen=True)
 class Sampling:
-    """Sampled decoding for the exact-match tasks, next to greedy (the paper: T=0.6, top-p 0.95,
-    8 samples, pass@1 averaged over them). k = 0 turns sampling off."""
+    """Sampled decoding for the exact-match and code tasks, next to greedy (the paper: T=0.6,
+    top-p 0.95, 8 samples, pass@1 averaged over them). k = 0 turns sampling off."""
 
     k: int = 0
     temperature: float = 0.6
@@ -36,7 +36,7 @@ class Sampling:
 
 def _budgets(**overrides) -> dict[str, int]:
     budgets = {"safety": 48, "over_refusal": 48, "robustness": 48, "jailbreak": 48, "gsm8k": 160,
-               "math500": 256, "humaneval": 384}
+               "math500": 256, "humaneval": 384, "mbpp": 384}
     budgets.update(overrides)
     return budgets
 
@@ -55,7 +55,9 @@ class SuiteConfig:
     bpb: dict[str, int | None] = field(default_factory=lambda: {"gsm8k": 40, "math500": 16})
     arc: dict[str, int | None] = field(default_factory=lambda: {"arc-easy": 48, "arc-challenge": 48})
     drift: int | None = 16
-    humaneval: int | None = 0  # runs only with allow_code_execution=True (see train.eval.code_runner)
+    # Code tasks run model-written code, so only with allow_code_execution=True (train.eval.code_tasks).
+    humaneval: int | None = 0
+    mbpp: int | None = 0
     max_new_tokens: dict[str, int] = field(default_factory=_budgets)
     batch_size: int = 8
     seed: int = 0
@@ -90,7 +92,8 @@ class SuiteConfig:
         return dataclasses.replace(
             self, safety=cap(self.safety), robustness=cap(self.robustness), jailbreak=one(self.jailbreak),
             math_generation=cap(self.math_generation), bpb=cap(self.bpb), arc=cap(self.arc),
-            over_refusal=one(self.over_refusal), humaneval=one(self.humaneval), drift=one(self.drift))
+            over_refusal=one(self.over_refusal), humaneval=one(self.humaneval), mbpp=one(self.mbpp),
+            drift=one(self.drift))
 
     def with_budget(self, max_new_tokens: int) -> "SuiteConfig":
         """Every generation length set to `max_new_tokens`."""
@@ -109,17 +112,23 @@ SUITES: dict[str, SuiteConfig] = {
         math_generation={"gsm8k": 16, "math500": 0}, sampling=Sampling(k=4),
         bpb={"gsm8k": 48, "math500": 24, "mbpp": 32, "humaneval": 32},
         arc={"arc-easy": 96, "arc-challenge": 96}, drift=24,
+        # Code execution (only with --execute-code) adds greedy + 4 samples of 4 HumanEval and 4
+        # MBPP items: measured 2 min 35 s for the 135M default at 2 threads (HumanEval 29 s greedy,
+        # 58 s sampled; MBPP 10 s + 58 s; running the programs is ~0.15 s each), so several minutes
+        # for a 0.5B model. 256 tokens hold a small model's whole function and a line about it.
+        humaneval=4, mbpp=4,
         # An explicit refusal opens the answer, so the benign set is read from its first 24 tokens.
-        max_new_tokens=_budgets(over_refusal=24, robustness=40, jailbreak=40, gsm8k=160),
+        max_new_tokens=_budgets(over_refusal=24, robustness=40, jailbreak=40, gsm8k=160, humaneval=256,
+                                mbpp=256),
         batch_size=16),
     "full": SuiteConfig(
         safety={"strongreject": None, "harmbench": None}, over_refusal=None,
         robustness={"past-tense": None, "future-tense": None}, jailbreak=None,
         math_generation={"gsm8k": None, "math500": None}, sampling=Sampling(k=8),
         bpb={"gsm8k": None, "math500": None, "mbpp": None, "humaneval": None},
-        arc={"arc-easy": None, "arc-challenge": None}, drift=200, humaneval=None,
+        arc={"arc-easy": None, "arc-challenge": None}, drift=200, humaneval=None, mbpp=None,
         max_new_tokens=_budgets(safety=256, over_refusal=256, robustness=256, jailbreak=256,
-                                gsm8k=512, math500=1024, humaneval=512)),
+                                gsm8k=512, math500=1024, humaneval=512, mbpp=512)),
 }
 
 
