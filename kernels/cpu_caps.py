@@ -98,7 +98,3 @@ def native_half(dtype: torch.dtype) -> bool:
     caps = cpu_caps()
     return caps.native_bf16 if dtype == torch.bfloat16 else caps.native_fp16
 
-
-def default_train_dtype() -> str:
-    """"bfloat16" where the CPU has bf16 units, else "float32" (emulated bf16 is slower than fp32)."""
-    return "bfloat16" if native_bf16() else "float32"

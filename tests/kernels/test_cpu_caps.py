@@ -14,7 +14,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lora_core.kernels import lora_linear
-from lora_core.kernels.cpu_caps import ENV_VAR, cpu_caps, default_train_dtype, native_bf16
+from lora_core.kernels.cpu_caps import ENV_VAR, cpu_caps, native_bf16
+from lora_core.train.cli._device import default_dtype
 
 
 def _proc_flags() -> set[str]:
@@ -34,15 +35,15 @@ def test_detection_matches_cpuinfo(monkeypatch):
     assert caps.native_bf16 == bool({"avx512_bf16", "amx_bf16"} & flags)
     assert set(caps.flags) <= flags
     assert caps.torch_capability == torch.backends.cpu.get_cpu_capability()
-    assert default_train_dtype() == ("bfloat16" if caps.native_bf16 else "float32")
+    assert default_dtype(torch.device("cpu")) == ("bfloat16" if caps.native_bf16 else "float32")
     assert set(caps.as_json()) >= {"model", "torch_capability", "flags", "native_bf16"}
 
 
 def test_override_and_bad_value(monkeypatch):
     monkeypatch.setenv(ENV_VAR, "0")
-    assert not native_bf16() and default_train_dtype() == "float32"
+    assert not native_bf16() and default_dtype(torch.device("cpu")) == "float32"
     monkeypatch.setenv(ENV_VAR, "1")
-    assert native_bf16() and default_train_dtype() == "bfloat16"
+    assert native_bf16() and default_dtype(torch.device("cpu")) == "bfloat16"
     monkeypatch.setenv(ENV_VAR, "yes")
     with pytest.raises(ValueError, match=r"LORA_CORE_CPU_BF16='yes'.*0 or 1"):
         native_bf16()
