@@ -6,11 +6,11 @@ Torch path (CPU): the mask is drawn once per forward as the sorted flat position
 *dropped* entries, not as a dense (M, K) tensor. Dropped positions of iid Bernoulli(p) trials
 are a renewal process whose gaps are Geometric(p), so `p * M * K` uniform draws (plus a few
 sigmas of slack) give exactly the Bernoulli mask, instead of M * K draws: at the paper's p = 0.05
-that is 20x fewer random numbers. The dense `torch.rand(M, K)` it replaces cost 9 ms of a
-16-ms LoRA layer in the profile (bench/results/profile_train_before.md: aten::uniform_ was 27%
-of a bf16 training step, drawn three times per layer per step). The positions are kept for the
-backward (4 bytes per dropped entry: 0.2 bytes per element at p = 0.05, against 1 byte for a
-bool mask), and drop(X) is rebuilt from them by one copy of X plus a scatter of zeros.
+that is 20x fewer random numbers. The dense `torch.rand(M, K)` it replaces, drawn three times
+per layer per step, was the largest single cost of a bf16 training step in the profile (figures
+in bench/RESULTS.md; the profile in bench/results/profile_train_before.md). The positions are
+kept for the backward (4 bytes per dropped entry: 0.2 bytes per element at p = 0.05, against
+1 byte for a bool mask), and drop(X) is rebuilt from them by one copy of X plus a scatter of zeros.
 
 Triton path: Philox (`tl.rand`) regenerated inside its kernels, nothing stored. The two
 generators differ, so a seed names a mask per backend, not across them.

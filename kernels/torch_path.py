@@ -122,6 +122,15 @@ class LoRALinearTorch(torch.autograd.Function):
 
 def lora_linear_torch(x2d, weight, bias, lora_a, lora_b, scale: float, dropout_p: float = 0.0,
                       seed: int | None = None) -> torch.Tensor:
-    """Torch-path LoRA linear on validated 2-D inputs; returns (M, N)."""
+    """Torch-path LoRA linear on validated 2-D inputs; returns (M, N).
+
+    Args:
+        x2d: (M, K) input, already flattened and validated (kernels.dispatch does both).
+        weight: (N, K) frozen or trainable base weight; bias: (N,) or None.
+        lora_a: (r, K) and lora_b: (N, r), the adapter's factors.
+        scale: s in Y = X W^T + b + s * (drop(X) A^T) B^T (alpha / r).
+        dropout_p: dropout on the adapter's input only; 0 draws nothing.
+        seed: the dropout mask's seed; needed when dropout_p > 0 (kernels.dispatch draws one).
+    """
     return LoRALinearTorch.apply(x2d, weight, bias, lora_a, lora_b, float(scale),
                                  float(dropout_p), seed)

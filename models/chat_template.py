@@ -137,8 +137,8 @@ class _Budget:
     `sys.settrace`, raising _RenderLimit past the step budget or the wall-clock deadline.
 
     The global trace function returns a local tracer only for template frames, so jinja's and
-    Python's own code run untraced; measured: about 60 us more per render of a two-message chat,
-    nothing beside generation. settrace is per thread, so other threads are unaffected.
+    Python's own code run untraced, and the cost per render is negligible beside generation
+    (figures in bench/RESULTS.md). settrace is per thread, so other threads are unaffected.
     """
 
     def __init__(self, steps: int, seconds: float):

@@ -58,7 +58,17 @@ def compiled_layer_step():
 
 
 def run_layers(layers, views, h, cos, sin, mask, use_compile: bool) -> torch.Tensor:
-    """h (B, 1, D) through every layer, compiled when asked and possible, else eagerly."""
+    """h (B, 1, D) through every layer, compiled when asked and possible, else eagerly.
+
+    Args:
+        layers: the model's decoder layers, in order.
+        views: one static-cache view per layer (the same length as `layers`); each layer writes
+            this step's keys and values into its own view.
+        h: (B, 1, D) hidden states of the step's token.
+        cos, sin: rotary tables for the step's positions, (B, 1, 1, head_dim).
+        mask: (B, 1, 1, L) boolean attention mask over the cache (True = may attend).
+        use_compile: try the compiled layer step (it falls back to eager for good on a failure).
+    """
     step = compiled_layer_step() if use_compile else None
     if step is not None:
         try:
