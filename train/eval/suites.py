@@ -114,8 +114,10 @@ SUITES: dict[str, SuiteConfig] = {
         arc={"arc-easy": 96, "arc-challenge": 96}, drift=24,
         # Code execution (only with --execute-code) adds greedy + 4 samples of 4 HumanEval and 4
         # MBPP items: measured 2 min 35 s for the 135M default at 2 threads (HumanEval 29 s greedy,
-        # 58 s sampled; MBPP 10 s + 58 s; running the programs is ~0.15 s each), so several minutes
-        # for a 0.5B model. 256 tokens hold a small model's whole function and a line about it.
+        # 58 s sampled; MBPP 10 s + 58 s; running the programs is ~0.15 s each). A 0.5B model is far
+        # slower: qwen2.5-coder-0.5b-instruct took 254 s for 2 greedy MBPP items on the shared 2-core
+        # machine, and these 4 + 4 items with samples did not finish in 25 min there; fewer items
+        # would carry no comparison. 256 tokens hold a small model's whole function and a line about it.
         humaneval=4, mbpp=4,
         # An explicit refusal opens the answer, so the benign set is read from its first 24 tokens.
         max_new_tokens=_budgets(over_refusal=24, robustness=40, jailbreak=40, gsm8k=160, humaneval=256,
