@@ -110,6 +110,10 @@ MODELS: dict[str, ModelEntry] = {
             description="Qwen2.5-Coder-0.5B-Instruct (qwen2, 24 layers, hidden 896, GQA 14/2, vocab 151936), "
             "GGUF mixed Q5_0/Q4_K/Q6_K/Q8_0 in 6 parts, dequantised to float32; Apache-2.0",
             split=_qwen_coder_05b_parts(),
+            # dtype None: float32, the only dtype its Q5_0/Q4_K/Q6_K/Q8_0 blocks dequantise into
+            # exactly (2.0 GB on disk); the loader casts to the run's dtype, so a bf16 run loses
+            # nothing by it, and parity with transformers stays exact at fp32. bfloat16 is kept for
+            # the 7B, whose float32 copy (30 GB) would not fit a usual disk.
             identity=("qwen2", "Qwen2.5 Coder 0.5B Instruct AWQ"),
         ),
         ModelEntry(
