@@ -30,6 +30,7 @@ import yaml
 
 from lora_core.train.eval.suites import SUITES, SuiteConfig
 from lora_core.regularizer import SIDES
+from lora_core.train.sft import spec_fields
 from lora_core.train.sft.config import LORA_ONLY_KEYS, METHODS, PAPER_EPOCHS, RUNNER_KEYS, TrainConfig
 
 KINDS = ("base", "lora", "full", "merge")
@@ -155,7 +156,7 @@ def _train_overrides(r: _Reader, value, path: str) -> dict:
     run (model, method, seed, out, epochs, ...: RUNNER_KEYS) are not the preset's to set."""
     if value is None:
         return {}
-    known = tuple(key for key in TrainConfig().to_dict() if key not in RUNNER_KEYS)
+    known = tuple(key for key in spec_fields.keys(TrainConfig) if key not in RUNNER_KEYS)
     r.mapping(value, path, known)
     plain = {k: v for k, v in value.items() if not (k == "layers" and v in ("early", "middle", "late"))}
     try:

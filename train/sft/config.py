@@ -216,7 +216,7 @@ class TrainConfig:
     # --- checks ----------------------------------------------------------------------------
     def _validate(self) -> None:
         for leaf in spec_fields.leaves(type(self)):
-            value = getattr(getattr(self, leaf.group) if leaf.group else self, leaf.field.name)
+            value = leaf.value_in(self)
             if (wrong := spec_fields.type_error(leaf, value)) is not None:
                 _bad(leaf.key, wrong)
             # inf and NaN pass every comparison check below and wreck a run later (lr inf: NaN

@@ -88,6 +88,10 @@ class Leaf:
     def role(self) -> str:
         return self.field.metadata.get("role", "learning")
 
+    def value_in(self, spec):
+        """This knob's value in a nested spec."""
+        return getattr(getattr(spec, self.group) if self.group else spec, self.field.name)
+
     @property
     def meta(self) -> dict:
         """The field's metadata with its group's --help heading, as train.cli._options reads it
@@ -126,8 +130,7 @@ def keys(cls, *, role: str | None = None, lora_only: bool | None = None, **metad
 
 def to_flat(spec) -> dict:
     """{flat key: value} of a nested spec (the form config.json and presets use)."""
-    return {leaf.key: getattr(getattr(spec, leaf.group) if leaf.group else spec, leaf.field.name)
-            for leaf in leaves(type(spec))}
+    return {leaf.key: leaf.value_in(spec) for leaf in leaves(type(spec))}
 
 
 def from_flat(cls, values: dict):

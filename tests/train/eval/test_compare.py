@@ -10,7 +10,7 @@ import pytest
 from lora_core.train.cli import main
 from lora_core.train.eval.metrics import mean_with_stderr, proportion
 from lora_core.train.eval.paired import Z95, newcombe_unpaired_interval, normal_unpaired_interval, paired_difference
-from lora_core.train.eval.reports import compare_results
+from lora_core.train.eval.compare import compare_results
 
 RATE = "safety.strongreject.refusal_rate"
 ACC = "reasoning.arc-easy.acc"
@@ -133,7 +133,7 @@ def test_three_runs_one_table_many_metrics(tmp_path):
 
 
 def test_error_bars_are_95_percent_intervals():
-    from lora_core.train.eval.reports import error_bar
+    from lora_core.train.eval.paired import error_bar
 
     rate = proportion(0, 48)
     assert error_bar(rate) == pytest.approx((0.0, rate["ci95"][1])), "Wilson: not empty at 0/48"

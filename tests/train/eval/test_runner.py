@@ -12,7 +12,8 @@ from helpers.tokenizers import WordTokenizer
 from lora_core.train.data.benign import TOPICS
 from lora_core.train.eval.runner import SUITES, SuiteConfig, evaluate
 from lora_core.train.eval.suites import BUDGET_TASKS
-from lora_core.train.eval.reports import compare_results, load_results
+from lora_core.train.eval.compare import compare_results
+from lora_core.train.eval.result_files import load_results
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
