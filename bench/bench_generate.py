@@ -22,11 +22,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lora_core.models import generate, load_hf_directory  # noqa: E402
-from lora_core.models.loading import resolve_source  # noqa: E402
-from lora_core.common.files import atomic_write_text  # noqa: E402
+from lora_core.models import generate, load_hf_directory
+from lora_core.models.loading import resolve_source
+from lora_core.common.files import atomic_write_text
 
 QUESTIONS = [
     "What is the capital of France?", "Give me three tips for better sleep.", "Explain photosynthesis briefly.",
@@ -171,24 +170,29 @@ def _dynamic_step(model, tok, prompts):
 
 
 def _static_step(model, tok, prompts, use_compile: bool):
-    """generate()'s decode step today: static cache, packed weights (eager) or the compiled layer."""
-    from lora_core.models.generate import _decode_step, _prefill
+    """generate()'s decode step today: the slot cache, packed weights (eager) or the compiled layer."""
+    from lora_core.models.continuous_batching import _decode_step, _prefill
+    from lora_core.models.kv_cache import SlotKVCache
     from lora_core.models.packed_linear import packed_linears
 
     encoded = [tok.encode(p) for p in prompts]
     packed = packed_linears(model, len(prompts), enabled=not use_compile)
     packed.__enter__()  # kept on for the profiled steps (this process profiles, then exits)
+    cfg = model.config
+    cache = SlotKVCache(cfg.num_hidden_layers, len(prompts), cfg.num_key_value_heads, cfg.head_dim,
+                        max(map(len, encoded)) + 64, model.dtype)
     with torch.inference_mode():
-        cache, logits, positions = _prefill(model, encoded, 64, tok.pad_token_id)
-    views = cache.layer_views()
-    state = dict(positions=positions, next_ids=logits.argmax(-1))
+        prefilled, logits = _prefill(model, encoded, tok.pad_token_id, None)
+        prompt_lengths = torch.tensor(cache.fill(list(range(len(prompts))), prefilled))
+    state = dict(next_ids=logits.argmax(-1))
+    live = torch.ones(len(prompts), dtype=torch.bool)
 
     @torch.inference_mode()
     def step():
-        if cache.length >= cache.capacity:  # profiling many steps: wrap around, shapes unchanged
-            cache.length = max(len(e) for e in encoded)
-        state["positions"] = state["positions"] + 1
-        logits = _decode_step(model, cache, views, state["next_ids"], state["positions"], use_compile)
+        if int(cache.lengths.max()) >= cache.capacity - 1:  # profiling many steps: wrap around
+            cache.lengths.copy_(prompt_lengths)
+        logits = _decode_step(model, cache, state["next_ids"], use_compile)
+        cache.advance(live)
         state["next_ids"] = logits.argmax(-1)
     step.packed = packed  # the packs stay patched in while the step is alive
     return step

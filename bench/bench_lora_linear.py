@@ -27,11 +27,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm  # tqdm.write keeps the bar intact
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lora_core.kernels import lora_linear  # noqa: E402
-from lora_core.kernels.cpu_caps import cpu_caps  # noqa: E402
-from lora_core.common.files import atomic_write_text  # noqa: E402
-from lora_core.common.progress import progress  # noqa: E402
+from lora_core.kernels import lora_linear
+from lora_core.kernels.cpu_caps import cpu_caps
+from lora_core.common.files import atomic_write_text
+from lora_core.common.progress import progress
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MODES = ("fwd", "bwd", "fwd+bwd")

@@ -179,7 +179,6 @@ def main(argv=None) -> int:
         args.dtype = args.dtype[0] if isinstance(args.dtype, list) else args.dtype
         worker(args)
         return 0
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from lora_core.common.files import atomic_write_text
     if args.model_dir:
         model_dir = Path(args.model_dir)

@@ -154,7 +154,6 @@ def main(argv=None) -> int:
         raise SystemExit(f"run_all: --threads must be >= 1, got {args.threads}")
     if not args.markdown.is_file():
         raise SystemExit(f"run_all: {args.markdown} not found")
-    sys.path.insert(0, str(ROOT))
     from lora_core.common.files import atomic_write_text
 
     if not args.render_only:

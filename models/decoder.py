@@ -15,6 +15,10 @@ Numerics conventions (each tested against transformers on the same weights):
   through the value product. Padded rows' outputs are meaningless and never read.
 - GQA: key/value heads are shared by groups of query heads through sdpa's `enable_gqa`, so k/v are
   never copied num_kv_groups times.
+- A decode step on CPU (one query per row, no autograd) runs `single_query_attention` instead of
+  sdpa: the same softmax in float32, written as two batched matmuls. CPU sdpa's flash kernel is
+  slow for one query (bf16, batch 16: 8 times slower at 100 keys, 19 at 600; figures in
+  bench/RESULTS.md); its result is the same to the output dtype's rounding.
 - Positions come from the padding mask (cumulative count of real tokens - 1), so a left-padded
   prompt gets the same positions as the unpadded one.
 """
@@ -177,6 +181,24 @@ def disable_compiled_elementwise() -> None:
     _COMPILED.clear()
 
 
+def single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                           scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale, masked) v for one query per row: q (B, H, 1, D), k and v (B, Hkv, L, D),
+    mask (B, 1, 1, L) bool (True = may attend) or None -> (B, H, 1, D) in q's dtype.
+
+    The query heads of each key/value group are stacked as the rows of one matmul (GQA without
+    copying k/v); scores, softmax and the value product run in float32, as sdpa accumulates.
+    """
+    batch, heads, _, dim = q.shape
+    kv_heads, keys = k.shape[1], k.shape[2]
+    grouped = q.reshape(batch, kv_heads, heads // kv_heads, dim).float()  # (B, Hkv, G, D)
+    scores = torch.matmul(grouped, k.float().transpose(-1, -2)).mul_(scale)  # (B, Hkv, G, L)
+    if mask is not None:
+        scores = scores.masked_fill_(~mask.reshape(batch, 1, 1, keys), float("-inf"))
+    out = torch.matmul(torch.softmax(scores, dim=-1), v.float())  # (B, Hkv, G, D)
+    return out.reshape(batch, heads, 1, dim).to(q.dtype)
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
@@ -200,6 +222,9 @@ class Attention(nn.Module):
         k = _rotary(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, Hkv, L, D)
+        if steps == 1 and x.device.type == "cpu" and not torch.is_grad_enabled():
+            out = single_query_attention(q, k, v, attn_mask, self.scale)
+            return self.o_proj(out.transpose(1, 2).reshape(batch, steps, self.num_heads * self.head_dim))
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.scale,
             enable_gqa=self.num_heads != self.num_kv_heads,

@@ -5,9 +5,9 @@ costs one slice write per layer instead of a concatenation that copies the whole
 also keeps the key padding mask (B, capacity), so callers only pass the mask of the new tokens.
 When the capacity is exceeded the buffers grow (doubling), which keeps long unplanned runs correct.
 
-StaticKVCache is the fixed-shape variant generate() decodes with: every buffer is allocated once at
-its final size, and a decode step writes its token at a slot held in a tensor and attends over the
-whole (masked) buffer, so every step has the same shapes and one compiled graph serves them all.
+SlotKVCache is what generate() decodes with: one row (slot) per sequence, every buffer allocated
+once at its final size, each slot at its own length, so a sequence that finishes hands its slot to
+a waiting prompt while the others go on (continuous batching).
 """
 from __future__ import annotations
 
@@ -78,90 +78,120 @@ class KVCache:
         """Called once per forward, after every layer stored its `steps` new positions."""
         self.length += steps
 
+    def stored(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values `layer` holds so far, (B, Hkv, length, D) each."""
+        if self._k[layer] is None:
+            raise ValueError(f"layer {layer} holds nothing yet")
+        return self._k[layer][:, :, : self.length], self._v[layer][:, :, : self.length]
 
-class StaticKVCache:
-    """Buffers (B, Hkv, capacity, D) per layer and a key mask (B, capacity), allocated once.
 
-    Prefill uses the KVCache protocol CausalLM.hidden_states speaks (append_mask, update, advance),
-    so the prompt goes through the model's own masking code in one pass. Decoding then goes
-    through `layer_views()`: each view writes one position at `slot` (a (1,) long tensor the caller
-    fills: a tensor, not an int, so a compiled step is not specialised on the step number) and
-    returns the full buffers; slots past the current one are zeros, masked out by `key_mask`.
-    Every row writes the same slot: rows are left-padded to one width, so step t lands at width + t.
+class SlotKVCache:
+    """Buffers (S, Hkv, capacity, D) per layer for S slots, each holding one sequence at its own
+    length: the sequence's tokens sit at positions 0..length-1 of its row, with no padding.
+
+    `fill` moves freshly prefilled prompts (from a KVCache, left-padded) into free slots, dropping
+    their padding. A decode step (`begin_step`, the layers through `layer_views()`, `advance`)
+    writes each row's new token at that row's length and attends over the first `visible`
+    positions of every row, the key mask hiding what a row does not hold. `release` empties a
+    slot (length 0), and `keep` drops slots for good when no prompt is left to fill them.
     """
 
-    def __init__(self, num_layers: int, batch: int, num_kv_heads: int, head_dim: int, capacity: int,
+    def __init__(self, num_layers: int, slots: int, num_kv_heads: int, head_dim: int, capacity: int,
                  dtype: torch.dtype, device: torch.device | str = "cpu"):
-        if min(num_layers, batch, num_kv_heads, head_dim, capacity) <= 0:
+        if min(num_layers, slots, num_kv_heads, head_dim, capacity) <= 0:
             raise ValueError(
-                f"cache sizes must be positive, got layers={num_layers} batch={batch} "
+                f"cache sizes must be positive, got layers={num_layers} slots={slots} "
                 f"kv_heads={num_kv_heads} head_dim={head_dim} capacity={capacity}"
             )
-        shape = (batch, num_kv_heads, capacity, head_dim)
-        self.num_layers, self.capacity, self.batch = num_layers, capacity, batch
+        shape = (slots, num_kv_heads, capacity, head_dim)
+        self.num_layers, self.capacity = num_layers, capacity
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.key_mask = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
-        self.slot = torch.zeros(1, dtype=torch.long, device=device)
-        self.length = 0
-        # Decode views return the first `visible` positions, or the whole buffer when None. Eager
-        # steps attend over the filled part only (attending over all of a 128-slot buffer doubled
-        # sdpa's time at batch 16); a compiled step needs the fixed full shape.
+        self.key_mask = torch.zeros(slots, capacity, dtype=torch.bool, device=device)
+        self.lengths = torch.zeros(slots, dtype=torch.long, device=device)  # next write position per slot
+        self.rows = torch.arange(slots, device=device)
+        # Eager steps attend over the positions any slot holds (attending over a whole 128-slot
+        # buffer doubled the attention's time at batch 16); a compiled step needs the fixed full
+        # shape and sets this to None.
         self.visible: int | None = None
 
-    def _check_room(self, steps: int) -> int:
-        end = self.length + steps
-        if end > self.capacity:
-            raise ValueError(f"static cache full: {self.length} + {steps} positions > capacity {self.capacity}")
-        return end
+    @property
+    def slots(self) -> int:
+        return self.key_mask.shape[0]
 
-    def append_mask(self, mask: torch.Tensor) -> torch.Tensor:
-        if mask.shape[0] != self.batch:
-            raise ValueError(f"batch size {mask.shape[0]} differs from the cache's {self.batch}")
-        end = self._check_room(mask.shape[1])
-        self.key_mask[:, self.length:end] = mask.to(torch.bool)
-        return self.key_mask[:, :end]
+    def fill(self, slots: list[int], prefilled: KVCache) -> list[int]:
+        """Copy row j of `prefilled` into slot slots[j], its real tokens only (those its key mask
+        marks: padding may sit anywhere, e.g. between a shared prefix and a prompt's own tokens).
+        -> the number of tokens each slot now holds."""
+        width = prefilled.length
+        mask = prefilled.key_mask[:, :width]  # (n, width)
+        if len(slots) != mask.shape[0]:
+            raise ValueError(f"{len(slots)} slots for {mask.shape[0]} prefilled prompts")
+        positions = [row.nonzero().squeeze(-1) for row in mask]  # each row's real tokens, in order
+        lengths = [len(p) for p in positions]
+        if max(lengths) >= self.capacity:
+            raise ValueError(f"a prompt of {max(lengths)} tokens leaves no room in a capacity of {self.capacity}")
+        for layer in range(self.num_layers):
+            keys, values = prefilled.stored(layer)  # (n, Hkv, width, D)
+            for row, (slot, where) in enumerate(zip(slots, positions)):
+                self.keys[layer][slot, :, : len(where)] = keys[row].index_select(1, where)
+                self.values[layer][slot, :, : len(where)] = values[row].index_select(1, where)
+        for slot, n in zip(slots, lengths):
+            self.key_mask[slot] = False
+            self.key_mask[slot, :n] = True
+            self.lengths[slot] = n
+        return lengths
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prefill: store k, v (B, Hkv, T, D) at the current length; return the history so far."""
-        end = self._check_room(k.shape[2])
-        self.keys[layer][:, :, self.length:end] = k
-        self.values[layer][:, :, self.length:end] = v
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+    def release(self, slot: int) -> None:
+        """The slot's sequence is finished: it holds nothing from now on."""
+        self.key_mask[slot] = False
+        self.lengths[slot] = 0
 
-    def advance(self, steps: int) -> None:
-        self.length += steps
+    def keep(self, slots: list[int]) -> None:
+        """Keep only these slots, renumbered 0..len-1 in the given order (a smaller batch)."""
+        index = torch.tensor(slots, dtype=torch.long, device=self.key_mask.device)
+        self.keys = [k.index_select(0, index) for k in self.keys]
+        self.values = [v.index_select(0, index) for v in self.values]
+        self.key_mask = self.key_mask.index_select(0, index)
+        self.lengths = self.lengths.index_select(0, index)
+        self.rows = torch.arange(len(slots), device=self.key_mask.device)
 
     def begin_step(self, fixed_shape: bool) -> torch.Tensor:
-        """Before a decode step: the new token goes to slot `length`, and every row may see it.
+        """Before a decode step: each row's new token goes to its length, and the row may see it.
 
-        -> the key mask (B, 1, 1, L) the step attends with: L = capacity when `fixed_shape`, else
-        the positions filled so far.
+        -> the key mask (S, 1, 1, L) the step attends with: L = capacity when `fixed_shape`, else
+        the positions the longest row holds after this step.
         """
-        end = self._check_room(1)
-        self.slot.fill_(self.length)
-        self.key_mask[:, self.length] = True
-        self.visible = None if fixed_shape else end
-        return self.key_mask[:, None, None, : self.capacity if fixed_shape else end]
+        longest = int(self.lengths.max())
+        if longest >= self.capacity:
+            raise ValueError(f"slot cache full: a row holds {longest} positions, capacity {self.capacity}")
+        self.key_mask[self.rows, self.lengths] = True
+        self.visible = None if fixed_shape else longest + 1
+        return self.key_mask[:, None, None, : self.capacity if fixed_shape else longest + 1]
+
+    def advance(self, live: torch.Tensor) -> None:
+        """After a decode step: rows that are still generating (live, (S,) bool) grew by one."""
+        self.lengths += live.to(self.lengths.dtype)
 
     def layer_views(self) -> list["LayerCacheView"]:
         return [LayerCacheView(self, k, v) for k, v in zip(self.keys, self.values)]
 
 
 class LayerCacheView:
-    """One layer's buffers in decode mode: `update` writes the new position at `slot` and returns
-    the whole buffers. It ignores the layer index the decoder passes, on purpose: a compiled layer
-    step that read it was specialised on it and recompiled once per layer."""
+    """One layer's buffers in decode mode: `update` writes each row's new key and value at that
+    row's length and returns the buffers. It ignores the layer index the decoder passes, on
+    purpose: a compiled layer step that read it was specialised on it and recompiled once per layer."""
 
     __slots__ = ("cache", "keys", "values")
 
-    def __init__(self, cache: StaticKVCache, keys: torch.Tensor, values: torch.Tensor):
+    def __init__(self, cache: SlotKVCache, keys: torch.Tensor, values: torch.Tensor):
         self.cache, self.keys, self.values = cache, keys, values
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.keys.index_copy_(2, self.cache.slot, k)
-        self.values.index_copy_(2, self.cache.slot, v)
-        visible = self.cache.visible
+        cache = self.cache
+        self.keys[cache.rows, :, cache.lengths] = k[:, :, 0]  # k (S, Hkv, 1, D)
+        self.values[cache.rows, :, cache.lengths] = v[:, :, 0]
+        visible = cache.visible
         if visible is None:
-            return self.keys, self.values  # (B, Hkv, capacity, D)
-        return self.keys[:, :, :visible], self.values[:, :, :visible]  # (B, Hkv, visible, D)
+            return self.keys, self.values  # (S, Hkv, capacity, D)
+        return self.keys[:, :, :visible], self.values[:, :, :visible]  # (S, Hkv, visible, D)

@@ -162,3 +162,41 @@ def test_mlp_keeps_no_copy_of_the_down_proj_input(monkeypatch):
     p_storage = replaced[0].untyped_storage().data_ptr()
     assert all(t.untyped_storage().data_ptr() != p_storage for t in kept), "a view of p was still saved"
     assert x.grad is not None and mlp.down_proj.lora_A.grad is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kv_heads,keys,masked", [(2, 7, False), (2, 130, True), (7, 600, True)])
+def test_single_query_attention_equals_fp64_reference(dtype, kv_heads, keys, masked):
+    """The decode step's attention against softmax(q k^T / sqrt(d)) v in float64, and no further
+    from it than sdpa is (both round once, to the output dtype)."""
+    import torch.nn.functional as F
+
+    from lora_core.models.decoder import single_query_attention
+
+    gen = torch.Generator().manual_seed(keys)
+    batch, heads, dim = 3, 14, 64
+    q, k, v = (torch.randn(shape, generator=gen).mul(2).to(dtype) for shape in
+               [(batch, heads, 1, dim), (batch, kv_heads, keys, dim), (batch, kv_heads, keys, dim)])
+    mask = None
+    if masked:
+        mask = torch.rand(batch, 1, 1, keys, generator=gen) > 0.3
+        mask[..., -1] = True  # every row sees at least its own position
+    scale = dim ** -0.5
+    group = heads // kv_heads
+    scores = q.double().reshape(batch, kv_heads, group, dim) @ k.double().transpose(-1, -2) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask.reshape(batch, 1, 1, keys), float("-inf"))
+    reference = (torch.softmax(scores, -1) @ v.double()).reshape(batch, heads, 1, dim)
+    ours = single_query_attention(q, k, v, mask, scale)
+    sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    assert ours.dtype == dtype and ours.shape == reference.shape
+    # One rounding to the output dtype (an ulp of values up to |v|max), plus the float32 scores'
+    # rounding, which the softmax passes on to the output scaled by |v|max.
+    score_size = float((q.double().abs().reshape(batch, kv_heads, group, dim)
+                        @ k.double().abs().transpose(-1, -2)).max()) * scale
+    v_max = float(v.abs().max())
+    bound = torch.finfo(dtype).eps * v_max + 4 * torch.finfo(torch.float32).eps * score_size * v_max
+    assert float((ours.double() - reference).abs().max()) <= bound
+    ours_mean = float((ours.double() - reference).abs().mean())
+    sdpa_mean = float((sdpa.double() - reference).abs().mean())
+    assert ours_mean <= 1.5 * sdpa_mean + 1e-7, f"mean error {ours_mean:.3g}, sdpa's {sdpa_mean:.3g}"

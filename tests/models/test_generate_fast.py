@@ -23,8 +23,8 @@ from helpers.generation import GENERATION_PROMPTS, hf_greedy_tokens  # noqa: E40
 from helpers.tokenizers import build_tokenizer_dir  # noqa: E402
 from lora_core.models import generate, load_hf_directory  # noqa: E402
 from lora_core.models import compile_utils  # noqa: E402
-from lora_core.models.generate import _sample, _stop_in_tail  # noqa: E402
-from lora_core.models.kv_cache import KVCache, StaticKVCache  # noqa: E402
+from lora_core.models.kv_cache import KVCache, SlotKVCache  # noqa: E402
+from lora_core.models.sampling import prompt_generator, sample_next, stop_in_tail  # noqa: E402
 
 PROMPTS = GENERATION_PROMPTS
 
@@ -76,7 +76,7 @@ def _slow_tokens(model, tok, prompt: str, new_tokens: int, temperature=0.0, top_
     logits = model(ids, kv_cache=cache)[:, -1].float()
     out = []
     for _ in range(new_tokens):
-        nxt = _sample(logits, temperature, top_p, generator)
+        nxt = sample_next(logits, temperature, top_p, generator)
         if int(nxt) in tok.eos_token_ids:
             break
         out.append(int(nxt))
@@ -95,21 +95,21 @@ def test_greedy_equals_slow_path_and_transformers(tiny):
     assert len(set(fast)) == len(fast), f"answers repeat across prompts, a weak comparison: {fast}"
 
 
-def test_sampling_equals_slow_path_with_the_same_seed(tiny):
+def test_sampling_equals_slow_path_with_each_prompts_own_generator(tiny):
+    """Prompt i samples from prompt_generator(seed, i) whatever the batch: the one-row reference
+    with that generator gives the same text at every batch size, and a rerun gives it again."""
     _, model, tok = tiny
-    # One prompt per batch so the generator's draws line up with the one-row reference.
-    fast = generate(model, tok, PROMPTS[:3], max_new_tokens=10, temperature=1.3, top_p=0.9, seed=5,
-                    batch_size=1, progress=False)
-    gen = torch.Generator().manual_seed(5)
-    # generate() sorts prompts longest first; replay the reference in that order.
-    order = sorted(range(3), key=lambda i: len(tok.encode(PROMPTS[i], add_special_tokens=True)), reverse=True)
-    expected = {}
-    for i in order:
-        expected[i] = tok.decode(_slow_tokens(model, tok, PROMPTS[i], 10, 1.3, 0.9, gen))
-    assert fast == [expected[i] for i in range(3)]
-    again = generate(model, tok, PROMPTS[:3], max_new_tokens=10, temperature=1.3, top_p=0.9, seed=5,
-                     batch_size=1, progress=False)
-    assert again == fast, "same seed, different samples"
+    expected = [tok.decode(_slow_tokens(model, tok, p, 10, 1.3, 0.9, prompt_generator(5, i)))
+                for i, p in enumerate(PROMPTS)]
+    for batch_size in (1, 2, len(PROMPTS)):
+        fast = generate(model, tok, PROMPTS, max_new_tokens=10, temperature=1.3, top_p=0.9, seed=5,
+                        batch_size=batch_size, progress=False)
+        assert fast == expected, f"batch_size {batch_size}"
+    other_seed = generate(model, tok, PROMPTS, max_new_tokens=10, temperature=1.3, top_p=0.9, seed=6,
+                          progress=False)
+    assert other_seed != expected, "seed 6 drew the same samples as seed 5"
+    repeated = generate(model, tok, [PROMPTS[0]] * 4, max_new_tokens=10, temperature=1.3, seed=5, progress=False)
+    assert len(set(repeated)) > 1, f"four copies of one prompt drew the same sample: {repeated}"
 
 
 def test_last_token_costs_no_forward_pass(tiny):
@@ -194,30 +194,108 @@ def test_tail_check_equals_full_decode_on_random_ids(tiny):
         stop = [text[start:start + 3]]
         # The first prefix whose full decode contains the stop string is where the tail check fires.
         want = next(n for n in range(1, 31) if stop[0] in tok.decode(ids[:n]))
-        got = next((n for n in range(1, 31) if _stop_in_tail(tok, ids[:n], stop, 3)), None)
+        got = next((n for n in range(1, 31) if stop_in_tail(tok, ids[:n], stop, 3)), None)
         assert got == want, f"ids {ids}: stop {stop!r} found at {got}, full decode at {want}"
 
 
-# ---------------------------------------------------------------------------- static cache
-def test_static_cache_prefill_equals_growing_cache(tiny):
+# ---------------------------------------------------------------------------- slot cache
+def test_slot_cache_fill_keeps_real_tokens_only(tiny):
+    """Two left-padded prompts prefilled together land in their slots as if each had been
+    prefilled alone: the same keys and values, at positions 0..n-1, mask and length set."""
     _, model, tok = tiny
-    ids = torch.tensor([tok.encode(PROMPTS[1])])
+    cfg = model.config
+    prompts = [tok.encode(PROMPTS[1]), tok.encode(PROMPTS[2])]
+    assert len(prompts[0]) != len(prompts[1]), "the test needs padding"
+    from lora_core.models.continuous_batching import _prefill
+
+    slots = SlotKVCache(cfg.num_hidden_layers, 3, cfg.num_key_value_heads, cfg.head_dim, 64, model.dtype)
     with torch.inference_mode():
-        grow = model.hidden_states(ids, kv_cache=KVCache(model.config.num_hidden_layers))
-        cfg = model.config
-        static = StaticKVCache(cfg.num_hidden_layers, 1, cfg.num_key_value_heads, cfg.head_dim, 64, model.dtype)
-        fixed = model.hidden_states(ids, kv_cache=static)
-    torch.testing.assert_close(fixed, grow, rtol=0, atol=0)
+        prefilled, _ = _prefill(model, prompts, tok.pad_token_id, None)
+        assert slots.fill([2, 0], prefilled) == [len(p) for p in prompts]
+        for slot, ids in zip([2, 0], prompts):
+            alone = KVCache(cfg.num_hidden_layers)
+            model.hidden_states(torch.tensor([ids]), kv_cache=alone)
+            for layer in range(cfg.num_hidden_layers):
+                keys, values = alone.stored(layer)
+                torch.testing.assert_close(slots.keys[layer][slot, :, :len(ids)], keys[0], rtol=1e-5, atol=1e-6)
+                torch.testing.assert_close(slots.values[layer][slot, :, :len(ids)], values[0], rtol=1e-5, atol=1e-6)
+            assert slots.key_mask[slot].tolist() == [True] * len(ids) + [False] * (64 - len(ids))
+    assert slots.lengths.tolist() == [len(prompts[1]), 0, len(prompts[0])]
 
 
-def test_static_cache_refuses_overflow_and_bad_sizes():
-    cache = StaticKVCache(2, 1, 1, 4, 3, torch.float32)
-    with pytest.raises(ValueError, match="static cache full"):
-        cache.append_mask(torch.ones(1, 4, dtype=torch.bool))
-    with pytest.raises(ValueError, match="batch size 2"):
-        cache.append_mask(torch.ones(2, 1, dtype=torch.bool))
+def test_slot_cache_refuses_overflow_and_bad_sizes(tiny):
+    _, model, tok = tiny
+    cfg = model.config
+    from lora_core.models.continuous_batching import _prefill
+
+    small = SlotKVCache(cfg.num_hidden_layers, 1, cfg.num_key_value_heads, cfg.head_dim, 4, model.dtype)
+    with torch.inference_mode():
+        prefilled, _ = _prefill(model, [tok.encode(PROMPTS[1])], tok.pad_token_id, None)
+    with pytest.raises(ValueError, match="leaves no room in a capacity of 4"):
+        small.fill([0], prefilled)
+    with pytest.raises(ValueError, match="2 slots for 1 prefilled"):
+        small.fill([0, 1], prefilled)
+    small.lengths[0] = 4
+    with pytest.raises(ValueError, match="slot cache full"):
+        small.begin_step(fixed_shape=False)
     with pytest.raises(ValueError, match="capacity=0"):
-        StaticKVCache(2, 1, 1, 4, 0, torch.float32)
+        SlotKVCache(2, 1, 1, 4, 0, torch.float32)
+
+
+# ---------------------------------------------------------------------------- continuous batching
+def _early_eos_tokenizer(model, tok):
+    """A copy of `tok` whose EOS set adds a token the greedy answers reach at different steps, so
+    rows finish at different times and waiting prompts join a running batch."""
+    answers = [_slow_tokens(model, tok, p, 24) for p in PROMPTS]
+    # Answer j would end near step 3 + 4j (earlier where the token came up before).
+    ends = {ids[3 + 4 * j] for j, ids in enumerate(answers[:4]) if len(ids) > 3 + 4 * j}
+    early = copy.copy(tok)
+    early.eos_token_ids = set(tok.eos_token_ids) | ends
+    return early
+
+
+def test_continuous_batching_equals_one_prompt_at_a_time_and_transformers(tiny):
+    hf, model, tok = tiny
+    early = _early_eos_tokenizer(model, tok)
+    lengths = [len(_slow_tokens(model, early, p, 24)) for p in PROMPTS]
+    assert len(set(lengths)) >= 3, f"answers of lengths {lengths}: too few finish at different steps"
+    for batch_size in (2, 3):
+        fast = generate(model, early, PROMPTS, max_new_tokens=24, batch_size=batch_size, progress=False)
+        for prompt, text in zip(PROMPTS, fast):
+            theirs = hf_greedy_tokens(hf, early, prompt, 24)
+            assert text == early.decode(theirs), f"batch_size {batch_size}, {prompt!r}"
+
+
+def test_finished_rows_hand_their_slot_to_waiting_prompts(tiny):
+    """With 2 slots and 5 prompts, prompts join while others decode: a prefill of one prompt runs
+    between decode steps (the static batches of before prefilled 2, 2, 1 only at their start)."""
+    _, model, tok = tiny
+    early = _early_eos_tokenizer(model, tok)
+    shapes = []
+    handle = model.model.layers[0].register_forward_hook(lambda mod, args, out: shapes.append(tuple(args[0].shape[:2])))
+    try:
+        generate(model, early, PROMPTS, max_new_tokens=24, batch_size=2, progress=False)
+    finally:
+        handle.remove()
+    prefills = [i for i, (_, steps) in enumerate(shapes) if steps > 1]
+    decodes = [i for i, (_, steps) in enumerate(shapes) if steps == 1]
+    assert any(decodes[0] < i < decodes[-1] for i in prefills[1:]), f"no prompt joined mid-run: {shapes}"
+    assert shapes[-1][0] == 1, "the last decode steps should run the one live row only"
+
+
+def test_shared_prefix_is_prefilled_once_with_the_same_tokens(tiny):
+    hf, model, tok = tiny
+    header = "Answer the question. Keep it short and plain, then stop. Question: "
+    prompts = [header + p for p in PROMPTS]
+    from lora_core.models.continuous_batching import MIN_SHARED_PREFIX, SharedPrefix
+
+    with torch.inference_mode():
+        prefix = SharedPrefix.compute(model, [tok.encode(p) for p in prompts])
+    assert prefix is not None and prefix.length >= MIN_SHARED_PREFIX
+    shared = generate(model, tok, prompts, max_new_tokens=12, batch_size=3, progress=False)
+    alone = generate(model, tok, prompts, max_new_tokens=12, batch_size=3, progress=False, share_prefix=False)
+    assert shared == alone
+    assert shared == [tok.decode(hf_greedy_tokens(hf, tok, p, 12)) for p in prompts]
 
 
 # ---------------------------------------------------------------------------- compile switch
