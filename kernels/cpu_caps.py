@@ -8,6 +8,10 @@ Two decisions depend on it and must agree, so they live here:
   in fp32.
 - the default training dtype: bf16 where it has native units, fp32 where bf16 would be emulated.
 
+- the fp32 route of packed decode matmuls (models/packed_linear.py): MKL's sgemm on Intel CPUs,
+  oneDNN's elsewhere: on an AMD EPYC MKL ran 2-3x slower than oneDNN at every row count a decode
+  step or a prefill has (bench/RESULTS.md, "Measurements cited by the code").
+
 fp16 follows the same rule with AVX512-FP16 / AMX-FP16 (there the rank-r fp16 `addmm_` is several
 times faster than the route through fp32).
 
@@ -31,6 +35,7 @@ ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile",
 @dataclass(frozen=True)
 class CpuCaps:
     model: str             # "Intel(R) Xeon(R) ..." or platform.processor()
+    vendor: str            # /proc/cpuinfo vendor_id: "GenuineIntel", "AuthenticAMD", "" when unknown
     torch_capability: str  # torch.backends.cpu.get_cpu_capability(): "AVX512", "AVX2", "DEFAULT", ...
     flags: tuple[str, ...]  # the subset of ISA_FLAGS present
     native_bf16: bool      # bf16 dot products in hardware (AVX512-BF16 or AMX-BF16)
@@ -40,24 +45,26 @@ class CpuCaps:
         return asdict(self) | {"flags": list(self.flags)}
 
 
-def _cpuinfo() -> tuple[str, set[str]]:
-    """(model name, flag set) from /proc/cpuinfo's first processor; empty off Linux."""
+def _cpuinfo() -> tuple[str, str, set[str]]:
+    """(model name, vendor, flag set) from /proc/cpuinfo's first processor; empty off Linux."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
             text = handle.read(1 << 16)
     except OSError:
-        return platform.processor() or "unknown", set()
-    model, flags = "", set()
+        return platform.processor() or "unknown", "", set()
+    model, vendor, flags = "", "", set()
     for line in text.splitlines():
         key, _, value = line.partition(":")
         key = key.strip()
         if key == "model name" and not model:
             model = value.strip()
+        elif key == "vendor_id" and not vendor:
+            vendor = value.strip()
         elif key in ("flags", "Features") and not flags:
             flags = set(value.split())
-        if model and flags:
+        if model and vendor and flags:
             break
-    return model or platform.processor() or "unknown", flags
+    return model or platform.processor() or "unknown", vendor, flags
 
 
 def _env_override() -> bool | None:
@@ -71,9 +78,9 @@ def _env_override() -> bool | None:
 
 @functools.lru_cache(maxsize=1)
 def _detected() -> CpuCaps:
-    model, flags = _cpuinfo()
+    model, vendor, flags = _cpuinfo()
     capability = torch.backends.cpu.get_cpu_capability()
-    return CpuCaps(model=model, torch_capability=capability,
+    return CpuCaps(model=model, vendor=vendor, torch_capability=capability,
                    flags=tuple(f for f in ISA_FLAGS if f in flags),
                    native_bf16="avx512_bf16" in flags or "amx_bf16" in flags,
                    native_fp16="avx512_fp16" in flags or "amx_fp16" in flags)
@@ -85,7 +92,7 @@ def cpu_caps() -> CpuCaps:
     forced = _env_override()
     if forced is None or forced == caps.native_bf16:
         return caps
-    return CpuCaps(caps.model, caps.torch_capability, caps.flags, forced, caps.native_fp16)
+    return CpuCaps(caps.model, caps.vendor, caps.torch_capability, caps.flags, forced, caps.native_fp16)
 
 
 def native_bf16() -> bool:

@@ -215,9 +215,15 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, attn_mask, is_causal: bool, kv_cache: KVCache | None):
         batch, steps, _ = x.shape
-        q = self.q_proj(x).view(batch, steps, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(batch, steps, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = self.v_proj(x).view(batch, steps, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        fused = self.__dict__.get("fused_qkv")  # set by packed_linear.packed_linears for generation
+        if fused is not None:
+            kv_width = self.num_kv_heads * self.head_dim
+            q, k, v = fused(x).split([self.num_heads * self.head_dim, kv_width, kv_width], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(batch, steps, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(batch, steps, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = v.view(batch, steps, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         q = _rotary(q, cos, sin)
         k = _rotary(k, cos, sin)
         if kv_cache is not None:
@@ -270,7 +276,11 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        g, u = self.gate_proj(x), self.up_proj(x)  # (B, T, I)
+        fused = self.__dict__.get("fused_gate_up")  # set by packed_linear.packed_linears for generation
+        if fused is not None:
+            g, u = fused(x).chunk(2, dim=-1)  # (B, T, I) each
+        else:
+            g, u = self.gate_proj(x), self.up_proj(x)  # (B, T, I)
         p = silu_mul(g, u)
         if not (torch.is_grad_enabled() and p.requires_grad) or _COMPILED:
             return self.down_proj(p)

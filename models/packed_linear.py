@@ -27,10 +27,13 @@ from __future__ import annotations
 
 import contextlib
 import weakref
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from lora_core.kernels.cpu_caps import cpu_caps
 
 MAX_PACKED_BYTES = 2 << 30  # 2 GiB of packed copies at most
 
@@ -40,8 +43,13 @@ _PACKS: "weakref.WeakKeyDictionary[nn.Module, dict[int, tuple[tuple, torch.Tenso
 
 def _route(dtype: torch.dtype) -> str | None:
     """Which packed kernel serves this dtype on this CPU, or None for plain F.linear."""
-    if dtype == torch.float32 and torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear"):
-        return "mkl"
+    if dtype == torch.float32:
+        # MKL's sgemm is fast on Intel CPUs only; on an AMD EPYC it ran 2-3x slower than oneDNN's
+        # at every row count here, F.linear (MKL too) included (kernels/cpu_caps.py).
+        if (cpu_caps().vendor == "GenuineIntel" and torch.backends.mkl.is_available()
+                and hasattr(torch.ops.mkl, "_mkl_linear")):
+            return "mkl"
+        return "mkldnn" if torch.backends.mkldnn.is_available() else None
     # bf16 packs only where oneDNN has native bf16 (AVX512-BF16/AMX); elsewhere it emulates and
     # is no faster than the unpacked path.
     if (dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
@@ -60,8 +68,8 @@ def _pack(weight: torch.Tensor, route: str, rows: int) -> torch.Tensor:
 def _packed_forward(module: nn.Linear, packed: torch.Tensor, route: str, rows: int):
     # MKL's packed sgemm is laid out for `rows`; on a prefill's hundreds of rows it was slower than
     # the plain path, and on one row too (the plain path is a matrix-vector product there), so
-    # those go plain. oneDNN's bf16 packs stayed ahead on both and are always used (figures in
-    # bench/RESULTS.md).
+    # those go plain. oneDNN's packs (bf16, and fp32 off Intel) stayed ahead on both and are
+    # always used (figures in bench/RESULTS.md).
     plain_above = 4 * rows
 
     def forward(x: torch.Tensor) -> torch.Tensor:
@@ -81,10 +89,44 @@ def release(model: nn.Module) -> None:
     _PACKS.pop(model, None)
 
 
+# Projections that read the same input and are run as one matmul within packed_linears: the
+# owner module gets a `fused_<name>` callable returning their outputs side by side (the decoder
+# splits them). One call instead of three (two) saved 20-50 us per layer and step, 2-3% of a
+# decode step (bench/RESULTS.md, "Measurements cited by the code").
+FUSED_GROUPS = {"fused_qkv": ("q_proj", "k_proj", "v_proj"), "fused_gate_up": ("gate_proj", "up_proj")}
+
+
+def _fusable(model: nn.Module, linears: list[nn.Linear]) -> list[tuple[nn.Module, str, list[nn.Linear]]]:
+    """(owner, attribute, members) for every group of FUSED_GROUPS whose members all run packed
+    here with the same dtype."""
+    eligible = {id(m) for m in linears}
+    groups = []
+    for owner in model.modules():
+        for attr, names in FUSED_GROUPS.items():
+            members = [getattr(owner, n, None) for n in names]
+            if (all(isinstance(m, nn.Linear) and id(m) in eligible for m in members)
+                    and len({m.weight.dtype for m in members}) == 1 and attr not in owner.__dict__):
+                groups.append((owner, attr, members))
+    return groups
+
+
+def _fused_weight(members: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    weight = torch.cat([m.weight.detach() for m in members])  # (sum N, K)
+    if all(m.bias is None for m in members):
+        return weight, None
+    return weight, torch.cat([m.bias.detach() if m.bias is not None else m.weight.new_zeros(m.out_features)
+                              for m in members])
+
+
+def _stamp(weight: torch.Tensor, rows: int) -> tuple:
+    return (weight.data_ptr(), weight._version, tuple(weight.shape), weight.dtype, rows)
+
+
 @contextlib.contextmanager
 def packed_linears(model: nn.Module, rows: int, enabled: bool = True):
     """Within the block, `model`'s nn.Linear layers run on packed weights where that applies
-    (CPU, fp32 with MKL, bf16 with native oneDNN bf16, total size within MAX_PACKED_BYTES).
+    (CPU; fp32 with MKL on Intel, with oneDNN elsewhere; bf16 with native oneDNN bf16; total size
+    within MAX_PACKED_BYTES), and the projections of FUSED_GROUPS run as one matmul per group.
     `rows` is the batch the packs are laid out for; other row counts are still correct."""
     linears = [m for m in model.modules() if type(m) is nn.Linear and m.weight.device.type == "cpu"
                and "forward" not in m.__dict__ and _route(m.weight.dtype) is not None
@@ -94,13 +136,31 @@ def packed_linears(model: nn.Module, rows: int, enabled: bool = True):
         yield
         return
     store = _PACKS.setdefault(model, {})
-    live: set[int] = set()
-    patched = []
+    live: set = set()
+    patched, fused_owners = [], []
     try:
+        groups = _fusable(model, linears)
+        in_groups = {id(m) for _, _, members in groups for m in members}
+        for owner, attr, members in groups:
+            # Members are packed only as the group (a second copy of their weights is not kept).
+            key, stamp = (id(owner), attr), tuple(_stamp(m.weight, rows) for m in members)
+            cached = store.get(key)
+            if cached is None or cached[0] != stamp:
+                weight, bias = _fused_weight(members)
+                route = _route(weight.dtype)
+                # MKL's path also needs the plain weight (its row counts that go plain); oneDNN's not.
+                fused = SimpleNamespace(weight=weight if route == "mkl" else None, bias=bias)
+                cached = store[key] = (stamp, (_pack(weight, route, rows), fused, route))
+            live.add(key)
+            packed, fused, route = cached[1]
+            owner.__dict__[attr] = _packed_forward(fused, packed, route, rows)
+            fused_owners.append((owner, attr))
         for module in linears:
+            if id(module) in in_groups:
+                continue
             weight = module.weight
             route = _route(weight.dtype)
-            stamp = (weight.data_ptr(), weight._version, tuple(weight.shape), weight.dtype, rows)
+            stamp = _stamp(weight, rows)
             cached = store.get(id(weight))
             if cached is None or cached[0] != stamp:  # new, or written since it was packed
                 cached = store[id(weight)] = (stamp, _pack(weight, route, rows))
@@ -113,3 +173,5 @@ def packed_linears(model: nn.Module, rows: int, enabled: bool = True):
     finally:
         for module in patched:
             del module.forward  # the class's forward again
+        for owner, attr in fused_owners:
+            del owner.__dict__[attr]

@@ -348,27 +348,50 @@ def test_compiled_step_equals_eager_with_one_graph_for_all_layers(tmp_path_facto
 
 
 def test_packed_forwards_are_restored_even_after_an_error(tiny):
+    """Inside the context every linear runs packed, q/k/v and gate/up as one fused matmul each
+    (their outputs side by side, equal to the separate projections to rounding); on exit, even
+    through an error, the modules are as they were."""
     from lora_core.models import packed_linear
 
     _, model, tok = tiny
     linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
-    with packed_linear.packed_linears(model, 4):
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    x = torch.randn(2, 3, model.config.hidden_size)
+    with torch.inference_mode(), packed_linear.packed_linears(model, 4):
         patched = sum("forward" in m.__dict__ for m in linears)
-    assert patched == len(linears), "the fp32 tiny model should run every linear packed (MKL build)"
+        fused = [getattr(layer, attr) for layer in model.model.layers
+                 for attr in ("self_attn", "mlp")]
+        assert all(("fused_qkv" in f.__dict__) != ("fused_gate_up" in f.__dict__) for f in fused)
+        separate = torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], dim=-1)
+        torch.testing.assert_close(attn.fused_qkv(x), separate, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(mlp.fused_gate_up(x), torch.cat([mlp.gate_proj(x), mlp.up_proj(x)], -1),
+                                   rtol=1e-5, atol=1e-5)
+    members = 5 * model.config.num_hidden_layers
+    assert patched == len(linears) - members, "every linear outside a fused group should run packed"
     with pytest.raises(RuntimeError, match="boom"):
         with packed_linear.packed_linears(model, 4):
             raise RuntimeError("boom")
     assert not any("forward" in m.__dict__ for m in linears)
+    assert not any(attr in m.__dict__ for m in model.modules() for attr in packed_linear.FUSED_GROUPS)
     packed_linear.release(model)
     assert model not in packed_linear._PACKS
 
 
+@pytest.mark.parametrize("vendor", ["GenuineIntel", "AuthenticAMD"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 3, 16, 100])
-def test_packed_linear_equals_plain_linear(dtype, rows):
+def test_packed_linear_equals_plain_linear(dtype, rows, vendor, monkeypatch):
     """Inside the context every row count (one row, the packed layout's, a prefill's) gives the
-    plain nn.Linear's result to the dtype's rounding, with and without bias."""
+    plain nn.Linear's result to the dtype's rounding, with and without bias, on both fp32 routes
+    (MKL where the CPU is Intel's, oneDNN elsewhere)."""
+    import dataclasses
+
     from lora_core.models import packed_linear
+
+    caps = dataclasses.replace(packed_linear.cpu_caps(), vendor=vendor)
+    monkeypatch.setattr(packed_linear, "cpu_caps", lambda: caps)
+    if dtype == torch.float32 and torch.backends.mkl.is_available():
+        assert packed_linear._route(dtype) == ("mkl" if vendor == "GenuineIntel" else "mkldnn")
 
     torch.manual_seed(0)
     layers = torch.nn.Sequential(torch.nn.Linear(96, 160, bias=True), torch.nn.Linear(160, 48, bias=False)).to(dtype)
