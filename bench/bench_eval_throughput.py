@@ -9,6 +9,7 @@ the sides alternating, so both meet the same machine:
   batch size), timed around generate(); items/s and new tokens/s, and how many answers are the
   same text on both sides (greedy decoding; bf16 rounding may flip a few).
 - `suite`: `lora-core eval --suite standard` end to end; items/s = answers generated / wall time.
+- `demo`: `lora-core demo` end to end (evaluate, train, evaluate); its wall time only.
 
     python bench/bench_eval_throughput.py --model qwen2.5-coder-0.5b-instruct --workloads humaneval --n 40
     python bench/bench_eval_throughput.py --model smollm2-135m-instruct --workloads suite
@@ -69,20 +70,30 @@ def _worker_humaneval(args) -> dict:
             "budget": cfg.budget("humaneval"), "batch_size": cfg.batch_size, "texts": texts}
 
 
+def _run_cli(command: list[str], env: dict, threads: int) -> tuple[float, Path]:
+    """Wall time of `lora-core <command> --out <new folder>`; -> (seconds, the folder, kept until exit)."""
+    out = Path(tempfile.mkdtemp(prefix="lora-core-bench-")) / "run"
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "lora_core.train.cli", *command, "--out", str(out)], check=True,
+                   env=env | {"OMP_NUM_THREADS": str(threads)})
+    return time.perf_counter() - start, out
+
+
 def _run_suite(model: str, dtype: str, env: dict, threads: int) -> dict:
-    with tempfile.TemporaryDirectory() as out:
-        start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "lora_core.train.cli", "eval", "--model", model, "--suite", "standard",
-                        "--dtype", dtype, "--out", out], check=True, env=env | {"OMP_NUM_THREADS": str(threads)})
-        wall = time.perf_counter() - start
-        answers = sum(1 for _ in open(Path(out) / "generations.jsonl", encoding="utf-8"))
-        results = json.loads((Path(out) / "results.json").read_text(encoding="utf-8"))
+    wall, out = _run_cli(["eval", "--model", model, "--suite", "standard", "--dtype", dtype], env, threads)
+    answers = sum(1 for _ in open(out / "generations.jsonl", encoding="utf-8"))
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
     return {"items": answers, "wall_s": wall, "items_per_s": answers / wall, "parts_wall_s": results.get("wall", {})}
 
 
+def _run_demo(model: str, dtype: str, env: dict, threads: int) -> dict:
+    wall, _ = _run_cli(["demo", "--model", model, "--dtype", dtype], env, threads)
+    return {"items": None, "wall_s": wall, "items_per_s": None}
+
+
 def _side(workload: str, args, env: dict) -> dict:
-    if workload == "suite":
-        return _run_suite(args.model, args.dtype, env, args.threads)
+    if workload in ("suite", "demo"):
+        return (_run_suite if workload == "suite" else _run_demo)(args.model, args.dtype, env, args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out.json"
         subprocess.run([sys.executable, __file__, "--worker", workload, "--model", args.model, "--dtype", args.dtype,
@@ -106,9 +117,9 @@ def _markdown(rows: list[dict], meta: dict) -> str:
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         same = f"{r['same_text']}/{r['items']}" if r.get("same_text") is not None else "n/a"
-        lines.append(f"| {r['workload']} | {r['items']} | {r['before']['wall_s']:.1f} | {r['after']['wall_s']:.1f} | "
-                     f"{r['before']['items_per_s']:.3f} | {r['after']['items_per_s']:.3f} | "
-                     f"**{r['speedup']:.2f}x** | {same} |")
+        rates = [f"{r[side]['items_per_s']:.3f}" if r[side]["items_per_s"] else "n/a" for side in ("before", "after")]
+        lines.append(f"| {r['workload']} | {r['items'] or 'n/a'} | {r['before']['wall_s']:.1f} | "
+                     f"{r['after']['wall_s']:.1f} | {rates[0]} | {rates[1]} | **{r['speedup']:.2f}x** | {same} |")
     return "\n".join(lines) + "\n"
 
 
@@ -116,7 +127,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
-    parser.add_argument("--workloads", nargs="+", default=["humaneval"], choices=["humaneval", "suite"])
+    parser.add_argument("--workloads", nargs="+", default=["humaneval"], choices=["humaneval", "suite", "demo"])
     parser.add_argument("--n", type=int, default=40, help="HumanEval items (default 40)")
     parser.add_argument("--before", default=BEFORE_REF, help=f"git ref of the 'before' side (default {BEFORE_REF})")
     parser.add_argument("--threads", type=int, default=2)
@@ -141,7 +152,7 @@ def main(argv=None) -> int:
             before = _side(workload, args, before_env)
             after = _side(workload, args, after_env)
             row = {"workload": workload, "items": after["items"], "before": before, "after": after,
-                   "speedup": after["items_per_s"] / before["items_per_s"], "same_text": None}
+                   "speedup": before["wall_s"] / after["wall_s"], "same_text": None}
             if "texts" in after:
                 pairs = list(zip(before.pop("texts"), after.pop("texts")))
                 row["same_text"] = sum(a == b for a, b in pairs)

@@ -265,6 +265,7 @@ def main(argv=None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out-dir", default="bench/results")
+    parser.add_argument("--stem", default="bench_generate", help="file name of the JSON and Markdown written")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads for both sides (default: torch's choice). On a CPU shared with other "
                         "jobs, 1 avoids OpenMP spin contention that made 2-thread matmuls ~20x slower here")
@@ -295,9 +296,9 @@ def main(argv=None) -> int:
                 load_after=_load_average())
     out = Path(args.out_dir)
     print(f"load average before/after: {load_before} / {meta['load_after']}")
-    atomic_write_text(out / "bench_generate.json", json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    atomic_write_text(out / "bench_generate.md", _markdown(rows, meta))
-    print(f"wrote {out / 'bench_generate.json'} and {out / 'bench_generate.md'}")
+    atomic_write_text(out / f"{args.stem}.json", json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    atomic_write_text(out / f"{args.stem}.md", _markdown(rows, meta))
+    print(f"wrote {out / args.stem}.json and .md")
     return 0
 
 

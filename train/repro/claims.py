@@ -27,7 +27,15 @@ The rule, in full:
      measure's own units for rates and accuracies (0.10 = 10 points), and that share of |mean(X)|
      for any other measure (bits per byte, overlap energy): `margin_for`;
    - anything else, and every comparison without an interval: "inconclusive at this n".
-   A verdict is never written by hand: the report only prints what `verdict` returns.
+5. "not informative" replaces the verdict of rule 4 (which the row keeps as `rule4_verdict`), with
+   the reason in the row, when the data cannot speak to the claim (`not_informative`):
+   - ceiling or floor: the measure is a proportion and both arms sit at the same bound (both at
+     1.000 or both at 0.000): a "reaches" claim would be supported by two arms that cannot differ;
+   - unmoved: the claim is about aligned models, and neither arm moved the safety measure from the
+     base model (each arm's paired interval of safety - base safety contains 0): comparing two
+     arms that training did not change says nothing about the methods. Not applied to overlap
+     rows, which read the direction of the update, not its effect.
+   A verdict is never written by hand: the report only prints what `verdict` and rule 5 return.
 """
 from __future__ import annotations
 
@@ -38,6 +46,7 @@ from lora_core.train.eval.metrics import wilson_interval
 from lora_core.train.eval.paired import is_binary, mcnemar
 
 SUPPORTED, CONTRADICTED, INCONCLUSIVE = "supported", "contradicted", "inconclusive at this n"
+NOT_INFORMATIVE = "not informative"
 KINDS = ("better", "reaches")
 
 
@@ -163,3 +172,33 @@ def pooled_mean(y: dict, resamples: int = 2000, seed: int = 0) -> dict:
         lo, hi = min(lo, w_lo), max(hi, w_hi)
     out["ci95"] = [lo, hi]
     return out
+
+
+def _bound(mean: float | None) -> str | None:
+    if mean is None:
+        return None
+    return "1.000 (ceiling)" if mean == 1.0 else "0.000 (floor)" if mean == 0.0 else None
+
+
+def moved_from_base(base: dict, arm: dict, resamples: int = 2000, seed: int = 0) -> dict:
+    """Whether training moved one arm's measure from the base model's: the paired difference
+    arm - base with rule 3's interval; moved = the interval excludes 0."""
+    raw = pooled_difference(base, arm, resamples=resamples, seed=seed)
+    ci = raw["ci95"]
+    return {"difference": raw["difference"], "ci95": ci, "moved": ci is not None and (ci[0] > 0 or ci[1] < 0)}
+
+
+def not_informative(row: dict, safety_moves: tuple[dict, dict] | None = None) -> str | None:
+    """Rule 5's reason why a compared row cannot speak to its claim, or None.
+
+    row: a `compare` result with its `measure`; safety_moves: `moved_from_base` of arm X and arm Y
+    on the claim's safety measure (None: the unmoved test does not apply, e.g. overlap rows)."""
+    if is_rate(row["measure"]):
+        bx, by = _bound(row.get("mean_x")), _bound(row.get("mean_y"))
+        if bx is not None and bx == by:
+            return f"both arms at {bx}"
+    if safety_moves is not None and not any(m["moved"] for m in safety_moves):
+        shown = ", ".join(f"{m['difference']:+.3f}" + (f" [{m['ci95'][0]:+.3f}, {m['ci95'][1]:+.3f}]"
+                                                        if m["ci95"] else "") for m in safety_moves)
+        return f"neither arm moved safety from the base model (X, Y minus base: {shown})"
+    return None

@@ -1,4 +1,5 @@
-"""The paper's claims (a)-(e) as rows of comparisons between arms; verdicts by train.repro.claims.
+"""The paper's claims (a)-(e) as rows of comparisons between arms; verdicts by train.repro.claims
+(rules 1-4, then rule 5's "not informative" for ceilings, floors and arms that did not move safety).
 
 Each row names the two arms (X the reference, Y the arm the claim speaks for), the measure, how it
 was read (higher or lower is better), the claim kind ("better" or "reaches" with its margin) and
@@ -20,13 +21,14 @@ the numbers `claims.compare` returns. Which arm plays which part is the preset's
 from __future__ import annotations
 
 from lora_core.train.eval.metric_registry import lower_is_better as registry_lower
-from lora_core.train.repro.claims import compare, margin_for
+from lora_core.train.repro.claims import NOT_INFORMATIVE, compare, margin_for, moved_from_base, not_informative
 
 OVERLAP = "overlap.energy"  # the registry's entry for the overlap rows (lower is better)
 
 
 def _row(claim: str, text: str, x: str, y: str, measure: str, data_x: dict, data_y: dict, *, kind: str,
-         lower_is_better: bool, margin: float, resamples: int) -> dict:
+         lower_is_better: bool, margin: float, resamples: int, safety_moves=None) -> dict:
+    """One claim row; `safety_moves` (each arm's safety against the base, or None) feeds rule 5."""
     if not data_x or not data_y:
         return {"claim": claim, "text": text, "x": x, "y": y, "measure": measure, "kind": kind,
                 "verdict": "not run", "n": 0, "why": f"no finished runs of {x if not data_x else y}"}
@@ -34,7 +36,11 @@ def _row(claim: str, text: str, x: str, y: str, measure: str, data_x: dict, data
     m = margin_for(measure, margin, mean_x) if kind == "reaches" else 0.0
     result = compare(data_x, data_y, kind=kind, higher_is_better=not lower_is_better, margin=m,
                      resamples=resamples)
-    return {"claim": claim, "text": text, "x": x, "y": y, "measure": measure, **result}
+    row = {"claim": claim, "text": text, "x": x, "y": y, "measure": measure, **result}
+    why = not_informative(row, safety_moves)
+    if why:
+        row.update(rule4_verdict=row["verdict"], verdict=NOT_INFORMATIVE, why=why)
+    return row
 
 
 def claim_rows(values: dict, overlap: dict, claims_cfg: dict, arms: dict, ks: list[int]) -> list[dict]:
@@ -59,22 +65,34 @@ def claim_rows(values: dict, overlap: dict, claims_cfg: dict, arms: dict, ks: li
     def title(arm):
         return arms[arm].title
 
+    base, moved = roles.get("base"), {}
+
+    def safety_moves(x, y):
+        """Rule 5's unmoved test: each arm's safety against the base model's (None without a base)."""
+        if not base or not metric(base, safety):
+            return None
+        for arm in (x, y):
+            if arm not in moved:
+                moved[arm] = moved_from_base(metric(base, safety), metric(arm, safety), claims_cfg["resamples"])
+        return moved[x], moved[y]
+
+    def metric_row(claim, text, x, y, measure, kind):
+        return _row(claim, text, x, y, measure, metric(x, measure), metric(y, measure), kind=kind,
+                    lower_is_better=lower(measure), safety_moves=safety_moves(x, y), **common)
+
     rows = []
     lora, full = roles["lora"], roles["full"]
     pairs = [(lora, full, "")]
     if roles.get("lora_high_lr") and roles.get("full_high_lr"):
         pairs.append((roles["lora_high_lr"], roles["full_high_lr"], " (higher lr, same for both)"))
     for lo, fu, note in pairs:
-        rows.append(_row("a", f"{title(lo)} reaches the safety of {title(fu)}{note}", fu, lo, safety,
-                         metric(fu, safety), metric(lo, safety), kind="reaches", lower_is_better=lower(safety),
-                         **common))
+        rows.append(metric_row("a", f"{title(lo)} reaches the safety of {title(fu)}{note}", fu, lo, safety,
+                               "reaches"))
         if over:
-            rows.append(_row("a", f"{title(lo)} refuses benign requests less often than {title(fu)}{note} "
-                             "(companion row, not the paper's)", fu, lo, over, metric(fu, over), metric(lo, over),
-                             kind="better", lower_is_better=lower(over), **common))
+            rows.append(metric_row("a", f"{title(lo)} refuses benign requests less often than {title(fu)}{note} "
+                                   "(companion row, not the paper's)", fu, lo, over, "better"))
         for r in reasoning:
-            rows.append(_row("b", f"{title(fu)} loses more {r} than {title(lo)}{note}", fu, lo, r,
-                             metric(fu, r), metric(lo, r), kind="better", lower_is_better=lower(r), **common))
+            rows.append(metric_row("b", f"{title(fu)} loses more {r} than {title(lo)}{note}", fu, lo, r, "better"))
         for k in ks:
             rows.append(_row("c", f"{title(lo)}'s update overlaps W's top-{k} subspace less than {title(fu)}'s{note}",
                              fu, lo, f"overlap energy, k={k}", energy(fu, k), energy(lo, k), kind="better",
@@ -90,22 +108,19 @@ def claim_rows(values: dict, overlap: dict, claims_cfg: dict, arms: dict, ks: li
                                  f"overlap energy, k={k}", energy(ref, k), energy(arm, k), kind="better",
                                  lower_is_better=lower(OVERLAP), **common))
             for r in [safety] + ([over] if over else []) + reasoning:
-                rows.append(_row("d", f"{title(arm)} keeps the {r} of {title(ref)} (its cost)", ref, arm, r,
-                                 metric(ref, r), metric(arm, r), kind="reaches", lower_is_better=lower(r), **common))
+                rows.append(metric_row("d", f"{title(arm)} keeps the {r} of {title(ref)} (its cost)", ref, arm, r,
+                                       "reaches"))
     middle = roles.get("rank1_middle")
     if middle:
         for ref in [lora] + [a for a in roles.get("rank_sweep", []) if a != middle]:
-            rows.append(_row("e", f"{title(middle)} reaches the safety of {title(ref)}", ref, middle, safety,
-                             metric(ref, safety), metric(middle, safety), kind="reaches", lower_is_better=lower(safety),
-                             **common))
+            rows.append(metric_row("e", f"{title(middle)} reaches the safety of {title(ref)}", ref, middle, safety,
+                                   "reaches"))
         for role in ("rank1_early", "rank1_late"):
             other = roles.get(role)
             if other:
-                rows.append(_row("e", f"{title(middle)} is safer than {title(other)}", other, middle, safety,
-                                 metric(other, safety), metric(middle, safety), kind="better",
-                                 lower_is_better=lower(safety), **common))
+                rows.append(metric_row("e", f"{title(middle)} is safer than {title(other)}", other, middle, safety,
+                                       "better"))
                 for r in reasoning:
-                    rows.append(_row("e", f"{title(middle)} keeps more {r} than {title(other)}", other, middle, r,
-                                     metric(other, r), metric(middle, r), kind="better",
-                                     lower_is_better=lower(r), **common))
+                    rows.append(metric_row("e", f"{title(middle)} keeps more {r} than {title(other)}", other, middle,
+                                           r, "better"))
     return rows

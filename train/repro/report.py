@@ -128,9 +128,11 @@ def markdown(report: dict) -> str:
             continue
         read = "higher better" if r["higher_is_better"] else "lower better"
         margin = "-" if r.get("margin") is None else _fmt(r["margin"])
+        verdict = f"**{r['verdict']}**" + (f" ({r['why']}; rule 4 alone: {r['rule4_verdict']})"
+                                            if r.get("rule4_verdict") else "")
         lines.append(f"| ({r['claim']}) | {r['text']} | {r['measure']} | {read} | {r['n']} | "
                      f"{r['seeds_x']}/{r['seeds_y']} | {_fmt(r['oriented_difference'])} {_ci(r['oriented_ci95'])} | "
-                     f"{margin} | **{r['verdict']}** |")
+                     f"{margin} | {verdict} |")
     lines += ["", "<details><summary>The verdict rule (train/repro/claims.py)</summary>", "",
               report["verdict_rule"].strip(), "", "</details>", "", "## Arms", "",
               "Means over items, seeds pooled, with the two-level bootstrap 95% interval; n = items (or modules).", ""]

@@ -41,3 +41,46 @@ def test_the_over_refusal_companion_row_reads_lower_as_better():
     (row,) = [r for r in claim_rows(values, {}, cfg, arms, []) if r["measure"] == over]
     assert (row["x"], row["y"], row["kind"]) == ("full", "lora", "better")
     assert row["oriented_difference"] == pytest.approx(0.9) and row["verdict"] == "supported"
+
+
+def _three_arms(base: list[int], full: list[int], lora: list[int]) -> tuple[dict, dict, dict]:
+    arms = {n: Arm(n, kind) for n, kind in [("base", "base"), ("full", "full"), ("lora", "lora")]}
+    values = {name: {0: {SAFETY: {f"s{i}": float(v) for i, v in enumerate(flags)}}}
+              for name, flags in (("base", base), ("full", full), ("lora", lora))}
+    cfg = {"safety": SAFETY, "reasoning": [], "lower_is_better": [], "margin": 0.1, "resamples": 500,
+           "roles": {"base": "base", "lora": "lora", "full": "full"}}
+    return arms, values, cfg
+
+
+def _safety_row(arms, values, cfg) -> dict:
+    (row,) = [r for r in claim_rows(values, {}, cfg, arms, []) if r["claim"] == "a"]
+    return row
+
+
+def test_both_arms_at_the_ceiling_is_not_informative_not_supported():
+    """Both methods refuse all 40 prompts: rule 4 alone would call "LoRA reaches full's safety"
+    supported, but two arms at 1.000 cannot differ."""
+    arms, values, cfg = _three_arms([int(i < 8) for i in range(40)], [1] * 40, [1] * 40)
+    row = _safety_row(arms, values, cfg)
+    assert row["rule4_verdict"] == "supported"
+    assert row["verdict"] == "not informative" and "both arms at 1.000 (ceiling)" in row["why"]
+
+
+def test_arms_that_did_not_move_safety_from_the_base_are_not_informative():
+    """Neither arm's refusals differ from the base model's (two flips), and the arms agree: rule 4
+    alone calls LoRA's safety equal to full fine-tuning's, but neither was aligned."""
+    base = [int(i % 3 == 0) for i in range(40)]
+    trained = [1 - b if i in (1, 2) else b for i, b in enumerate(base)]
+    arms, values, cfg = _three_arms(base, trained, list(trained))
+    row = _safety_row(arms, values, cfg)
+    assert row["rule4_verdict"] == "supported"
+    assert row["verdict"] == "not informative" and "neither arm moved safety" in row["why"]
+
+
+def test_a_real_difference_keeps_its_verdict():
+    """Full fine-tuning moved safety (0.1 -> 0.9), LoRA too (-> 0.85): rule 5 leaves rule 4's verdict."""
+    arms, values, cfg = _three_arms([int(i < 4) for i in range(40)], [int(i < 36) for i in range(40)],
+                                    [int(i < 34) for i in range(40)])
+    row = _safety_row(arms, values, cfg)
+    assert "rule4_verdict" not in row and row["verdict"] in ("supported", "inconclusive at this n")
+    assert "why" not in row

@@ -43,6 +43,10 @@ def quiet(lines):
     return lambda *a: lines.append(" ".join(map(str, a)))
 
 
+def md_text(out):
+    return (out / "report.md").read_text()
+
+
 def test_grid_completes_and_reports_then_a_rerun_trains_nothing(tmp_path, load, count_training):
     lines = []
     report = reproduce(tiny_preset(), tmp_path / "g", load=load, log=quiet(lines))
@@ -71,8 +75,11 @@ def test_grid_completes_and_reports_then_a_rerun_trains_nothing(tmp_path, load, 
     claims = {(r["claim"], r["measure"]): r for r in report["claims"]}
     assert set(c for c, _ in claims) == {"a", "b", "c"}
     for row in report["claims"]:
-        assert row["verdict"] in ("supported", "contradicted", "inconclusive at this n")
+        assert row["verdict"] in ("supported", "contradicted", "inconclusive at this n", "not informative")
         assert row["n"] >= 1
+        if row["verdict"] == "not informative":  # rule 5 says why, and what rule 4 alone gave
+            assert row["why"] and row["rule4_verdict"] in ("supported", "contradicted", "inconclusive at this n")
+            assert row["why"] in md_text(out)
     assert claims[("c", "overlap energy, k=2")]["n"] == 14  # 7 module types x 2 layers, paired by name
     md = (out / "report.md").read_text()
     assert "## Claims" in md and "n = paired units" in md and "items per measure (n)" in md
