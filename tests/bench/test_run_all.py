@@ -31,6 +31,8 @@ def _write(tmp_path: Path) -> tuple[Path, Path]:
          "tokens_per_s_ratio": 2.0, "peak_rss_ratio": 0.45}]}))
     (results / "bench_lora_linear.json").write_text(json.dumps({"meta": {}, "rows": [
         {"M": 1024, "dtype": "bf16", "ms": {"dense": 20.0, "ours": 21.0}, "ratio": {"dense": 1.0, "ours": 1.05}}]}))
+    for name in ("bench_generate", "bench_train"):  # the coder model's tables: same layout
+        (results / f"{name}_coder.json").write_text((results / f"{name}.json").read_text())
     md = tmp_path / "RESULTS.md"
     md.write_text("# Results\n\nhand-written intro\n\n<!-- run_all:begin generate -->\nold table\n"
                   "<!-- run_all:end generate -->\n\nhand-written tail\n")
@@ -50,12 +52,12 @@ def test_render_only_rewrites_between_markers_and_keeps_the_rest(run_all, tmp_pa
     assert "ours.tokens_per_s" in text and "**0.45**" in text and "**2**" in text
     assert "ratio.ours" in text and "**1.05**" in text
     # Missing marker pairs (machine, train, lora_linear) were appended, each once.
-    for name in ("machine", "train", "lora_linear", "generate"):
+    for name in ("machine", "train", "lora_linear", "generate", "generate_coder", "train_coder"):
         assert text.count(f"<!-- run_all:begin {name} -->") == 1
     assert "ISA flags" in text and "load average" in text and "torch" in text
     # A second run replaces, never duplicates.
     run_all.main(["--render-only", "--results", str(results), "--markdown", str(md)])
-    assert md.read_text().count("**2.22**") == 1
+    assert md.read_text().count("**2.22**") == 2  # the default's and the coder's generate tables
 
 
 def test_bad_inputs_are_refused_in_one_line(run_all, tmp_path):
