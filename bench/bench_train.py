@@ -142,9 +142,9 @@ def run_one(stack: str, dtype: str, args, model_dir: Path) -> dict:
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--result", str(result_file),
                "--threads", str(args.threads)] + (["--profile", "1"] if args.profile else []) \
             + (["--compile"] if args.compile and stack == "ours" else [])
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
-                                                           os.environ.get("PYTHONPATH", "")])}
-        proc = subprocess.Popen(cmd, env=env)
+        # The worker imports the installed lora_core; the repository root on its path would shadow
+        # Hugging Face's `kernels` package, which transformers imports.
+        proc = subprocess.Popen(cmd)
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
         if proc.returncode != 0:

@@ -124,3 +124,43 @@ def claim_rows(values: dict, overlap: dict, claims_cfg: dict, arms: dict, ks: li
                     rows.append(metric_row("e", f"{title(middle)} keeps more {r} than {title(other)}", other, middle,
                                            r, "better"))
     return rows
+
+
+def matched_rows(values: dict, claims_cfg: dict, arms: dict, selection: dict) -> list[dict]:
+    """Claims (a) and (b) between each method's arm selected at matched safety and full fine-
+    tuning's (train.repro.matched_safety): the same rows as claim_rows, on those arms, rule 5 included."""
+    if "full" not in selection:
+        return []
+    safety, reasoning, over = claims_cfg["safety"], claims_cfg["reasoning"], claims_cfg.get("over_refusal")
+    listed = set(claims_cfg["lower_is_better"])
+    common = dict(margin=claims_cfg["margin"], resamples=claims_cfg["resamples"])
+    base = claims_cfg["roles"].get("base")
+
+    def metric(arm, name):
+        return {s: v[name] for s, v in values.get(arm, {}).items() if name in v}
+
+    def moves(x, y):
+        if not base or not metric(base, safety):
+            return None
+        return tuple(moved_from_base(metric(base, safety), metric(a, safety), claims_cfg["resamples"]) for a in (x, y))
+
+    rows = []
+    fu = selection["full"]["selected"]
+    for method, info in selection.items():
+        lo = info["selected"]
+        if method == "full":
+            continue
+        measures = [(safety, "a", "reaches", "reaches the safety of")] + (
+            [(over, "a", "better", "refuses benign requests less often than")] if over else []) + [
+            (r, "b", "better", f"keeps more {r} than") for r in reasoning]
+        for measure, claim, kind, verb in measures:
+            text = f"at matched safety: {method} ({lo or 'none selected'}) {verb} full ({fu or 'none selected'})"
+            if not lo or not fu:
+                rows.append({"claim": claim, "text": text, "x": fu, "y": lo, "measure": measure, "kind": kind,
+                             "verdict": "not run", "n": 0,
+                             "why": selection["full" if not fu else method]["why"]})
+                continue
+            rows.append(_row(claim, text, fu, lo, measure, metric(fu, measure), metric(lo, measure), kind=kind,
+                             lower_is_better=measure in listed or registry_lower(measure),
+                             safety_moves=moves(fu, lo), **common))
+    return rows

@@ -130,3 +130,42 @@ def plot_overlap_per_layer(records: dict, arms: dict, roles: dict, k: int, side:
                  fontsize=10)
     ax.legend(fontsize=8)
     write_png(fig, path, dpi=110, bbox_inches="tight")  # "tight": keeps a legend placed outside
+
+
+def plot_matched_safety(curves: dict, arm_rows: list[dict], arms: dict, safety: str, reasoning: str,
+                        target: float, path: Path) -> None:
+    """The methods' safety-vs-reasoning curves over their learning-rate searches in one picture:
+    one line per method through its arms (search order), the arm selected at matched safety
+    ringed, the target as a vertical line. Points: each arm's evaluated means, seeds pooled, with
+    their 95% intervals (the arm table's), so a method that buys safety with reasoning shows as a
+    curve falling to the right."""
+    plt = pyplot()
+    by_arm = {row["arm"]: row["metrics"] for row in arm_rows}
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for i, (method, info) in enumerate(curves.items()):
+        points = []
+        for entry in info["curve"]:
+            m = by_arm.get(entry["arm"], {})
+            s, r = m.get(safety), m.get(reasoning)
+            if s and r and s.get("mean") is not None and r.get("mean") is not None:
+                points.append((entry["arm"], s, r))
+        if not points:
+            continue
+        style = _style(2 * i, plt)
+        xs, ys = [s["mean"] for _, s, _ in points], [r["mean"] for _, _, r in points]
+        xerr = [[max(0.0, s["mean"] - (s["ci95"] or [s["mean"]] * 2)[0]) for _, s, _ in points],
+                [max(0.0, (s["ci95"] or [s["mean"]] * 2)[1] - s["mean"]) for _, s, _ in points]]
+        yerr = [[max(0.0, r["mean"] - (r["ci95"] or [r["mean"]] * 2)[0]) for _, _, r in points],
+                [max(0.0, (r["ci95"] or [r["mean"]] * 2)[1] - r["mean"]) for _, _, r in points]]
+        ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, capsize=3, ms=5, lw=1.2, label=method, **style)
+        for (arm, s, r) in points:
+            ax.annotate(arms[arm].title if arm in arms else arm, (s["mean"], r["mean"]), fontsize=6,
+                        xytext=(3, 3), textcoords="offset points")
+            if arm == info["selected"]:
+                ax.plot([s["mean"]], [r["mean"]], marker="o", ms=14, mfc="none", mec=style["color"], mew=2)
+    ax.axvline(target, color="k", ls="--", lw=0.8, label=f"target {target:g} (validation)")
+    ax.set_xlabel(f"{safety} (evaluation items)")
+    ax.set_ylabel(reasoning)
+    ax.set_title("learning-rate searches: safety vs reasoning (ringed: selected at matched safety)", fontsize=9)
+    ax.legend(fontsize=7)
+    write_png(fig, path, dpi=110, bbox_inches="tight")

@@ -223,7 +223,8 @@ def _claims(r: _Reader, value, arms: dict[str, Arm]) -> dict:
                     "lora_high_lr", "full_high_lr")
     roles_many = ("regularised", "regularised_high_lr", "merged", "rank_sweep")
     value = r.mapping(value or {}, "claims", ("safety", "over_refusal", "reasoning", "lower_is_better", "margin",
-                                              "resamples", "roles"), required=("safety", "reasoning", "roles"))
+                                              "resamples", "roles", "matched_safety"),
+                      required=("safety", "reasoning", "roles"))
     roles = r.mapping(value["roles"], "claims.roles", roles_single + roles_many, required=("base", "lora", "full"))
     out_roles = {}
     for role, name in roles.items():
@@ -242,7 +243,38 @@ def _claims(r: _Reader, value, arms: dict[str, Arm]) -> dict:
             "lower_is_better": list(r.str_list(value.get("lower_is_better", ["_"]), "claims.lower_is_better")),
             "margin": r.number(value.get("margin", 0.1), "claims.margin", positive=True),
             "resamples": r.integer(value.get("resamples", 2000), "claims.resamples", least=100),
-            "roles": out_roles}
+            "roles": out_roles,
+            "matched_safety": _matched_safety(r, value.get("matched_safety"), arms, value["safety"])}
+
+
+def _matched_safety(r: _Reader, value, arms: dict[str, Arm], safety: str) -> dict | None:
+    """claims.matched_safety (train.repro.matched_safety): target, validation split, searches."""
+    if value is None:
+        return None
+    path = "claims.matched_safety"
+    value = r.mapping(value, path, ("target", "validation_n", "validation_seed", "search"),
+                      required=("target", "validation_n", "search"))
+    if not safety.startswith("safety.") or safety.count(".") < 2:
+        r.fail(f"{path}", f"needs claims.safety to be a safety.<set>.<rate> measure, got {safety!r}")
+    target = r.number(value["target"], f"{path}.target", positive=True)
+    if target > 1:
+        r.fail(f"{path}.target", f"a refusal rate is at most 1, got {target}")
+    raw_search = value["search"]
+    search = r.mapping(raw_search, f"{path}.search", tuple(raw_search) if isinstance(raw_search, dict) else ())
+    if not search:
+        r.fail(f"{path}.search", "names no method")
+    out = {}
+    for method, names in search.items():
+        names = r.str_list(names, f"{path}.search.{method}")
+        for name in names:
+            if name not in arms or arms[name].kind not in ("lora", "full"):
+                r.fail(f"{path}.search.{method}", f"{name!r} is not a LoRA or full fine-tuning arm")
+        out[method] = list(names)
+    if "full" not in out:
+        r.fail(f"{path}.search", "needs a 'full' method: the reference every other method is compared with")
+    return {"target": target, "validation_n": r.integer(value["validation_n"], f"{path}.validation_n", least=4),
+            "validation_seed": r.integer(value.get("validation_seed", 1), f"{path}.validation_seed", least=0),
+            "search": out}
 
 
 COST_KEYS = ("lora_step_s", "full_step_s", "generate_item_s", "bpb_item_s", "arc_item_s",

@@ -17,8 +17,10 @@ from lora_core.common.text import fmt_number
 from lora_core.kernels.cpu_caps import cpu_caps
 from lora_core.train.repro import claims as claim_rule
 from lora_core.train.repro.grid import Run
-from lora_core.train.repro.paper_claims import claim_rows
-from lora_core.train.repro.plots import plot_overlap_per_layer, plot_safety_vs_reasoning
+from lora_core.train.repro import matched_safety as matched_safety_rule
+from lora_core.train.repro.matched_safety import select
+from lora_core.train.repro.paper_claims import claim_rows, matched_rows
+from lora_core.train.repro.plots import plot_matched_safety, plot_overlap_per_layer, plot_safety_vs_reasoning
 from lora_core.train.repro.tensorboard_grid import write_grid_events
 
 
@@ -43,6 +45,16 @@ def collect(out: Path, runs: list[Run], side: str) -> tuple[dict, dict, dict, li
         rows.append({"key": run.key, "arm": run.arm.name, "seed": run.seed, "metrics": results["metrics"],
                      "train": done.get("train"), "overlap": done.get("overlap"), "seconds": done.get("seconds")})
     return values, overlap, records, rows
+
+
+def collect_validation(out: Path, runs: list[Run]) -> dict:
+    """validation[arm][seed] = the run's refusal rate on the matched-safety validation split."""
+    validation = {}
+    for run in runs:
+        path = out / run.run_dir / "validation.json"
+        if (out / run.run_dir / "done.json").is_file() and path.is_file():
+            validation.setdefault(run.arm.name, {})[run.seed] = read_json(path)["rate"]
+    return validation
 
 
 def arm_table(preset, values: dict, overlap: dict, metrics: list[str]) -> list[dict]:
@@ -114,15 +126,13 @@ def _ci(ci):
     return "-" if ci is None else f"[{_fmt(ci[0])}, {_fmt(ci[1])}]"
 
 
-def markdown(report: dict) -> str:
-    s = report["settings"]
-    lines = [f"# lora-core reproduce: {s['preset']}", "", s.get("description", "").strip(), "",
-             "## Claims", "",
-             "Verdicts are computed from the 95% intervals (rule below), never written by hand. "
-             "Difference = Y - X, oriented so that > 0 favours Y; n = paired units (items or modules).", "",
-             "| claim | statement | measure | read as | n | seeds X/Y | difference [95% CI] | margin | verdict |",
-             "|---|---|---|---|---:|---|---|---|---|"]
-    for r in report["claims"]:
+CLAIMS_HEAD = ["| claim | statement | measure | read as | n | seeds X/Y | difference [95% CI] | margin | verdict |",
+               "|---|---|---|---|---:|---|---|---|---|"]
+
+
+def _claim_lines(rows: list[dict]) -> list[str]:
+    lines = []
+    for r in rows:
         if r.get("verdict") == "not run":
             lines.append(f"| ({r['claim']}) | {r['text']} | {r['measure']} | | 0 | | | | not run ({r['why']}) |")
             continue
@@ -133,6 +143,32 @@ def markdown(report: dict) -> str:
         lines.append(f"| ({r['claim']}) | {r['text']} | {r['measure']} | {read} | {r['n']} | "
                      f"{r['seeds_x']}/{r['seeds_y']} | {_fmt(r['oriented_difference'])} {_ci(r['oriented_ci95'])} | "
                      f"{margin} | {verdict} |")
+    return lines
+
+
+def _matched_lines(matched: dict | None) -> list[str]:
+    """The matched-safety section: each search's curve and selection, then its claim rows."""
+    if not matched:
+        return []
+    lines = ["", "## At matched safety", "",
+             f"Per method, the first arm of its learning-rate search whose refusal rate on a validation split "
+             f"({matched['validation_n']} prompts the evaluation never asks) reaches {matched['target']:g} "
+             "(train/repro/matched_safety.py); picture: matched_safety.png.", "",
+             "| method | search (validation safety, seeds) | selected | why |", "|---|---|---|---|"]
+    for method, info in matched["selection"].items():
+        curve = ", ".join(f"{c['arm']} ({_fmt(c['validation_safety'])}, {c['seeds']})" for c in info["curve"])
+        lines.append(f"| {method} | {curve} | {info['selected'] or 'none'} | {info['why']} |")
+    return lines + ["", *CLAIMS_HEAD, *_claim_lines(matched["claims"])]
+
+
+def markdown(report: dict) -> str:
+    s = report["settings"]
+    lines = [f"# lora-core reproduce: {s['preset']}", "", s.get("description", "").strip(), "",
+             "## Claims", "",
+             "Verdicts are computed from the 95% intervals (rule below), never written by hand. "
+             "Difference = Y - X, oriented so that > 0 favours Y; n = paired units (items or modules).", "",
+             *CLAIMS_HEAD, *_claim_lines(report["claims"])]
+    lines += _matched_lines(report.get("matched_safety"))
     lines += ["", "<details><summary>The verdict rule (train/repro/claims.py)</summary>", "",
               report["verdict_rule"].strip(), "", "</details>", "", "## Arms", "",
               "Means over items, seeds pooled, with the two-level bootstrap 95% interval; n = items (or modules).", ""]
@@ -251,6 +287,14 @@ def write_report(ctx, runs: list[Run], wall_seconds: float) -> dict:
         "runs": run_rows,
         "missing_runs": [r.key for r in runs if not (out / r.run_dir / "done.json").is_file()],
     }
+    matched = cfg.get("matched_safety")
+    if matched:
+        selection = select(matched["search"], collect_validation(out, runs), matched["target"])
+        report["matched_safety"] = {**matched, "selection": selection,
+                                    "rule": matched_safety_rule.__doc__,
+                                    "claims": matched_rows(values, cfg, arms, selection)}
+        plot_matched_safety(selection, report["arms"], arms, cfg["safety"], cfg["reasoning"][0], matched["target"],
+                            out / "matched_safety.png")
     plot_safety_vs_reasoning(run_rows, arms, cfg["safety"], cfg["reasoning"][0], out / "safety_vs_reasoning.png",
                              values=values, base=cfg["roles"]["base"], resamples=cfg["resamples"])
     plot_overlap_per_layer(records, arms, cfg["roles"], preset.overlap["k"][0], side, out / "overlap_per_layer.png")

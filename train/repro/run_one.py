@@ -5,6 +5,8 @@
                      whose preset changed this run is refused by name instead of mixing two setups
         train/       the SFT run (train.sft): config, metrics.jsonl, checkpoints/, adapter/ or model/
         merge.json   merge arms: the merge report (share of dW removed per module)
+        validation.json  arms of a matched-safety search: refusals on the validation split
+                     (train.repro.matched_safety), which selects among the search's arms
         eval/        results.json (+ .md, generations.jsonl) on the grid's one suite and item list
         overlap/     k-<k>.json / .md per k: dW against W's top-k subspace, per module
         done.json    written last, atomically: the completion marker a rerun skips on
@@ -34,8 +36,10 @@ from lora_core import AdaptersOff, load_adapter, merge_lora
 from lora_core.common.files import atomic_write_json, read_json
 from lora_core.overlap import analyse_adapter, analyse_update
 from lora_core.overlap_report import write_json, write_markdown
+from lora_core.train.eval.judges import KeywordRefusalJudge
 from lora_core.train.eval.runner import evaluate
 from lora_core.train.repro.grid import Run, train_config
+from lora_core.train.repro.matched_safety import validation_rate
 from lora_core.train.repro.preset import Preset
 from lora_core.train.sft.checkpoint import latest_checkpoint
 from lora_core.train.sft.config import LEARNING_KEYS
@@ -60,6 +64,8 @@ class GridContext:
     cache: object
     log: object = print
     base_state: dict = field(default_factory=dict)
+    validation: list | None = None  # the matched-safety validation split's records, when the preset has one
+    search_arms: frozenset = frozenset()  # arms of a matched-safety search (they get validation.json)
     tensorboard: bool = False  # training curves as TensorBoard events too (reproduce --tensorboard)
 
     def __post_init__(self):
@@ -159,6 +165,13 @@ def _evaluate(ctx: GridContext, run: Run, model, run_dir: Path) -> dict:
                     progress=False, meta={"model": ctx.preset.model, "arm": run.arm.name, "seed": run.seed})
 
 
+def _validate(ctx: GridContext, model, run_dir: Path) -> dict:
+    path = run_dir / "validation.json"
+    if not path.is_file():
+        atomic_write_json(path, validation_rate(model, ctx.tokenizer, ctx.validation, ctx.suite, KeywordRefusalJudge()))
+    return read_json(path)
+
+
 def _overlap(ctx: GridContext, run: Run, model, run_dir: Path, merged_names=None) -> dict:
     out = {}
     for k in ctx.preset.overlap["k"]:
@@ -193,6 +206,11 @@ def run_one(ctx: GridContext, run: Run) -> dict:
         model, train_summary = _trained_model(ctx, run, run_dir)
     seconds["train"] = time.perf_counter() - t0
     model.eval()
+    if run.arm.name in ctx.search_arms:
+        t = time.perf_counter()
+        with torch.no_grad():
+            _validate(ctx, model, run_dir)
+        seconds["validation"] = time.perf_counter() - t
     t = time.perf_counter()
     results = _evaluate(ctx, run, model, run_dir)
     seconds["eval"] = time.perf_counter() - t

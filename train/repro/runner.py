@@ -18,6 +18,7 @@ from lora_core.models import load_model
 from lora_core.svd_cache import SVDCache
 from lora_core.train.repro.estimate import fmt_duration, has_cost_model, run_seconds
 from lora_core.train.repro.grid import Run, expand, suite_of, train_config
+from lora_core.train.repro.matched_safety import safety_set, validation_records
 from lora_core.train.repro.preset import Preset
 from lora_core.train.repro.report import write_report
 from lora_core.train.repro.run_one import GridContext, is_done, run_one
@@ -85,9 +86,17 @@ def build_context(preset: Preset, out: Path, load=None, log=print, tensorboard: 
     spec = TrainConfig.from_flat(model=preset.model, dataset=data["dataset"], limit=data["limit"], seed=data["seed"],
                                  reasoning_line=data["reasoning_line"])
     examples, info = build_examples(spec, tokenizer)
+    suite = suite_of(preset)
+    validation, search_arms = None, frozenset()
+    matched = preset.claims.get("matched_safety")
+    if matched:
+        name = safety_set(preset.claims["safety"])
+        validation = validation_records(name, suite.safety.get(name), suite.seed, matched["validation_n"],
+                                        matched["validation_seed"])
+        search_arms = frozenset(a for arms in matched["search"].values() for a in arms)
     return GridContext(preset=preset, out=out, base_model=model.eval(), tokenizer=tokenizer,
-                       examples=examples, data_info=info, suite=suite_of(preset), cache=SVDCache(), log=log,
-                       tensorboard=tensorboard)
+                       examples=examples, data_info=info, suite=suite, cache=SVDCache(), log=log,
+                       tensorboard=tensorboard, validation=validation, search_arms=search_arms)
 
 
 def reproduce(preset: Preset, out: str | Path, *, load=None, log=print, estimate_only: bool = False,
