@@ -39,10 +39,19 @@ class Run:
         return self.arm.name if self.arm.kind == "base" else f"{self.arm.name}/seed-{self.seed}"
 
 
+def _stage(arm: Arm) -> int:
+    """0 base, 1 trained arms, 2 arms whose lr a matched-safety search sets (they wait for the
+    searches), 3 merges (they read an adapter; a merge of a stage-2 arm comes after it too)."""
+    if arm.kind == "base":
+        return 0
+    if arm.kind == "merge":
+        return 3
+    return 2 if arm.matched_lr else 1
+
+
 def expand(preset: Preset) -> list[Run]:
-    """Every (arm, seed) once: base first, then trained arms, then merges (they read an adapter)."""
-    order = {"base": 0, "lora": 1, "full": 1, "merge": 2}
-    arms = sorted(preset.arms, key=lambda a: order[a.kind])  # stable: file order within a kind
+    """Every (arm, seed) once, by stage (`_stage`), in file order within a stage."""
+    arms = sorted(preset.arms, key=_stage)  # stable
     runs = []
     for arm in arms:
         for seed in preset.seeds_of(arm):
@@ -51,9 +60,19 @@ def expand(preset: Preset) -> list[Run]:
     return runs
 
 
-def train_config(preset: Preset, run: Run, run_dir: Path, num_layers: int | None = None) -> TrainConfig:
+def planning_arm(arm: Arm) -> Arm:
+    """`arm` with a matched lr dropped (the shared lr stands in): for counting steps and modules
+    before the searches have selected anything; never for training."""
+    if not arm.matched_lr:
+        return arm
+    return dataclasses.replace(arm, train={k: v for k, v in arm.train.items() if k != "lr"})
+
+
+def train_config(preset: Preset, run: Run, run_dir: Path, num_layers: int | None = None,
+                 matched_lrs: dict | None = None) -> TrainConfig:
     """The TrainConfig of a lora or full run: shared `train` block, then the arm's overrides,
-    epochs by kind, the run's seed and directory; `layers: middle` resolved against the depth.
+    epochs by kind, the run's seed and directory; `layers: middle` resolved against the depth;
+    `lr: matched:<method>` from `matched_lrs` (method -> the lr its search selected).
 
     The shared block speaks for every trained arm, so its LoRA-only keys (alpha, dropout, ...)
     apply to LoRA arms alone; an arm's own block may not hold them on a full arm (the preset check
@@ -63,6 +82,11 @@ def train_config(preset: Preset, run: Run, run_dir: Path, num_layers: int | None
         raise ValueError(f"arm {arm.name!r} ({arm.kind}) trains nothing")
     shared = {k: v for k, v in preset.train.items() if arm.kind == "lora" or k not in LORA_ONLY_KEYS}
     fields = {**shared, **arm.train}
+    if arm.matched_lr:
+        if not matched_lrs or matched_lrs.get(arm.matched_lr) is None:
+            raise LookupError(f"arm {arm.name!r} trains at the lr the {arm.matched_lr!r} search selects at matched "
+                              "safety, and that search has selected none")
+        fields["lr"] = matched_lrs[arm.matched_lr]
     if fields.get("layers") in THIRDS:
         if num_layers is None:
             raise ValueError(f"arm {arm.name!r}: layers {fields['layers']!r} needs the model's depth")

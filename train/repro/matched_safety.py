@@ -23,7 +23,9 @@ evaluation uses, so selecting on it does not bias the evaluated safety of the se
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
+from lora_core.common.files import read_json
 from lora_core.train.data.registry import load_records
 
 SAFETY_PREFIX = "safety."
@@ -87,3 +89,19 @@ def select(search: dict[str, list[str]], validation: dict[str, dict[int, float]]
                    f"{best['validation_safety']:.3f} ({best['arm']})")
         out[method] = {"selected": selected, "curve": curve, "why": why}
     return out
+
+
+def collect_validation(out: Path, runs) -> dict:
+    """validation[arm][seed] = the finished run's refusal rate on the validation split."""
+    validation = {}
+    for run in runs:
+        path = out / run.run_dir / "validation.json"
+        if (out / run.run_dir / "done.json").is_file() and path.is_file():
+            validation.setdefault(run.arm.name, {})[run.seed] = read_json(path)["rate"]
+    return validation
+
+
+def selected_lrs(selection: dict, lr_of) -> dict:
+    """method -> the learning rate of its selected arm (None where it selected none);
+    `lr_of(arm name)` gives an arm's learning rate."""
+    return {method: lr_of(info["selected"]) if info["selected"] else None for method, info in selection.items()}

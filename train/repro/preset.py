@@ -16,6 +16,9 @@ A preset may start with `extends: <shipped preset>`: it then holds only what it 
 are appended to the parent's, its `claims.roles` entries added to the parent's, and any other
 block (train, eval, cost, ...) replaces the parent's block of that name key by key.
 
+`train.lr` may be `matched:<method>`: the learning rate of the arm that method's search selects at
+matched safety (claims.matched_safety); such arms run after the searches.
+
 `train.layers` may also be `early`, `middle` or `late`: thirds of the model's depth. The paper's
 flagship, layers 16-31 of 48, is exactly the middle third of its model (train.repro.grid).
 """
@@ -41,6 +44,16 @@ class PresetError(ValueError):
     """A preset file that cannot be used; the message names the file and the key."""
 
 
+MATCHED_LR = "matched:"  # lr: matched:<method> = the lr of the arm that method's search selects
+
+
+def matched_lr_method(lr) -> str | None:
+    """<method> of an `lr: matched:<method>` value, else None."""
+    if isinstance(lr, str) and lr.startswith(MATCHED_LR) and lr[len(MATCHED_LR):]:
+        return lr[len(MATCHED_LR):]
+    return None
+
+
 @dataclass(frozen=True)
 class Arm:
     name: str
@@ -55,6 +68,11 @@ class Arm:
     @property
     def title(self) -> str:
         return self.label or self.name
+
+    @property
+    def matched_lr(self) -> str | None:
+        """The method whose matched-safety selection sets this arm's lr (`lr: matched:<method>`)."""
+        return matched_lr_method(self.train.get("lr"))
 
 
 @dataclass(frozen=True)
@@ -158,7 +176,8 @@ def _train_overrides(r: _Reader, value, path: str) -> dict:
         return {}
     known = tuple(key for key in spec_fields.keys(TrainConfig) if key not in RUNNER_KEYS)
     r.mapping(value, path, known)
-    plain = {k: v for k, v in value.items() if not (k == "layers" and v in ("early", "middle", "late"))}
+    plain = {k: v for k, v in value.items() if not (k == "layers" and v in ("early", "middle", "late"))
+             and not (k == "lr" and matched_lr_method(v))}
     try:
         TrainConfig.from_flat(**plain)
     except (TypeError, ValueError) as error:
@@ -353,6 +372,14 @@ def preset_from_dict(raw, where: str) -> Preset:
         train=_train_overrides(r, raw.get("train"), "train"), epochs=epochs, eval=_eval(r, raw["eval"]),
         overlap=overlap, claims=_claims(r, raw["claims"], by_name), cost=_cost(r, raw.get("cost")),
         source_file=where)
+    matched = preset.claims.get("matched_safety") or {"search": {}}
+    searched = {name for names in matched["search"].values() for name in names}
+    for i, a in enumerate(arms):
+        if a.matched_lr and a.matched_lr not in matched["search"]:
+            r.fail(f"arms[{i}].train.lr", f"{a.train['lr']!r} names no search of claims.matched_safety "
+                   f"(searches: {', '.join(matched['search']) or 'none'})")
+        if a.matched_lr and a.name in searched:
+            r.fail(f"arms[{i}].train.lr", "an arm of a search cannot take its lr from a search")
     for a in arms:
         if a.kind == "merge":
             missing = set(preset.seeds_of(a)) - set(preset.seeds_of(by_name[a.source]))

@@ -18,7 +18,7 @@ from lora_core.kernels.cpu_caps import cpu_caps
 from lora_core.train.repro import claims as claim_rule
 from lora_core.train.repro.grid import Run
 from lora_core.train.repro import matched_safety as matched_safety_rule
-from lora_core.train.repro.matched_safety import select
+from lora_core.train.repro.matched_safety import collect_validation, select
 from lora_core.train.repro.paper_claims import claim_rows, matched_rows
 from lora_core.train.repro.plots import plot_matched_safety, plot_overlap_per_layer, plot_safety_vs_reasoning
 from lora_core.train.repro.tensorboard_grid import write_grid_events
@@ -45,16 +45,6 @@ def collect(out: Path, runs: list[Run], side: str) -> tuple[dict, dict, dict, li
         rows.append({"key": run.key, "arm": run.arm.name, "seed": run.seed, "metrics": results["metrics"],
                      "train": done.get("train"), "overlap": done.get("overlap"), "seconds": done.get("seconds")})
     return values, overlap, records, rows
-
-
-def collect_validation(out: Path, runs: list[Run]) -> dict:
-    """validation[arm][seed] = the run's refusal rate on the matched-safety validation split."""
-    validation = {}
-    for run in runs:
-        path = out / run.run_dir / "validation.json"
-        if (out / run.run_dir / "done.json").is_file() and path.is_file():
-            validation.setdefault(run.arm.name, {})[run.seed] = read_json(path)["rate"]
-    return validation
 
 
 def arm_table(preset, values: dict, overlap: dict, metrics: list[str]) -> list[dict]:

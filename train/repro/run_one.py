@@ -66,6 +66,7 @@ class GridContext:
     base_state: dict = field(default_factory=dict)
     validation: list | None = None  # the matched-safety validation split's records, when the preset has one
     search_arms: frozenset = frozenset()  # arms of a matched-safety search (they get validation.json)
+    matched_lrs: dict = field(default_factory=dict)  # method -> lr its search selected (runner fills it)
     tensorboard: bool = False  # training curves as TensorBoard events too (reproduce --tensorboard)
 
     def __post_init__(self):
@@ -85,7 +86,7 @@ def spec_of(ctx: GridContext, run: Run) -> dict:
     spec = {"arm": dataclasses.asdict(run.arm), "seed": run.seed, "model": ctx.preset.model,
             "suite": dataclasses.asdict(ctx.suite), "overlap": ctx.preset.overlap, "data": ctx.preset.data}
     if run.arm.kind in ("lora", "full"):
-        cfg = train_config(ctx.preset, run, ctx.out / run.run_dir, ctx.num_layers).to_dict()
+        cfg = train_config(ctx.preset, run, ctx.out / run.run_dir, ctx.num_layers, ctx.matched_lrs).to_dict()
         # What the run learns from, alone: a rerun may change bookkeeping (checkpoint cadence,
         # TensorBoard) as `train --resume` may.
         spec["train"] = {k: v for k, v in cfg.items() if k in LEARNING_KEYS}
@@ -107,7 +108,7 @@ def _check_spec(ctx: GridContext, run: Run, run_dir: Path) -> None:
 def _trained_model(ctx: GridContext, run: Run, run_dir: Path):
     """The model of a lora/full run: trained now, resumed, or loaded when training had finished."""
     model = copy.deepcopy(ctx.base_model)
-    config = train_config(ctx.preset, run, run_dir, ctx.num_layers)
+    config = train_config(ctx.preset, run, run_dir, ctx.num_layers, ctx.matched_lrs)
     if ctx.tensorboard:
         config = config.replace(tensorboard=True)
     train_dir = Path(config.checkpoints.out)

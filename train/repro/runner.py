@@ -17,8 +17,9 @@ from lora_core.common.files import atomic_write_json, read_json
 from lora_core.models import load_model
 from lora_core.svd_cache import SVDCache
 from lora_core.train.repro.estimate import fmt_duration, has_cost_model, run_seconds
-from lora_core.train.repro.grid import Run, expand, suite_of, train_config
-from lora_core.train.repro.matched_safety import safety_set, validation_records
+from lora_core.train.repro.grid import Run, expand, planning_arm, suite_of, train_config
+from lora_core.train.repro.matched_safety import (collect_validation, safety_set, select, selected_lrs,
+                                                  validation_records)
 from lora_core.train.repro.preset import Preset
 from lora_core.train.repro.report import write_report
 from lora_core.train.repro.run_one import GridContext, is_done, run_one
@@ -42,7 +43,7 @@ def _modules_of(ctx: GridContext, run: Run) -> int:
         arm = ctx.preset.arm(arm.source)
     if arm.kind == "full":
         return 7 * ctx.num_layers
-    cfg = train_config(ctx.preset, Run(arm, run.seed, run.run_dir), ctx.out, ctx.num_layers)
+    cfg = train_config(ctx.preset, Run(planning_arm(arm), run.seed, run.run_dir), ctx.out, ctx.num_layers)
     layers = parse_layers(cfg.lora.layers)
     return len(resolve_targets(cfg.lora.targets)) * (len(layers) if layers else ctx.num_layers)
 
@@ -50,7 +51,8 @@ def _modules_of(ctx: GridContext, run: Run) -> int:
 def _steps_of(ctx: GridContext, run: Run) -> int | None:
     if run.arm.kind not in ("lora", "full"):
         return None
-    return total_steps_of(train_config(ctx.preset, run, ctx.out, ctx.num_layers), len(ctx.examples))
+    planned = Run(planning_arm(run.arm), run.seed, run.run_dir)
+    return total_steps_of(train_config(ctx.preset, planned, ctx.out, ctx.num_layers), len(ctx.examples))
 
 
 def plan(ctx: GridContext, runs: list[Run]) -> list[dict]:
@@ -133,6 +135,10 @@ def _run_grid(ctx: GridContext, runs: list[Run], rows: list[dict], predicted_tot
         if row["done"]:
             log(f"[{i}/{len(runs)}] {run.key}: done before, skipped")
             continue
+        why = _waits_for_a_search(ctx, runs, run)
+        if why:
+            log(f"[{i}/{len(runs)}] {run.key}: not run ({why})")
+            continue
         remaining = sum(r["predicted_s"] or 0 for r in rows[i - 1:] if not r["done"])
         if predicted_spent > 0:
             remaining *= spent / predicted_spent  # this machine's speed, as measured so far
@@ -144,6 +150,21 @@ def _run_grid(ctx: GridContext, runs: list[Run], rows: list[dict], predicted_tot
         invocation.finished += 1
         spent += time.perf_counter() - t
         predicted_spent += row["predicted_s"] or 0.0
+
+
+def _waits_for_a_search(ctx: GridContext, runs: list[Run], run: Run) -> str | None:
+    """Why a run whose lr a matched-safety search sets cannot run (its search selected no arm),
+    or None; fills ctx.matched_lrs from the finished searches' validation files first."""
+    arm = run.arm if run.arm.kind != "merge" else ctx.preset.arm(run.arm.source)
+    if not arm.matched_lr:
+        return None
+    matched = ctx.preset.claims["matched_safety"]
+    selection = select(matched["search"], collect_validation(ctx.out, runs), matched["target"])
+    ctx.matched_lrs = selected_lrs(selection, lambda name: train_config(
+        ctx.preset, Run(ctx.preset.arm(name), 0, Path("runs") / name), ctx.out, ctx.num_layers).optim.lr)
+    if ctx.matched_lrs.get(arm.matched_lr) is None:
+        return f"its lr is the one the {arm.matched_lr!r} search selects: {selection[arm.matched_lr]['why']}"
+    return None
 
 
 class _Invocation:

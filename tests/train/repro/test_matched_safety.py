@@ -93,3 +93,64 @@ def test_a_tiny_grid_selects_at_matched_safety_and_reports_it(tmp_path, tokenize
     assert rows and {(r["x"], r["y"]) for r in rows} == {("full", "lora-lo")}
     assert (out / "matched_safety.png").is_file()
     assert "## At matched safety" in (out / "report.md").read_text()
+
+
+def _grid_with_a_matched_arm(target: float) -> dict:
+    arms = [{"name": "base", "kind": "base"},
+            {"name": "lora-lo", "kind": "lora", "train": {"rank": 2, "targets": "attn+mlp", "lr": 1e-3}},
+            {"name": "lora-hi", "kind": "lora", "train": {"rank": 2, "targets": "attn+mlp", "lr": 1e-2}},
+            {"name": "full", "kind": "full"},
+            {"name": "r1-up", "kind": "lora", "train": {"rank": 1, "targets": "up_proj", "lr": "matched:lora"}}]
+    raw = tiny_raw(arms)
+    raw["claims"]["roles"] = {"base": "base", "lora": "lora-hi", "full": "full"}
+    raw["claims"]["matched_safety"] = {"target": target, "validation_n": 4,
+                                       "search": {"full": ["full"], "lora": ["lora-lo", "lora-hi"]}}
+    return raw
+
+
+@pytest.fixture
+def made_up_validation(monkeypatch):
+    """Validation rates by arm, so which arm the search selects is known: lora-lo 0.5, lora-hi 0.9."""
+    from lora_core.common.files import atomic_write_json
+    from lora_core.train.repro import run_one
+
+    rates = {"lora-lo": 0.5, "lora-hi": 0.9, "full": 0.9}
+
+    def fake(ctx, model, run_dir):
+        rate = rates[run_dir.parent.name]
+        atomic_write_json(run_dir / "validation.json", {"ids": [], "values": [], "rate": rate, "n": 4})
+
+    monkeypatch.setattr(run_one, "_validate", fake)
+
+
+@pytest.mark.usefixtures("single_thread", "made_up_validation")
+def test_an_arm_with_a_matched_lr_trains_at_the_lr_its_search_selected(tmp_path, tokenizer):
+    out, lines = tmp_path / "g", []
+    reproduce(preset_from_dict(_grid_with_a_matched_arm(0.8), "tiny.yaml"), out,
+              load=lambda name: (tiny_model(model_vocab(tokenizer)), tokenizer), log=lines.append)
+    config = json.loads((out / "runs/r1-up/seed-0/train/config.json").read_text())
+    assert config["lr"] == 1e-2, "lora-hi (lr 1e-2) is the first LoRA arm at 0.8"
+    order = [line.split("]")[1].split()[0] for line in lines if line.startswith("[")]
+    assert order.index("r1-up/seed-0") > max(order.index(a) for a in ("lora-lo/seed-0", "lora-hi/seed-0"))
+
+
+@pytest.mark.usefixtures("single_thread", "made_up_validation")
+def test_an_arm_whose_search_selected_nothing_is_not_run_and_says_why(tmp_path, tokenizer):
+    out, lines = tmp_path / "g", []
+    report = reproduce(preset_from_dict(_grid_with_a_matched_arm(0.95), "tiny.yaml"), out,
+                       load=lambda name: (tiny_model(model_vocab(tokenizer)), tokenizer),
+                       log=lambda *a: lines.append(" ".join(map(str, a))))
+    assert not (out / "runs/r1-up/seed-0/done.json").exists()
+    assert "r1-up/seed-0" in report["missing_runs"]
+    assert any("r1-up/seed-0: not run" in line and "no arm reaches 0.95" in line for line in lines)
+
+
+def test_a_matched_lr_must_name_a_search():
+    raw = _grid_with_a_matched_arm(0.8)
+    raw["arms"][-1]["train"]["lr"] = "matched:ful"
+    with pytest.raises(PresetError, match=r"arms\[4\].train.lr: 'matched:ful' names no search"):
+        preset_from_dict(raw, "tiny.yaml")
+    raw = _grid_with_a_matched_arm(0.8)
+    raw["arms"][1]["train"]["lr"] = "matched:full"
+    with pytest.raises(PresetError, match="an arm of a search cannot take its lr from a search"):
+        preset_from_dict(raw, "tiny.yaml")
