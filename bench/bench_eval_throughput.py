@@ -70,25 +70,36 @@ def _worker_humaneval(args) -> dict:
             "budget": cfg.budget("humaneval"), "batch_size": cfg.batch_size, "texts": texts}
 
 
-def _run_cli(command: list[str], env: dict, threads: int) -> tuple[float, Path]:
-    """Wall time of `lora-core <command> --out <new folder>`; -> (seconds, the folder, kept until exit)."""
-    out = Path(tempfile.mkdtemp(prefix="lora-core-bench-")) / "run"
+def _imported_from(env: dict, cwd: Path) -> str:
+    """The folder `import lora_core` resolves to for a process with this environment and folder."""
+    probe = [sys.executable, "-c", "import lora_core, pathlib; print(pathlib.Path(lora_core.__file__).parent)"]
+    return subprocess.run(probe, env=env, cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def _run_cli(command: list[str], env: dict, threads: int) -> tuple[float, Path, str]:
+    """Wall time of `lora-core <command> --out <new folder>`, run from a folder outside the
+    repository (`python -m` puts its working folder first on sys.path, where the repository's own
+    lora_core/ would shadow the side under test); -> (seconds, the run folder, the lora_core it used)."""
+    work = Path(tempfile.mkdtemp(prefix="lora-core-bench-"))
+    out = work / "run"
+    used = _imported_from(env, work)
     start = time.perf_counter()
     subprocess.run([sys.executable, "-m", "lora_core.train.cli", *command, "--out", str(out)], check=True,
-                   env=env | {"OMP_NUM_THREADS": str(threads)})
-    return time.perf_counter() - start, out
+                   env=env | {"OMP_NUM_THREADS": str(threads)}, cwd=work)
+    return time.perf_counter() - start, out, used
 
 
 def _run_suite(model: str, dtype: str, env: dict, threads: int) -> dict:
-    wall, out = _run_cli(["eval", "--model", model, "--suite", "standard", "--dtype", dtype], env, threads)
+    wall, out, used = _run_cli(["eval", "--model", model, "--suite", "standard", "--dtype", dtype], env, threads)
     answers = sum(1 for _ in open(out / "generations.jsonl", encoding="utf-8"))
     results = json.loads((out / "results.json").read_text(encoding="utf-8"))
-    return {"items": answers, "wall_s": wall, "items_per_s": answers / wall, "parts_wall_s": results.get("wall", {})}
+    return {"lora_core": used, "items": answers, "wall_s": wall, "items_per_s": answers / wall,
+            "parts_wall_s": results.get("timings", {})}
 
 
 def _run_demo(model: str, dtype: str, env: dict, threads: int) -> dict:
-    wall, _ = _run_cli(["demo", "--model", model, "--dtype", dtype], env, threads)
-    return {"items": None, "wall_s": wall, "items_per_s": None}
+    wall, _, used = _run_cli(["demo", "--model", model, "--dtype", dtype], env, threads)
+    return {"lora_core": used, "items": None, "wall_s": wall, "items_per_s": None}
 
 
 def _side(workload: str, args, env: dict) -> dict:
@@ -151,6 +162,9 @@ def main(argv=None) -> int:
         for workload in args.workloads:
             before = _side(workload, args, before_env)
             after = _side(workload, args, after_env)
+            if before["lora_core"] == after["lora_core"] or not before["lora_core"].startswith(str(site)):
+                raise SystemExit(f"bench_eval_throughput: both sides imported {after['lora_core']}: "
+                                 "the comparison would be of one version with itself")
             row = {"workload": workload, "items": after["items"], "before": before, "after": after,
                    "speedup": before["wall_s"] / after["wall_s"], "same_text": None}
             if "texts" in after:

@@ -3,9 +3,10 @@ finished hands its slot to the next waiting prompt, so a batch no longer runs at
 longest answer.
 
 One call of `decode_all` works through a queue of encoded prompts (the caller orders it):
-1. free slots take the next prompts: they are prefilled together (left-padded, one pass through
-   the model's own forward, only their last position through lm_head) and copied into the slot
-   cache without their padding (kv_cache.SlotKVCache);
+1. free slots take the next prompts (once a quarter of the slots is free: `_time_to_refill`):
+   they are prefilled together (left-padded, one pass through the model's own forward, only their
+   last position through lm_head) and copied into the slot cache without their padding
+   (kv_cache.SlotKVCache);
 2. every live slot chooses its next token (sampling.sample_next, each prompt with its own
    generator); a row ends at an EOS id, at a stop string (checked on the tail of its text only),
    or at max_new_tokens, and its text is handed to `on_done` at once;
@@ -91,6 +92,14 @@ def _prefill(model, prompts: list[list[int]], pad_id: int, prefix: SharedPrefix 
     return cache, model.lm_head(hidden[:, -1]).float()  # only the last position is projected
 
 
+def _time_to_refill(free: int, slots: int, waiting: int) -> bool:
+    """Whether free slots take waiting prompts now: once a quarter of the slots is free (or as many
+    as there are prompts left, or all of them). A prefill pass has a fixed cost (every layer's
+    calls) whatever the number of prompts in it, so refilling one slot at a time as rows finish
+    ran many small prefills; a slot left empty for a few steps costs less."""
+    return free > 0 and (free >= min(max(1, slots // 4), waiting) or free == slots)
+
+
 def _decode_step(model, cache: SlotKVCache, ids: torch.Tensor, use_compile: bool) -> torch.Tensor:
     """ids (S,), each at its slot's length -> next-token logits (S, V) float32."""
     positions = cache.lengths.clone()  # a token's position is the count of tokens before it
@@ -136,14 +145,18 @@ def decode_all(model, tokenizer, encoded: list[list[int]], order: list[int], slo
     prefix = SharedPrefix.compute(model, [encoded[i] for i in order]) if shared_prefix else None
     capacity = -(-(max(len(encoded[i]) for i in order) + how.max_new_tokens) // 64) * 64  # one shape per 64
     cfg = model.config
+    # Keys and values are kept in float32 on a CPU: the decode step's attention computes in float32
+    # (decoder.single_query_attention), and converting a bf16 cache's whole history every step cost
+    # more than the step's attention itself at batch 16. Holding bf16 values in float32 is exact.
+    cache_dtype = torch.float32 if model.device.type == "cpu" else model.dtype
     cache = SlotKVCache(cfg.num_hidden_layers, min(slots, len(order)), cfg.num_key_value_heads, cfg.head_dim,
-                        capacity, model.dtype, model.device)
+                        capacity, cache_dtype, model.device)
     rows: list[_Row | None] = [None] * cache.slots
     logits = torch.zeros(cache.slots, cfg.vocab_size, dtype=torch.float32, device=model.device)
 
     while True:
         free = [s for s, row in enumerate(rows) if row is None]
-        if free and queue:
+        if queue and _time_to_refill(len(free), cache.slots, len(queue)):
             joining = [queue.popleft() for _ in range(min(len(free), len(queue)))]
             prefilled, first_logits = _prefill(model, [encoded[i] for i in joining], pad_id, prefix)
             taken = free[:len(joining)]

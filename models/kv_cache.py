@@ -87,7 +87,8 @@ class KVCache:
 
 class SlotKVCache:
     """Buffers (S, Hkv, capacity, D) per layer for S slots, each holding one sequence at its own
-    length: the sequence's tokens sit at positions 0..length-1 of its row, with no padding.
+    length: the sequence's tokens sit at positions 0..length-1 of its row, with no padding. The
+    buffers' dtype may be wider than the model's (generate keeps float32 on a CPU).
 
     `fill` moves freshly prefilled prompts (from a KVCache, left-padded) into free slots, dropping
     their padding. A decode step (`begin_step`, the layers through `layer_views()`, `advance`)
@@ -134,7 +135,7 @@ class SlotKVCache:
         for layer in range(self.num_layers):
             keys, values = prefilled.stored(layer)  # (n, Hkv, width, D)
             for row, (slot, where) in enumerate(zip(slots, positions)):
-                self.keys[layer][slot, :, : len(where)] = keys[row].index_select(1, where)
+                self.keys[layer][slot, :, : len(where)] = keys[row].index_select(1, where)  # cast to the cache's dtype
                 self.values[layer][slot, :, : len(where)] = values[row].index_select(1, where)
         for slot, n in zip(slots, lengths):
             self.key_mask[slot] = False
@@ -189,8 +190,8 @@ class LayerCacheView:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cache = self.cache
-        self.keys[cache.rows, :, cache.lengths] = k[:, :, 0]  # k (S, Hkv, 1, D)
-        self.values[cache.rows, :, cache.lengths] = v[:, :, 0]
+        self.keys[cache.rows, :, cache.lengths] = k[:, :, 0].to(self.keys.dtype)  # k (S, Hkv, 1, D)
+        self.values[cache.rows, :, cache.lengths] = v[:, :, 0].to(self.values.dtype)
         visible = cache.visible
         if visible is None:
             return self.keys, self.values  # (S, Hkv, capacity, D)
