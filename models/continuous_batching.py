@@ -181,8 +181,10 @@ def decode_all(model, tokenizer, encoded: list[list[int]], order: list[int], slo
                 rows[slot] = None
                 cache.release(slot)
         live = [s for s, row in enumerate(rows) if row is not None]
-        if not live and not queue:
-            return  # the last token needs no forward pass
+        if not live:
+            if not queue:
+                return  # the last token needs no forward pass
+            continue  # every slot is free: refill before the next step
         if not queue and not how.use_compile and len(live) <= cache.slots // 2:
             cache.keep(live)  # nothing left to join: decode the live rows only
             rows = [rows[s] for s in live]
