@@ -145,7 +145,7 @@ def _batch_prompts(tok, batch: int) -> list[str]:
 
 
 def _dynamic_step(model, tok, prompts):
-    """The decode step generate() used before the static cache: model.hidden_states on one new
+    """The decode step generate() used before its fixed-shape caches: model.hidden_states on one new
     token with the growing KVCache, lm_head on it, argmax. Returns a zero-argument step."""
     encoded = [tok.encode(p) for p in prompts]
     batch, width = len(encoded), max(map(len, encoded))

@@ -10,7 +10,6 @@ stop string appears in its new text (the text is cut before the stop string).
 """
 from __future__ import annotations
 
-
 from lora_core.common.progress import progress as progress_bar
 
 from .compile_utils import compile_requested

@@ -1,9 +1,9 @@
-"""The fast generation path (static cache, packed weights, compiled layer, tail stop check) against
-slow references on tiny random llama / qwen2 models.
+"""The fast generation path (slot cache with continuous batching, shared prefix, packed and fused
+weights, compiled layer, tail stop check) against slow references on tiny random llama / qwen2 models.
 
 References, none of which uses models/generate.py:
 - `_slow_tokens`: the decoder's own incremental path, one prompt at a time with no padding, the
-  growing KVCache, the full logits of every step (what generate() did before the static cache);
+  growing KVCache, the full logits of every step (what generate() did before its fixed-shape caches);
 - transformers' generate on the same weights (greedy);
 - for stop strings: the full text generated without stop strings, cut at the first stop string.
 """

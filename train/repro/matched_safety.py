@@ -41,9 +41,9 @@ def safety_set(metric: str) -> str:
 
 def validation_records(name: str, eval_limit: int | None, eval_seed: int, n: int, seed: int) -> list[dict]:
     """`n` records of set `name` that the evaluation's subset (eval_limit, eval_seed) does not hold."""
-    used = {r["id"] for r in load_records(name, limit=eval_limit, seed=eval_seed)} if eval_limit else None
-    if used is None:
+    if eval_limit is None:
         raise ValueError(f"the evaluation uses all of {name!r}: no item is left for a validation split")
+    used = {r["id"] for r in load_records(name, limit=eval_limit, seed=eval_seed)} if eval_limit else set()
     rest = [r for r in load_records(name) if r["id"] not in used]
     if len(rest) < n:
         raise ValueError(f"{name!r} has {len(rest)} items outside the evaluation's {len(used)}; "
