@@ -28,8 +28,6 @@ from pathlib import Path
 from lora_core.common.files import read_json
 from lora_core.train.data.registry import load_records
 
-SAFETY_PREFIX = "safety."
-
 
 def safety_set(metric: str) -> str:
     """The registered set a safety metric is read on: safety.<set>.refusal_rate -> <set>."""

@@ -43,42 +43,55 @@ def _row(claim: str, text: str, x: str, y: str, measure: str, data_x: dict, data
     return row
 
 
+class _MetricRows:
+    """What the rows of both claim tables read from the per-item values: a measure's values per
+    arm, which way it is read, and rule 5's test of whether each arm moved safety from the base
+    model (computed once per arm)."""
+
+    def __init__(self, values: dict, claims_cfg: dict):
+        self.values, self.cfg = values, claims_cfg
+        self.listed = set(claims_cfg["lower_is_better"])
+        self.base = claims_cfg["roles"].get("base")
+        self.common = dict(margin=claims_cfg["margin"], resamples=claims_cfg["resamples"])
+        self.moved: dict = {}
+
+    def metric(self, arm, name) -> dict:
+        return {s: v[name] for s, v in self.values.get(arm, {}).items() if name in v}
+
+    def lower(self, name) -> bool:
+        """Lower is better where the metric registry says so, or where the preset's
+        `claims.lower_is_better` lists it (a measure the registry does not know)."""
+        return name in self.listed or registry_lower(name)
+
+    def safety_moves(self, x, y):
+        """Each arm's safety against the base model's (None without a base)."""
+        safety = self.cfg["safety"]
+        if not self.base or not self.metric(self.base, safety):
+            return None
+        for arm in (x, y):
+            if arm not in self.moved:
+                self.moved[arm] = moved_from_base(self.metric(self.base, safety), self.metric(arm, safety),
+                                                  self.cfg["resamples"])
+        return self.moved[x], self.moved[y]
+
+    def row(self, claim, text, x, y, measure, kind) -> dict:
+        return _row(claim, text, x, y, measure, self.metric(x, measure), self.metric(y, measure), kind=kind,
+                    lower_is_better=self.lower(measure), safety_moves=self.safety_moves(x, y), **self.common)
+
+
 def claim_rows(values: dict, overlap: dict, claims_cfg: dict, arms: dict, ks: list[int]) -> list[dict]:
     """values[arm][seed][metric] = {item id: value}; overlap[arm][seed][k] = {module: energy}."""
     roles = claims_cfg["roles"]
     safety, reasoning = claims_cfg["safety"], claims_cfg["reasoning"]
     over = claims_cfg.get("over_refusal")
-    listed = set(claims_cfg["lower_is_better"])
-
-    def lower(name):
-        """How a measure is read: lower is better where the metric registry says so, or where the
-        preset's `claims.lower_is_better` lists it (a measure the registry does not know)."""
-        return name in listed or registry_lower(name)
-    common = dict(margin=claims_cfg["margin"], resamples=claims_cfg["resamples"])
-
-    def metric(arm, name):
-        return {s: v[name] for s, v in values.get(arm, {}).items() if name in v}
+    reader = _MetricRows(values, claims_cfg)
+    metric_row, lower, common = reader.row, reader.lower, reader.common
 
     def energy(arm, k):
         return {s: v[str(k)] for s, v in overlap.get(arm, {}).items() if str(k) in v}
 
     def title(arm):
         return arms[arm].title
-
-    base, moved = roles.get("base"), {}
-
-    def safety_moves(x, y):
-        """Rule 5's unmoved test: each arm's safety against the base model's (None without a base)."""
-        if not base or not metric(base, safety):
-            return None
-        for arm in (x, y):
-            if arm not in moved:
-                moved[arm] = moved_from_base(metric(base, safety), metric(arm, safety), claims_cfg["resamples"])
-        return moved[x], moved[y]
-
-    def metric_row(claim, text, x, y, measure, kind):
-        return _row(claim, text, x, y, measure, metric(x, measure), metric(y, measure), kind=kind,
-                    lower_is_better=lower(measure), safety_moves=safety_moves(x, y), **common)
 
     rows = []
     lora, full = roles["lora"], roles["full"]
@@ -126,24 +139,13 @@ def claim_rows(values: dict, overlap: dict, claims_cfg: dict, arms: dict, ks: li
     return rows
 
 
-def matched_rows(values: dict, claims_cfg: dict, arms: dict, selection: dict) -> list[dict]:
+def matched_rows(values: dict, claims_cfg: dict, selection: dict) -> list[dict]:
     """Claims (a) and (b) between each method's arm selected at matched safety and full fine-
     tuning's (train.repro.matched_safety): the same rows as claim_rows, on those arms, rule 5 included."""
     if "full" not in selection:
         return []
     safety, reasoning, over = claims_cfg["safety"], claims_cfg["reasoning"], claims_cfg.get("over_refusal")
-    listed = set(claims_cfg["lower_is_better"])
-    common = dict(margin=claims_cfg["margin"], resamples=claims_cfg["resamples"])
-    base = claims_cfg["roles"].get("base")
-
-    def metric(arm, name):
-        return {s: v[name] for s, v in values.get(arm, {}).items() if name in v}
-
-    def moves(x, y):
-        if not base or not metric(base, safety):
-            return None
-        return tuple(moved_from_base(metric(base, safety), metric(a, safety), claims_cfg["resamples"]) for a in (x, y))
-
+    reader = _MetricRows(values, claims_cfg)
     rows = []
     fu = selection["full"]["selected"]
     for method, info in selection.items():
@@ -160,7 +162,5 @@ def matched_rows(values: dict, claims_cfg: dict, arms: dict, selection: dict) ->
                              "verdict": "not run", "n": 0,
                              "why": selection["full" if not fu else method]["why"]})
                 continue
-            rows.append(_row(claim, text, fu, lo, measure, metric(fu, measure), metric(lo, measure), kind=kind,
-                             lower_is_better=measure in listed or registry_lower(measure),
-                             safety_moves=moves(fu, lo), **common))
+            rows.append(reader.row(claim, text, fu, lo, measure, kind))
     return rows

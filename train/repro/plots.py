@@ -132,6 +132,11 @@ def plot_overlap_per_layer(records: dict, arms: dict, roles: dict, k: int, side:
     write_png(fig, path, dpi=110, bbox_inches="tight")  # "tight": keeps a legend placed outside
 
 
+def _arm_bar(entry: dict) -> tuple[float, float]:
+    """(below, above) error-bar lengths of an arm-table entry ({"mean", "ci95"}); no interval: no bar."""
+    return error_bar({"value": entry["mean"], "ci95": entry.get("ci95")}) or (0.0, 0.0)
+
+
 def plot_matched_safety(curves: dict, arm_rows: list[dict], arms: dict, safety: str, reasoning: str,
                         target: float, path: Path) -> None:
     """The methods' safety-vs-reasoning curves over their learning-rate searches in one picture:
@@ -153,11 +158,10 @@ def plot_matched_safety(curves: dict, arm_rows: list[dict], arms: dict, safety: 
             continue
         style = _style(2 * i, plt)
         xs, ys = [s["mean"] for _, s, _ in points], [r["mean"] for _, _, r in points]
-        xerr = [[max(0.0, s["mean"] - (s["ci95"] or [s["mean"]] * 2)[0]) for _, s, _ in points],
-                [max(0.0, (s["ci95"] or [s["mean"]] * 2)[1] - s["mean"]) for _, s, _ in points]]
-        yerr = [[max(0.0, r["mean"] - (r["ci95"] or [r["mean"]] * 2)[0]) for _, _, r in points],
-                [max(0.0, (r["ci95"] or [r["mean"]] * 2)[1] - r["mean"]) for _, _, r in points]]
-        ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, capsize=3, ms=5, lw=1.2, label=method, **style)
+        xbars = [_arm_bar(s) for _, s, _ in points]
+        ybars = [_arm_bar(r) for _, _, r in points]
+        ax.errorbar(xs, ys, xerr=[list(b) for b in zip(*xbars)], yerr=[list(b) for b in zip(*ybars)],
+                    capsize=3, ms=5, lw=1.2, label=method, **style)
         for (arm, s, r) in points:
             ax.annotate(arms[arm].title if arm in arms else arm, (s["mean"], r["mean"]), fontsize=6,
                         xytext=(3, 3), textcoords="offset points")

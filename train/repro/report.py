@@ -282,7 +282,7 @@ def write_report(ctx, runs: list[Run], wall_seconds: float) -> dict:
         selection = select(matched["search"], collect_validation(out, runs), matched["target"])
         report["matched_safety"] = {**matched, "selection": selection,
                                     "rule": matched_safety_rule.__doc__,
-                                    "claims": matched_rows(values, cfg, arms, selection)}
+                                    "claims": matched_rows(values, cfg, selection)}
         plot_matched_safety(selection, report["arms"], arms, cfg["safety"], cfg["reasoning"][0], matched["target"],
                             out / "matched_safety.png")
     plot_safety_vs_reasoning(run_rows, arms, cfg["safety"], cfg["reasoning"][0], out / "safety_vs_reasoning.png",
