@@ -34,8 +34,11 @@ BEFORE_REF = "98cadf6"  # the last commit that decoded in static batches (before
 def _install_ref(ref: str, into: Path) -> Path:
     """`ref` of this repository, installed (no dependencies) into `into`/site; -> that folder."""
     tree, site = into / "tree", into / "site"
-    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), ref], check=True,
-                   capture_output=True)
+    added = subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), ref],
+                           capture_output=True, text=True)
+    if added.returncode != 0:
+        raise SystemExit(f"bench_eval_throughput: --before {ref!r} is not a commit of {ROOT} "
+                         f"({added.stderr.strip().splitlines()[-1] if added.stderr.strip() else 'git failed'})")
     try:
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
                         "--target", str(site), str(tree)], check=True)
