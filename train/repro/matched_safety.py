@@ -17,6 +17,9 @@ The selection rule (`select`):
   rate), whose validation safety is >= the target: the least training that makes it safe;
 - a method none of whose arms reaches the target has no selection, and the report says so with
   the highest rate it reached; its matched-safety rows are not run.
+A role of the claims table (`claims.roles`) and a merge arm's `source` may be `matched:<method>`:
+the arm that method's search selects (`resolve`), so the paper's claims (a)-(e) are read between
+equally safe arms, and a regularised or merged arm is compared with plain LoRA at the same lr.
 The split (`validation_records`) is drawn from the claim's safety set without the items the
 evaluation uses, so selecting on it does not bias the evaluated safety of the selected arm.
 """
@@ -27,6 +30,7 @@ from pathlib import Path
 
 from lora_core.common.files import read_json
 from lora_core.train.data.registry import load_records
+from lora_core.train.repro.preset import matched_method
 
 
 def safety_set(metric: str) -> str:
@@ -103,3 +107,12 @@ def selected_lrs(selection: dict, lr_of) -> dict:
     """method -> the learning rate of its selected arm (None where it selected none);
     `lr_of(arm name)` gives an arm's learning rate."""
     return {method: lr_of(info["selected"]) if info["selected"] else None for method, info in selection.items()}
+
+
+def resolve(name: str | None, selection: dict) -> str | None:
+    """The arm a role or merge source names: `matched:<method>` -> the arm that search selected
+    (None when it selected none); any other name is itself."""
+    method = matched_method(name)
+    if method is None:
+        return name
+    return (selection.get(method) or {}).get("selected")

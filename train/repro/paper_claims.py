@@ -66,8 +66,8 @@ class _MetricRows:
     def safety_moves(self, x, y):
         """Each arm's safety against the base model's (None without a base)."""
         safety = self.cfg["safety"]
-        if not self.base or not self.metric(self.base, safety):
-            return None
+        if not self.base or not all(self.metric(arm, safety) for arm in (self.base, x, y)):
+            return None  # an arm without runs: its rows are "not run", rule 5 does not come in
         for arm in (x, y):
             if arm not in self.moved:
                 self.moved[arm] = moved_from_base(self.metric(self.base, safety), self.metric(arm, safety),
@@ -91,7 +91,7 @@ def claim_rows(values: dict, overlap: dict, claims_cfg: dict, arms: dict, ks: li
         return {s: v[str(k)] for s, v in overlap.get(arm, {}).items() if str(k) in v}
 
     def title(arm):
-        return arms[arm].title
+        return arms[arm].title if arm in arms else arm  # a role whose search selected none
 
     rows = []
     lora, full = roles["lora"], roles["full"]

@@ -16,8 +16,17 @@ A preset may start with `extends: <shipped preset>`: it then holds only what it 
 are appended to the parent's, its `claims.roles` entries added to the parent's, and any other
 block (train, eval, cost, ...) replaces the parent's block of that name key by key.
 
-`train.lr` may be `matched:<method>`: the learning rate of the arm that method's search selects at
-matched safety (claims.matched_safety); such arms run after the searches.
+`matched:<method>` names the arm that method's search selects at matched safety
+(claims.matched_safety): as `train.lr`, that arm's learning rate (such arms run after the searches);
+as a merge arm's `source`, that arm's adapter; as a single role of `claims.roles`, that arm, so the
+claims are read between equally safe arms.
+
+`train.dtype` (the shared block's; an arm may not set its own) is the precision of the whole grid:
+every arm trains in it (train.sft: bf16 LoRA keeps fp32 adapters, bf16 full fine-tuning keeps fp32
+master weights) and every arm, the base model included, is evaluated in it.
+
+`eval.execute_code: true` runs the suite's HumanEval and MBPP items (model-written code, in the
+limited runner of train.eval.code_runner); the cost block then needs `code_item_s`.
 
 `train.layers` may also be `early`, `middle` or `late`: thirds of the model's depth. The paper's
 flagship, layers 16-31 of 48, is exactly the middle third of its model (train.repro.grid).
@@ -44,13 +53,15 @@ class PresetError(ValueError):
     """A preset file that cannot be used; the message names the file and the key."""
 
 
-MATCHED_LR = "matched:"  # lr: matched:<method> = the lr of the arm that method's search selects
+# `matched:<method>`: the arm that method's matched-safety search selects (as an lr: that arm's lr;
+# as a claims role or a merge source: that arm).
+MATCHED = "matched:"
 
 
-def matched_lr_method(lr) -> str | None:
-    """<method> of an `lr: matched:<method>` value, else None."""
-    if isinstance(lr, str) and lr.startswith(MATCHED_LR) and lr[len(MATCHED_LR):]:
-        return lr[len(MATCHED_LR):]
+def matched_method(value) -> str | None:
+    """<method> of a `matched:<method>` value, else None."""
+    if isinstance(value, str) and value.startswith(MATCHED) and value[len(MATCHED):]:
+        return value[len(MATCHED):]
     return None
 
 
@@ -72,7 +83,7 @@ class Arm:
     @property
     def matched_lr(self) -> str | None:
         """The method whose matched-safety selection sets this arm's lr (`lr: matched:<method>`)."""
-        return matched_lr_method(self.train.get("lr"))
+        return matched_method(self.train.get("lr"))
 
 
 @dataclass(frozen=True)
@@ -177,7 +188,7 @@ def _train_overrides(r: _Reader, value, path: str) -> dict:
     known = tuple(key for key in spec_fields.keys(TrainConfig) if key not in RUNNER_KEYS)
     r.mapping(value, path, known)
     plain = {k: v for k, v in value.items() if not (k == "layers" and v in ("early", "middle", "late"))
-             and not (k == "lr" and matched_lr_method(v))}
+             and not (k == "lr" and matched_method(v))}
     try:
         TrainConfig.from_flat(**plain)
     except (TypeError, ValueError) as error:
@@ -198,6 +209,9 @@ def _arm(r: _Reader, value, i: int) -> Arm:
         r.fail(f"{path}.label", f"expected a string, got {label!r}")
     seeds = r.int_list(value["seeds"], f"{path}.seeds") if "seeds" in value else None
     train = _train_overrides(r, value.get("train"), f"{path}.train")
+    if "dtype" in train:
+        r.fail(f"{path}.train.dtype", "the preset's train.dtype sets every arm's precision, in training and in "
+               "evaluation alike, so no arm is measured in another precision than another")
     if kind in ("base", "merge") and train:
         r.fail(f"{path}.train", f"a {kind} arm trains nothing")
     lora_only = [k for k in train if k in LORA_ONLY_KEYS]
@@ -218,7 +232,7 @@ def _arm(r: _Reader, value, i: int) -> Arm:
 
 
 def _eval(r: _Reader, value) -> dict:
-    value = r.mapping(value, "eval", ("suite", "overrides", "seed"), required=("suite",))
+    value = r.mapping(value, "eval", ("suite", "overrides", "seed", "execute_code"), required=("suite",))
     suite = r.string(value["suite"], "eval.suite", tuple(SUITES))
     overrides = value.get("overrides") or {}
     r.mapping(overrides, "eval.overrides", tuple(f.name for f in dataclasses.fields(SuiteConfig)))
@@ -233,7 +247,10 @@ def _eval(r: _Reader, value) -> dict:
             if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
                 r.fail(f"eval.overrides.{key}" + (f".{sub}" if sub else ""),
                        f"expected a count >= 0 or null (the whole set), got {n!r}")
-    return {"suite": suite, "overrides": dict(overrides),
+    execute_code = value.get("execute_code", False)
+    if not isinstance(execute_code, bool):
+        r.fail("eval.execute_code", f"expected true or false, got {execute_code!r}")
+    return {"suite": suite, "overrides": dict(overrides), "execute_code": execute_code,
             "seed": r.integer(value.get("seed", 0), "eval.seed", least=0)}
 
 
@@ -245,14 +262,24 @@ def _claims(r: _Reader, value, arms: dict[str, Arm]) -> dict:
                                               "resamples", "roles", "matched_safety"),
                       required=("safety", "reasoning", "roles"))
     roles = r.mapping(value["roles"], "claims.roles", roles_single + roles_many, required=("base", "lora", "full"))
+    matched = _matched_safety(r, value.get("matched_safety"), arms, value["safety"])
+    searches = (matched or {}).get("search", {})
     out_roles = {}
     for role, name in roles.items():
         names = (r.str_list(name, f"claims.roles.{role}") if role in roles_many
                  else (r.string(name, f"claims.roles.{role}"),))
         for n in names:
-            if n not in arms:
+            method = matched_method(n)
+            if method is not None and role in roles_many:
+                r.fail(f"claims.roles.{role}", f"{n!r}: a list role names arms; 'matched:' is for the single roles")
+            if method is not None and method not in searches:
+                r.fail(f"claims.roles.{role}", f"{n!r} names no search of claims.matched_safety "
+                       f"(searches: {', '.join(searches) or 'none'})")
+            if method is None and n not in arms:
                 r.fail(f"claims.roles.{role}", f"names no arm: {n!r} (arms: {', '.join(arms)})")
         out_roles[role] = list(names) if role in roles_many else names[0]
+    if matched_method(out_roles["base"]):
+        r.fail("claims.roles.base", "the base model is no search's selection")
     if out_roles.get("regularised_high_lr") and "lora_high_lr" not in out_roles:
         r.fail("claims.roles.regularised_high_lr", "needs claims.roles.lora_high_lr, the plain LoRA arm they are "
                "compared with")
@@ -263,7 +290,7 @@ def _claims(r: _Reader, value, arms: dict[str, Arm]) -> dict:
             "margin": r.number(value.get("margin", 0.1), "claims.margin", positive=True),
             "resamples": r.integer(value.get("resamples", 2000), "claims.resamples", least=100),
             "roles": out_roles,
-            "matched_safety": _matched_safety(r, value.get("matched_safety"), arms, value["safety"])}
+            "matched_safety": matched}
 
 
 def _matched_safety(r: _Reader, value, arms: dict[str, Arm], safety: str) -> dict | None:
@@ -296,7 +323,7 @@ def _matched_safety(r: _Reader, value, arms: dict[str, Arm], safety: str) -> dic
             "search": out}
 
 
-COST_KEYS = ("lora_step_s", "full_step_s", "generate_item_s", "bpb_item_s", "arc_item_s",
+COST_KEYS = ("lora_step_s", "full_step_s", "generate_item_s", "code_item_s", "bpb_item_s", "arc_item_s",
              "overlap_lora_module_s", "overlap_dense_module_s", "load_s", "measured")
 
 
@@ -358,7 +385,7 @@ def preset_from_dict(raw, where: str) -> Preset:
     for i, a in enumerate(arms):
         if a.name in by_name:
             r.fail(f"arms[{i}].name", f"{a.name!r} is used twice")
-        if a.kind == "merge":
+        if a.kind == "merge" and not matched_method(a.source):  # a search's selection is checked below
             src = by_name.get(a.source)
             if src is None or src.kind != "lora":
                 r.fail(f"arms[{i}].source", f"{a.source!r} is not a LoRA arm listed before this one")
@@ -372,6 +399,9 @@ def preset_from_dict(raw, where: str) -> Preset:
         train=_train_overrides(r, raw.get("train"), "train"), epochs=epochs, eval=_eval(r, raw["eval"]),
         overlap=overlap, claims=_claims(r, raw["claims"], by_name), cost=_cost(r, raw.get("cost")),
         source_file=where)
+    if preset.eval["execute_code"] and preset.cost and "code_item_s" not in preset.cost:
+        r.fail("cost.code_item_s", "is required when eval.execute_code is true: a program written and run costs "
+               "many refusals' time, and the estimate would be short without it")
     matched = preset.claims.get("matched_safety") or {"search": {}}
     searched = {name for names in matched["search"].values() for name in names}
     for i, a in enumerate(arms):
@@ -380,11 +410,20 @@ def preset_from_dict(raw, where: str) -> Preset:
                    f"(searches: {', '.join(matched['search']) or 'none'})")
         if a.matched_lr and a.name in searched:
             r.fail(f"arms[{i}].train.lr", "an arm of a search cannot take its lr from a search")
-    for a in arms:
-        if a.kind == "merge":
-            missing = set(preset.seeds_of(a)) - set(preset.seeds_of(by_name[a.source]))
+    for i, a in enumerate(arms):
+        if a.kind != "merge":
+            continue
+        method = matched_method(a.source)
+        if method is not None and method not in matched["search"]:
+            r.fail(f"arms[{i}].source", f"{a.source!r} names no search of claims.matched_safety "
+                   f"(searches: {', '.join(matched['search']) or 'none'})")
+        sources = matched["search"][method] if method is not None else [a.source]
+        for source in sources:
+            if by_name[source].kind != "lora":
+                r.fail(f"arms[{i}].source", f"{a.source!r}: the search's arm {source!r} is not a LoRA arm")
+            missing = set(preset.seeds_of(a)) - set(preset.seeds_of(by_name[source]))
             if missing:
-                r.fail(f"arms[{arms.index(a)}].seeds", f"seeds {sorted(missing)} have no run of {a.source!r} to merge")
+                r.fail(f"arms[{i}].seeds", f"seeds {sorted(missing)} have no run of {source!r} to merge")
     return preset
 
 

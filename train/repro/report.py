@@ -18,7 +18,7 @@ from lora_core.kernels.cpu_caps import cpu_caps
 from lora_core.train.repro import claims as claim_rule
 from lora_core.train.repro.grid import Run
 from lora_core.train.repro import matched_safety as matched_safety_rule
-from lora_core.train.repro.matched_safety import collect_validation, select
+from lora_core.train.repro.matched_safety import collect_validation, resolve, select
 from lora_core.train.repro.paper_claims import claim_rows, matched_rows
 from lora_core.train.repro.plots import plot_matched_safety, plot_overlap_per_layer, plot_safety_vs_reasoning
 from lora_core.train.repro.tensorboard_grid import write_grid_events
@@ -256,13 +256,15 @@ def write_report(ctx, runs: list[Run], wall_seconds: float) -> dict:
         for m in shown:
             if m in r["metrics"]:
                 n_items[m] = r["metrics"][m].get("n")
-    arms = {a.name: a for a in preset.arms}
+    matched = cfg.get("matched_safety")
+    selection = select(matched["search"], collect_validation(out, runs), matched["target"]) if matched else {}
+    cfg, arms = _resolved(cfg, preset.arms, selection)
     report = {
         "settings": {"preset": preset.name, "description": preset.description, "model": preset.model,
                      "source_file": preset.source_file, "data": preset.data, "examples": len(ctx.examples),
                      "data_info": ctx.data_info, "epochs": preset.epochs, "train": preset.train,
                      "eval": preset.eval, "suite": dataclasses.asdict(ctx.suite), "n_items": n_items,
-                     "overlap": preset.overlap, "claims": cfg, "seeds": list(preset.seeds),
+                     "overlap": preset.overlap, "claims": preset.claims, "seeds": list(preset.seeds),
                      "wall_seconds": wall_seconds, "threads": torch.get_num_threads(),
                      "invocations": read_json(out / "invocations.json") if (out / "invocations.json").is_file() else [],
                      "runs_seconds": sum(sum((r.get("seconds") or {}).values()) for r in run_rows),
@@ -277,9 +279,7 @@ def write_report(ctx, runs: list[Run], wall_seconds: float) -> dict:
         "runs": run_rows,
         "missing_runs": [r.key for r in runs if not (out / r.run_dir / "done.json").is_file()],
     }
-    matched = cfg.get("matched_safety")
     if matched:
-        selection = select(matched["search"], collect_validation(out, runs), matched["target"])
         report["matched_safety"] = {**matched, "selection": selection,
                                     "rule": matched_safety_rule.__doc__,
                                     "claims": matched_rows(values, cfg, selection)}
@@ -293,6 +293,18 @@ def write_report(ctx, runs: list[Run], wall_seconds: float) -> dict:
     if ctx.tensorboard:
         write_grid_events(out, run_rows, arms, preset.train)
     return report
+
+
+def _resolved(cfg: dict, arms, selection: dict) -> tuple[dict, dict]:
+    """The claims config and the arms with every `matched:<method>` role and merge source replaced by
+    the arm that search selected (train.repro.matched_safety.resolve). A search that selected none
+    leaves "<value> (none selected)", which names no run: its rows are "not run"."""
+    def arm_of(value):
+        return resolve(value, selection) or f"{value} (none selected)"
+
+    roles = {role: v if isinstance(v, list) else arm_of(v) for role, v in cfg["roles"].items()}
+    by_name = {a.name: dataclasses.replace(a, source=arm_of(a.source)) if a.kind == "merge" else a for a in arms}
+    return {**cfg, "roles": roles}, by_name
 
 
 def _notes(preset) -> list[str]:

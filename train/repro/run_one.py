@@ -40,7 +40,7 @@ from lora_core.train.eval.judges import KeywordRefusalJudge
 from lora_core.train.eval.runner import evaluate
 from lora_core.train.repro.grid import Run, train_config
 from lora_core.train.repro.matched_safety import validation_rate
-from lora_core.train.repro.preset import Preset
+from lora_core.train.repro.preset import Preset, matched_method
 from lora_core.train.sft.checkpoint import latest_checkpoint
 from lora_core.train.sft.config import LEARNING_KEYS
 from lora_core.train.sft.loop import prepare_run
@@ -67,11 +67,29 @@ class GridContext:
     validation: list | None = None  # the matched-safety validation split's records, when the preset has one
     search_arms: frozenset = frozenset()  # arms of a matched-safety search (they get validation.json)
     matched_lrs: dict = field(default_factory=dict)  # method -> lr its search selected (runner fills it)
+    matched_arms: dict = field(default_factory=dict)  # method -> arm its search selected (runner fills it)
     tensorboard: bool = False  # training curves as TensorBoard events too (reproduce --tensorboard)
+    _eval_base: torch.nn.Module | None = None
 
     def __post_init__(self):
         if not self.base_state:
             self.base_state = {n: t.detach().clone() for n, t in self.base_model.state_dict().items()}
+
+    @property
+    def eval_dtype(self) -> torch.dtype:
+        """The one precision every arm is evaluated in: the preset's training dtype (train.dtype)."""
+        return getattr(torch, self.preset.train.get("dtype", "float32"))
+
+    @property
+    def eval_base(self) -> torch.nn.Module:
+        """The base model in the evaluation dtype: the base arm, and the reference of KL drift for
+        full and merged arms. base_model itself stays float32: full fine-tuning's master weights and
+        the overlap's dW = W' - W start from it."""
+        if self._eval_base is None:
+            self._eval_base = self.base_model
+            if self.eval_dtype != torch.float32:
+                self._eval_base = copy.deepcopy(self.base_model).to(self.eval_dtype).eval()
+        return self._eval_base
 
     @property
     def num_layers(self) -> int:
@@ -85,6 +103,8 @@ def is_done(ctx: GridContext, run: Run) -> bool:
 def spec_of(ctx: GridContext, run: Run) -> dict:
     spec = {"arm": dataclasses.asdict(run.arm), "seed": run.seed, "model": ctx.preset.model,
             "suite": dataclasses.asdict(ctx.suite), "overlap": ctx.preset.overlap, "data": ctx.preset.data}
+    if run.arm.kind == "merge" and matched_method(run.arm.source):
+        spec["merges"] = merge_source(ctx, run.arm)  # a selection that changed is another run
     if run.arm.kind in ("lora", "full"):
         cfg = train_config(ctx.preset, run, ctx.out / run.run_dir, ctx.num_layers, ctx.matched_lrs).to_dict()
         # What the run learns from, alone: a rerun may change bookkeeping (checkpoint cadence,
@@ -143,8 +163,19 @@ def _load_output(model, path: Path, kind: str, model_name: str) -> None:
         model.tie_weights()
 
 
+def merge_source(ctx: GridContext, arm) -> str:
+    """The LoRA arm a merge arm merges: its `source`, or the arm a search selected (`matched:<method>`)."""
+    method = matched_method(arm.source)
+    if method is None:
+        return arm.source
+    if not ctx.matched_arms.get(method):
+        raise LookupError(f"merge arm {arm.name!r} merges the arm the {method!r} search selects, and it has "
+                          "selected none")
+    return ctx.matched_arms[method]
+
+
 def _merged_model(ctx: GridContext, run: Run, run_dir: Path):
-    source = ctx.out / "runs" / run.arm.source / f"seed-{run.seed}" / "train" / "adapter"
+    source = ctx.out / "runs" / merge_source(ctx, run.arm) / f"seed-{run.seed}" / "train" / "adapter"
     if not source.is_dir():
         raise FileNotFoundError(f"run {run.key} merges {source}, which is missing (is the run of "
                                 f"{run.arm.source!r} seed {run.seed} complete?)")
@@ -155,15 +186,32 @@ def _merged_model(ctx: GridContext, run: Run, run_dir: Path):
     return model, [m["name"] for m in report.modules]
 
 
+def to_eval_dtype(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """`model` in the grid's evaluation dtype, as a LoRA arm trains in it (train.sft.model_prep):
+    frozen weights in `dtype`, LoRA factors kept float32 (the kernel casts them per call)."""
+    if dtype == torch.float32:
+        return model
+    for name, param in model.named_parameters():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf not in ("lora_A", "lora_B"):
+            param.data = param.data.to(dtype)
+    for name, buffer in model.named_buffers():
+        if buffer.is_floating_point():
+            buffer.data = buffer.data.to(dtype)
+    return model
+
+
 def _evaluate(ctx: GridContext, run: Run, model, run_dir: Path) -> dict:
     path = run_dir / "eval" / "results.json"
     if path.is_file():
         return read_json(path)
     # Drift is measured against the base weights: the adapters switched off for LoRA, the kept
     # base model otherwise; the base model against itself is 0 by definition and not measured.
-    drift_base = {"lora": AdaptersOff(model), "base": None}.get(run.arm.kind, ctx.base_model)
+    drift_base = {"lora": AdaptersOff(model), "base": None}.get(run.arm.kind, ctx.eval_base)
     return evaluate(model, ctx.tokenizer, suite=ctx.suite, base_model=drift_base, out_dir=run_dir / "eval",
-                    progress=False, meta={"model": ctx.preset.model, "arm": run.arm.name, "seed": run.seed})
+                    progress=False, meta={"model": ctx.preset.model, "arm": run.arm.name, "seed": run.seed,
+                                          "dtype": str(ctx.eval_dtype).removeprefix("torch.")},
+                    allow_code_execution=ctx.preset.eval.get("execute_code", False))
 
 
 def _validate(ctx: GridContext, model, run_dir: Path) -> dict:
@@ -207,6 +255,12 @@ def run_one(ctx: GridContext, run: Run) -> dict:
         model, train_summary = _trained_model(ctx, run, run_dir)
     seconds["train"] = time.perf_counter() - t0
     model.eval()
+    # The overlap first: a full or merged model's dW = W' - W is read in float32, before the model
+    # is cast to the evaluation dtype (bf16 rounding of W' would swamp a small update).
+    t = time.perf_counter()
+    overlap = {} if run.arm.kind == "base" else _overlap(ctx, run, model, run_dir, merged)
+    seconds["overlap"] = time.perf_counter() - t
+    model = ctx.eval_base if run.arm.kind == "base" else to_eval_dtype(model, ctx.eval_dtype)
     if run.arm.name in ctx.search_arms:
         t = time.perf_counter()
         with torch.no_grad():
@@ -215,9 +269,6 @@ def run_one(ctx: GridContext, run: Run) -> dict:
     t = time.perf_counter()
     results = _evaluate(ctx, run, model, run_dir)
     seconds["eval"] = time.perf_counter() - t
-    t = time.perf_counter()
-    overlap = {} if run.arm.kind == "base" else _overlap(ctx, run, model, run_dir, merged)
-    seconds["overlap"] = time.perf_counter() - t
     record = {"key": run.key, "arm": run.arm.name, "kind": run.arm.kind, "seed": run.seed,
               "train": train_summary, "eval": "eval/results.json", "eval_seconds": results.get("timings", {}),
               "overlap": overlap, "seconds": seconds}

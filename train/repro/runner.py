@@ -20,7 +20,7 @@ from lora_core.train.repro.estimate import fmt_duration, has_cost_model, run_sec
 from lora_core.train.repro.grid import Run, expand, planning_arm, suite_of, train_config
 from lora_core.train.repro.matched_safety import (collect_validation, safety_set, select, selected_lrs,
                                                   validation_records)
-from lora_core.train.repro.preset import Preset
+from lora_core.train.repro.preset import Preset, matched_method
 from lora_core.train.repro.report import write_report
 from lora_core.train.repro.run_one import GridContext, is_done, run_one
 from lora_core.train.sft.config import TrainConfig
@@ -40,7 +40,9 @@ def _modules_of(ctx: GridContext, run: Run) -> int:
     if arm.kind == "base":
         return 0
     if arm.kind == "merge":
-        arm = ctx.preset.arm(arm.source)
+        # A search's selection is not known yet: its first arm stands in (a search shares targets).
+        method = matched_method(arm.source)
+        arm = ctx.preset.arm(ctx.preset.claims["matched_safety"]["search"][method][0] if method else arm.source)
     if arm.kind == "full":
         return 7 * ctx.num_layers
     cfg = train_config(ctx.preset, Run(planning_arm(arm), run.seed, run.run_dir), ctx.out, ctx.num_layers)
@@ -62,7 +64,9 @@ def plan(ctx: GridContext, runs: list[Run]) -> list[dict]:
     for run in runs:
         steps, modules = _steps_of(ctx, run), _modules_of(ctx, run)
         modules_k = modules * len(ctx.preset.overlap["k"])
-        predicted = run_seconds(run, steps, ctx.suite, cost, modules_k) if has_cost_model(cost) else None
+        validation = len(ctx.validation or ()) if run.arm.name in ctx.search_arms else 0
+        predicted = (run_seconds(run, steps, ctx.suite, cost, modules_k, ctx.preset.eval.get("execute_code", False),
+                                 validation) if has_cost_model(cost) else None)
         rows.append({"key": run.key, "steps": steps, "modules": modules, "predicted_s": predicted,
                      "done": is_done(ctx, run)})
     return rows
@@ -153,17 +157,22 @@ def _run_grid(ctx: GridContext, runs: list[Run], rows: list[dict], predicted_tot
 
 
 def _waits_for_a_search(ctx: GridContext, runs: list[Run], run: Run) -> str | None:
-    """Why a run whose lr a matched-safety search sets cannot run (its search selected no arm),
-    or None; fills ctx.matched_lrs from the finished searches' validation files first."""
-    arm = run.arm if run.arm.kind != "merge" else ctx.preset.arm(run.arm.source)
-    if not arm.matched_lr:
+    """Why a run that a matched-safety search sets (its lr, or the adapter it merges) cannot run
+    because the search selected no arm, or None; fills ctx.matched_lrs and ctx.matched_arms from
+    the finished searches' validation files first."""
+    method = matched_method(run.arm.source) if run.arm.kind == "merge" else None
+    if method is None:
+        arm = run.arm if run.arm.kind != "merge" else ctx.preset.arm(run.arm.source)
+        method = arm.matched_lr
+    if not method:
         return None
     matched = ctx.preset.claims["matched_safety"]
     selection = select(matched["search"], collect_validation(ctx.out, runs), matched["target"])
+    ctx.matched_arms = {m: info["selected"] for m, info in selection.items()}
     ctx.matched_lrs = selected_lrs(selection, lambda name: train_config(
         ctx.preset, Run(ctx.preset.arm(name), 0, Path("runs") / name), ctx.out, ctx.num_layers).optim.lr)
-    if ctx.matched_lrs.get(arm.matched_lr) is None:
-        return f"its lr is the one the {arm.matched_lr!r} search selects: {selection[arm.matched_lr]['why']}"
+    if ctx.matched_arms.get(method) is None:
+        return f"it takes the arm the {method!r} search selects: {selection[method]['why']}"
     return None
 
 

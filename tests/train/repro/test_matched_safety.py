@@ -154,3 +154,48 @@ def test_a_matched_lr_must_name_a_search():
     raw["arms"][1]["train"]["lr"] = "matched:full"
     with pytest.raises(PresetError, match="an arm of a search cannot take its lr from a search"):
         preset_from_dict(raw, "tiny.yaml")
+
+
+@pytest.mark.usefixtures("single_thread", "made_up_validation")
+def test_matched_roles_and_a_matched_merge_source_read_the_selected_arm(tmp_path, tokenizer):
+    raw = _grid_with_a_matched_arm(0.8)
+    raw["arms"].append({"name": "merged", "kind": "merge", "source": "matched:lora", "projection": "column",
+                        "k": 2})
+    raw["claims"]["roles"] = {"base": "base", "lora": "matched:lora", "full": "matched:full", "merged": ["merged"]}
+    out = tmp_path / "g"
+    report = reproduce(preset_from_dict(raw, "tiny.yaml"), out,
+                       load=lambda name: (tiny_model(model_vocab(tokenizer)), tokenizer), log=lambda *a: None)
+    merge = json.loads((out / "runs/merged/seed-0/merge.json").read_text())
+    assert merge["adapter"] == "runs/lora-hi/seed-0/train/adapter", "lora-hi is the first LoRA arm at 0.8"
+    assert json.loads((out / "runs/merged/seed-0/spec.json").read_text())["merges"] == "lora-hi"
+    pairs = {(r["claim"], r["x"], r["y"]) for r in report["claims"]}
+    assert ("a", "full", "lora-hi") in pairs and ("d", "lora-hi", "merged") in pairs
+    assert report["settings"]["claims"]["roles"]["lora"] == "matched:lora", "the preset's own roles are kept"
+
+
+@pytest.mark.usefixtures("single_thread", "made_up_validation")
+def test_a_role_whose_search_selected_nothing_has_rows_that_say_so(tmp_path, tokenizer):
+    raw = _grid_with_a_matched_arm(0.95)
+    raw["arms"].pop()  # the matched-lr arm: not needed here
+    raw["claims"]["roles"] = {"base": "base", "lora": "matched:lora", "full": "full"}
+    report = reproduce(preset_from_dict(raw, "tiny.yaml"), tmp_path / "g",
+                       load=lambda name: (tiny_model(model_vocab(tokenizer)), tokenizer), log=lambda *a: None)
+    rows = [r for r in report["claims"] if r["claim"] == "a"]
+    assert rows and all(r["verdict"] == "not run" and "matched:lora (none selected)" in r["why"] for r in rows)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda raw: raw["claims"]["roles"].update(lora="matched:lroa"),
+     r"claims.roles.lora: 'matched:lroa' names no search"),
+    (lambda raw: raw["claims"]["roles"].update(base="matched:lora"), "the base model is no search's selection"),
+    (lambda raw: raw["claims"]["roles"].update(merged=["matched:lora"]), "a list role names arms"),
+    (lambda raw: raw["arms"].append({"name": "m", "kind": "merge", "source": "matched:fulll", "projection": "column",
+                                     "k": 2}), r"arms\[5\].source: 'matched:fulll' names no search"),
+    (lambda raw: raw["arms"].append({"name": "m", "kind": "merge", "source": "matched:full", "projection": "column",
+                                     "k": 2}), "the search's arm 'full' is not a LoRA arm"),
+])
+def test_bad_matched_roles_and_merge_sources_are_refused_by_key(change, message):
+    raw = _grid_with_a_matched_arm(0.8)
+    change(raw)
+    with pytest.raises(PresetError, match=message):
+        preset_from_dict(raw, "tiny.yaml")
