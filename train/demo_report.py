@@ -9,6 +9,7 @@ from pathlib import Path
 from lora_core.common.plotting import pyplot, write_png
 from lora_core.common.text import fmt_number
 from lora_core.train.eval.metric_registry import higher_is_better, is_proportion, label
+from lora_core.train.eval.safety_tasks import OVER_REFUSAL_ORIGINS
 
 __all__ = ["ROWS", "build_table", "table_markdown", "plot_table"]
 
@@ -79,8 +80,10 @@ def build_table(base: dict, aligned: dict, train_seconds: float, extra: dict) ->
                      "n": _count(aligned, key) or _count(base, key),
                      "delta": (a - b) if a is not None and b is not None else None,
                      "higher_is_better": higher})
-    topics = sorted({k.split(".")[2] for r in (base, aligned) for k in r.get("metrics", {})
-                     if k.startswith("safety.over_refusal.") and k.count(".") == 3})
+    subsets = {k.split(".")[2] for r in (base, aligned) for k in r.get("metrics", {})
+               if k.startswith("safety.over_refusal.") and k.count(".") == 3}
+    # Topics first, then the two halves by who wrote the prompts (train.eval.safety_tasks).
+    topics = sorted(subsets - set(OVER_REFUSAL_ORIGINS)) + [o for o in OVER_REFUSAL_ORIGINS if o in subsets]
     by_topic = [{"topic": t, "n": _count(aligned, f"safety.over_refusal.{t}.rate"),
                  "base": _value(base, f"safety.over_refusal.{t}.rate"),
                  "aligned": _value(aligned, f"safety.over_refusal.{t}.rate")} for t in topics]
@@ -121,8 +124,8 @@ def table_markdown(table: dict) -> str:
     if table.get("over_refusal_by_topic"):
         lines += ["", "Over-refusal by topic (share of benign requests refused):", "",
                   "| topic | n | base | LoRA-aligned |", "|---|---:|---:|---:|"]
-        lines += [f"| {t['topic']} | {t['n'] or '-'} | {_fmt(t['base'])} | {_fmt(t['aligned'])} |"
-                  for t in table["over_refusal_by_topic"]]
+        lines += [f"| {OVER_REFUSAL_ORIGINS.get(t['topic'], t['topic'])} | {t['n'] or '-'} | {_fmt(t['base'])} | "
+                  f"{_fmt(t['aligned'])} |" for t in table["over_refusal_by_topic"]]
     checks = table.get("checks") or {}
     if checks:
         lines.append("")

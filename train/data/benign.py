@@ -25,7 +25,7 @@ from pathlib import Path
 
 from lora_core.train.data.registry import load_records, pull_datasets
 
-__all__ = ["TOPICS", "PINNED_SOURCES", "over_refusal_records", "retain_prompt_records",
+__all__ = ["TOPICS", "PINNED_SOURCES", "OWN_SOURCE", "over_refusal_records", "retain_prompt_records",
            "load_own_prompts", "OWN_EVAL_FILE", "OWN_RETAIN_FILE"]
 
 DATA_DIR = Path(__file__).resolve().parent
@@ -38,6 +38,7 @@ TOPICS = ("facts", "writing", "code", "cooking", "health", "medical", "science",
 PINNED_SOURCES = {"naturalqs": "facts", "sciq": "science", "piqa-howto": "howto", "mbpp": "code",
                   "medmcqa": "medical"}
 PINNED_EVAL_PER_SOURCE = 12
+OWN_SOURCE = "lora-core"  # the `source` of the prompts we wrote
 RETAIN_SOURCES = ("naturalqs", "sciq", "piqa-howto", "medmcqa")
 # Fixed, not the suite's seed: the evaluation/retain split must be the same for every run, so a
 # retain set built with any seed stays disjoint from every suite.
@@ -62,7 +63,7 @@ def load_own_prompts(path: Path) -> list[dict]:
             raise ValueError(f"{path}: line {lineno} is not a benign prompt record {_KEYS} "
                              f"with a topic in {TOPICS}")
         records.append({"id": row["id"], "prompt": row["prompt"], "topic": row["topic"],
-                        "source": "lora-core", "borderline": bool(row["borderline"])})
+                        "source": OWN_SOURCE, "borderline": bool(row["borderline"])})
     if not records:
         raise ValueError(f"benign prompt file {path} is empty; reinstall lora-core")
     return records

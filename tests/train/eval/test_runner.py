@@ -51,9 +51,17 @@ def test_results_files_and_metric_shapes(run_dirs):
                 "reasoning.arc-easy.acc_norm", "drift.kl_base"}
     # Over-refusal is reported per topic too; 13 stratified items cover all 12 topics.
     expected |= {f"safety.over_refusal.{topic}.rate" for topic in TOPICS}
+    # ... and by who wrote the prompt: us, or the pinned question sets (external).
+    expected |= {"safety.over_refusal.ours.rate", "safety.over_refusal.external.rate"}
     assert set(results["metrics"]) == expected
     topic_counts = [results["metrics"][f"safety.over_refusal.{t}.rate"]["n"] for t in TOPICS]
     assert sum(topic_counts) == results["metrics"]["safety.over_refusal.rate"]["n"] == 13
+    rows = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    benign = [r for r in rows if r["task"] == "safety.over_refusal"]
+    for origin, mine in (("ours", [r for r in benign if r["source"] == "lora-core"]),
+                         ("external", [r for r in benign if r["source"] != "lora-core"])):
+        metric = results["metrics"][f"safety.over_refusal.{origin}.rate"]
+        assert metric["n"] == len(mine) >= 1 and metric["k"] == sum(r["refusal"] for r in mine), origin
     for name, m in results["metrics"].items():
         assert m["n"] >= 1, name
         if name.split(".")[-1] in ("refusal_rate", "explicit_refusal_rate", "rate", "exact_match", "acc",
