@@ -122,6 +122,12 @@ class RetainOptions:
     in_sft: bool = option(False, help="also train on the retain prompts with cross-entropy on the base model's "
                           "own answers, mixed into the SFT data (needs --retain-targets self)")
     per_step: int = option(4, min=1, help="retain examples per optimiser step (default %(default)s)")
+    unlikelihood: float = option(0.0, min=0, help="weight u of the refusal-unlikelihood term (train.sft."
+                                 "unlikelihood_term): loss += u * mean -log(1 - p) of a training refusal's first "
+                                 "--retain-unlikelihood-tokens tokens after benign retain prompts, "
+                                 "--retain-per-step of them a step (default %(default)s = off)")
+    unlikelihood_tokens: int = option(6, min=1, help="opening tokens of a refusal the unlikelihood term reads "
+                                      "(default %(default)s)")
     limit: int | None = option(256, min=1, help="retain pool size, 'none' = all (default %(default)s)")
     max_length: int = option(192, min=2, help="tokens per retain example (default %(default)s)")
     exclude_suite: str = option("quick", help="evaluation suite whose GSM8K items are kept out of the retain set")
@@ -252,6 +258,8 @@ class TrainConfig:
             _bad("retain_data", "diverse has no gold answers: use --retain-targets self")
         if retain.beta > 0 and self.method != "lora":
             _bad("retain_beta", "the retain term compares against the adapters switched off: needs --method lora")
+        if retain.unlikelihood > 0 and self.method != "lora":
+            _bad("retain_unlikelihood", "is a LoRA recipe like the retain term it sits beside: needs --method lora")
 
 
 # The lists every caller needs, derived from the fields' roles once (see train.sft.spec_fields).

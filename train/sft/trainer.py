@@ -55,6 +55,7 @@ from lora_core.train.sft.graceful_stop import GracefulStop, StopRequested
 from lora_core.train.sft.losses import retain_kl
 from lora_core.train.sft.model_prep import build_optimizer, prepare_model
 from lora_core.train.sft.retain_term import RetainTerm
+from lora_core.train.sft.unlikelihood_term import UnlikelihoodTerm, refusal_unlikelihood
 from lora_core.train.sft.rng import rng_state, seed_everything, set_rng_state
 from lora_core.train.sft.schedule import lr_at, total_steps_of
 from lora_core.train.sft.tensorboard_log import open_sink
@@ -104,6 +105,10 @@ class Trainer:
         self.params, self.lora_cfg = prepare_model(model, config)
         self.retain = None
         data_info = dict(data_info or {})
+        self.unlikelihood = None
+        if config.retain.unlikelihood > 0:
+            self.unlikelihood = UnlikelihoodTerm(config, tokenizer)
+            data_info["unlikelihood"] = self.unlikelihood.info
         if config.retain.beta > 0:
             self.retain = RetainTerm(config, model, tokenizer, self.run_dir, log=log)
             data_info["retain"] = self.retain.info
@@ -220,6 +225,16 @@ class Trainer:
             (config.retain.beta * kl).backward()
             retain_value = float(kl.detach())
             tokens += int(batch["attention_mask"].sum())
+        unlikelihood_value = None
+        if self.unlikelihood is not None:
+            batch = self.dist.local_rows(self.unlikelihood.batch(self.step))
+            with self._autocast():
+                ul = refusal_unlikelihood(self.model, batch["input_ids"], batch["labels"], batch["attention_mask"])
+            if not torch.isfinite(ul):
+                raise self._diverged(f"refusal unlikelihood became {ul.item()}")
+            (config.retain.unlikelihood * ul).backward()
+            unlikelihood_value = float(ul.detach())
+            tokens += int(batch["attention_mask"].sum())
         reg_value = None
         if self.regularizer is not None:
             reg = self.regularizer.reg()
@@ -239,7 +254,7 @@ class Trainer:
         self.step += 1
         dt = time.perf_counter() - t0
         return {"step": self.step, "epoch": self.epoch, "loss": total_loss, "reg": reg_value,
-                "retain_kl": retain_value,
+                "retain_kl": retain_value, "unlikelihood": unlikelihood_value,
                 "lr": lr, "grad_norm": grad_norm, "tokens": tokens, "loss_tokens": loss_tokens,
                 "tokens_per_s": tokens / dt if dt > 0 else None, "step_s": dt}
 
