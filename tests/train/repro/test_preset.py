@@ -31,6 +31,30 @@ def test_paper_small_keeps_the_papers_recipe_and_ratio():
     assert (middle.lora.rank, middle.lora.targets, middle.lora.layers) == (1, "up_proj", "10-19")
 
 
+def test_paper_coder_searches_each_method_and_reads_the_claims_at_matched_safety():
+    p = load_preset("paper-coder")
+    assert p.epochs == {"lora": 10.0, "full": 5.0} and p.train["batch_size"] == 2
+    assert p.train["dtype"] == "bfloat16", "one precision for every arm, the base model's evaluation included"
+    assert p.eval["execute_code"] and p.cost["code_item_s"] > 0
+    matched = p.claims["matched_safety"]
+    assert set(matched["search"]) == {"full", "lora-r8", "lora-r1"}
+    for method, arms in matched["search"].items():
+        lrs = [p.arm(a).train["lr"] for a in arms]
+        assert len(lrs) >= 3 and lrs == sorted(lrs), f"{method}: at least 3 rates, in increasing order"
+    roles = p.claims["roles"]
+    assert (roles["lora"], roles["full"], roles["rank1_middle"]) == ("matched:lora-r8", "matched:full",
+                                                                     "matched:lora-r1")
+    runs = expand(p)
+    for name in roles["regularised"]:
+        assert p.arm(name).train["lr"] == "matched:lora-r8", "(d) trains at the rate LoRA's search selected"
+    assert all(p.arm(name).source == "matched:lora-r8" for name in roles["merged"])
+    searched = {a for arms in matched["search"].values() for a in arms}
+    order = [r.arm.name for r in runs]
+    assert max(order.index(a) for a in searched) < min(order.index(a) for a in roles["regularised"] + roles["merged"])
+    middle = train_config(p, next(r for r in runs if r.arm.name == matched["search"]["lora-r1"][0]), Path("x"), 24)
+    assert (middle.lora.rank, middle.lora.targets, middle.lora.layers) == (1, "up_proj", "8-15")
+
+
 def test_paper_preset_loads_and_has_no_cost_model():
     p = load_preset("paper")
     assert p.epochs == {"lora": 10.0, "full": 5.0} and p.train["batch_size"] == 2 and not p.cost
