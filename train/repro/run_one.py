@@ -69,7 +69,7 @@ class GridContext:
     matched_lrs: dict = field(default_factory=dict)  # method -> lr its search selected (runner fills it)
     matched_arms: dict = field(default_factory=dict)  # method -> arm its search selected (runner fills it)
     tensorboard: bool = False  # training curves as TensorBoard events too (reproduce --tensorboard)
-    _eval_base: torch.nn.Module | None = None
+    _eval_base: torch.nn.Module | None = field(default=None, init=False, repr=False)  # built on first use
 
     def __post_init__(self):
         if not self.base_state:
@@ -175,10 +175,11 @@ def merge_source(ctx: GridContext, arm) -> str:
 
 
 def _merged_model(ctx: GridContext, run: Run, run_dir: Path):
-    source = ctx.out / "runs" / merge_source(ctx, run.arm) / f"seed-{run.seed}" / "train" / "adapter"
+    merged_arm = merge_source(ctx, run.arm)
+    source = ctx.out / "runs" / merged_arm / f"seed-{run.seed}" / "train" / "adapter"
     if not source.is_dir():
         raise FileNotFoundError(f"run {run.key} merges {source}, which is missing (is the run of "
-                                f"{run.arm.source!r} seed {run.seed} complete?)")
+                                f"{merged_arm!r} seed {run.seed} complete?)")
     model = copy.deepcopy(ctx.base_model)
     load_adapter(model, source, base_model=ctx.preset.model)
     report = merge_lora(model, run.arm.projection, run.arm.k, cache=ctx.cache)
@@ -187,15 +188,16 @@ def _merged_model(ctx: GridContext, run: Run, run_dir: Path):
 
 
 def to_eval_dtype(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
-    """`model` in the grid's evaluation dtype, as a LoRA arm trains in it (train.sft.model_prep):
-    frozen weights in `dtype`, LoRA factors kept float32 (the kernel casts them per call)."""
+    """`model`, cast in place to the grid's evaluation dtype as a LoRA arm trains in it
+    (train.sft.model_prep): frozen weights in `dtype`, LoRA factors kept float32 (the kernel casts
+    them per call)."""
     if dtype == torch.float32:
         return model
     for name, param in model.named_parameters():
         leaf = name.rsplit(".", 1)[-1]
         if leaf not in ("lora_A", "lora_B"):
             param.data = param.data.to(dtype)
-    for name, buffer in model.named_buffers():
+    for buffer in model.buffers():
         if buffer.is_floating_point():
             buffer.data = buffer.data.to(dtype)
     return model
