@@ -39,4 +39,7 @@ def test_the_bar_reads_each_check_against_the_base(recipes):
     # over-refusal 0.10 passes the absolute bar but not base + 0.05 when the base refuses none.
     strict = recipes.row("r", _results(60, 23, [1] * 22 + [0] * 18), _results(20, 0, [1] * 22 + [0] * 18))
     assert strict["checks"]["over-refusal <= 0.10"] and not strict["checks"]["over-refusal <= base + 0.05"]
+    # 2 of 40 problems fewer is a difference of exactly 0.05: within.
+    edge = recipes.row("r", _results(60, 10, [1] * 20 + [0] * 20), base)
+    assert edge["checks"]["HumanEval within 0.05"]
     assert recipes.row("base", base, base)["checks"] is None
