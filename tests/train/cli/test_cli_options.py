@@ -26,6 +26,7 @@ TRAIN_FLAGS = {
     "--grad-accum", "--clip", "--dtype", "--grad-checkpointing", "--compile", "--seed", "--ortho-beta", "--ortho-k",
     "--ortho-side", "--ortho-weighting", "--ortho-normalize", "--ortho-scaled-update", "--retain-beta", "--retain-data",
     "--retain-targets", "--retain-target-tokens", "--retain-in-sft", "--retain-per-step", "--retain-limit",
+    "--retain-unlikelihood", "--retain-unlikelihood-tokens",
     "--retain-max-length", "--retain-exclude-suite", "--retain-exclude-limit", "--retain-exclude-seed",
     "--out", "--resume", "--save-every", "--keep-checkpoints", "--eval-every", "--tensorboard", "--debug",
     "--device", "--nproc",  # about the invocation, not the run (train/cli/_device.py, _launch.py)

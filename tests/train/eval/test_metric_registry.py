@@ -64,7 +64,7 @@ def test_the_runner_emits_no_metric_the_registry_does_not_know():
     names = re.findall(r"run\.(?:rate|summary|mean_of_item_rates)\(\s*f?\"([^\"]+)\"", source)
     assert len(names) >= 10, names
     fill = {"prefix": "safety.strongreject", "name": "gsm8k", "template": "dan", "topic": "medicine",
-            "measure": "acc"}
+            "measure": "acc", "origin": "external"}
     for pattern in names:
         name = re.sub(r"\{(\w+)\}", lambda m: fill[m.group(1)], pattern)
         assert reg.lookup(name) is not None and reg.lookup(name) is not reg._RATE_LIKE, name
