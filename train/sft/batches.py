@@ -158,6 +158,17 @@ def epoch_order(n: int, epoch: int, seed: int) -> list[int]:
     return torch.randperm(n, generator=generator).tolist()
 
 
+def step_batch(examples: list, per_step: int, step: int, seed: int, pad_token_id) -> dict[str, torch.Tensor]:
+    """The batch of a side term (retain KL, refusal unlikelihood) at optimiser `step`: `per_step`
+    examples, cycling through reshuffled epochs of `examples`. A pure function of the step, so a
+    resumed run sees the same batches."""
+    per = min(per_step, len(examples))
+    n_batches = len(examples) // per
+    epoch, index = divmod(step, n_batches)
+    batches = micro_batches(n_batches * per, per, epoch, seed)
+    return collate([examples[i] for i in batches[index]], pad_token_id)
+
+
 def micro_batches(n: int, batch_size: int, epoch: int, seed: int) -> list[list[int]]:
     """Index lists of the micro-batches of one epoch (the last one may be short)."""
     if batch_size <= 0:

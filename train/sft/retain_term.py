@@ -8,7 +8,7 @@ from lora_core import disable_adapters
 from lora_core.common.files import atomic_write_json, read_json
 from lora_core.models import generate
 from lora_core.train.eval.runner import chat_prompt
-from lora_core.train.sft.batches import collate, micro_batches, pad_token_id_of
+from lora_core.train.sft.batches import pad_token_id_of, step_batch
 from lora_core.train.sft.config import TrainConfig
 from lora_core.train.sft.retain_set import build_retain_set
 
@@ -61,8 +61,5 @@ class RetainTerm:
                 for p, a in self.answered if a.strip()]
 
     def batch(self, step: int) -> dict[str, torch.Tensor]:
-        per = min(self.config.retain.per_step, len(self.examples))
-        n_batches = len(self.examples) // per
-        epoch, index = divmod(step, n_batches)
-        batches = micro_batches(n_batches * per, per, epoch, self.config.optim.seed + 1)
-        return collate([self.examples[i] for i in batches[index]], self.pad_id)
+        return step_batch(self.examples, self.config.retain.per_step, step, self.config.optim.seed + 1,
+                          self.pad_id)

@@ -215,26 +215,14 @@ class Trainer:
         if self.dist.active:
             total_loss, tokens = self.dist.sum(total_loss, tokens)
             tokens = int(tokens)
-        retain_value = None
+        retain_value, unlikelihood_value = None, None
         if self.retain is not None:
-            batch = self.dist.local_rows(self.retain.batch(self.step))
-            with self._autocast():
-                kl = retain_kl(self.model, batch["input_ids"], batch["labels"], batch["attention_mask"])
-            if not torch.isfinite(kl):
-                raise self._diverged(f"retain KL became {kl.item()}")
-            (config.retain.beta * kl).backward()
-            retain_value = float(kl.detach())
-            tokens += int(batch["attention_mask"].sum())
-        unlikelihood_value = None
+            retain_value, n = self._side_term(self.retain, retain_kl, config.retain.beta, "retain KL")
+            tokens += n
         if self.unlikelihood is not None:
-            batch = self.dist.local_rows(self.unlikelihood.batch(self.step))
-            with self._autocast():
-                ul = refusal_unlikelihood(self.model, batch["input_ids"], batch["labels"], batch["attention_mask"])
-            if not torch.isfinite(ul):
-                raise self._diverged(f"refusal unlikelihood became {ul.item()}")
-            (config.retain.unlikelihood * ul).backward()
-            unlikelihood_value = float(ul.detach())
-            tokens += int(batch["attention_mask"].sum())
+            unlikelihood_value, n = self._side_term(self.unlikelihood, refusal_unlikelihood,
+                                                    config.retain.unlikelihood, "refusal unlikelihood")
+            tokens += n
         reg_value = None
         if self.regularizer is not None:
             reg = self.regularizer.reg()
@@ -257,6 +245,17 @@ class Trainer:
                 "retain_kl": retain_value, "unlikelihood": unlikelihood_value,
                 "lr": lr, "grad_norm": grad_norm, "tokens": tokens, "loss_tokens": loss_tokens,
                 "tokens_per_s": tokens / dt if dt > 0 else None, "step_s": dt}
+
+    def _side_term(self, term, loss_fn, weight: float, what: str) -> tuple[float, int]:
+        """Backward of weight * loss_fn on `term`'s batch of this step (retain KL, refusal
+        unlikelihood); -> (its value, the batch's tokens)."""
+        batch = self.dist.local_rows(term.batch(self.step))
+        with self._autocast():
+            value = loss_fn(self.model, batch["input_ids"], batch["labels"], batch["attention_mask"])
+        if not torch.isfinite(value):
+            raise self._diverged(f"{what} became {value.item()}")
+        (weight * value).backward()
+        return float(value.detach()), int(batch["attention_mask"].sum())
 
     def _diverged(self, what: str, step: int | None = None) -> TrainingDiverged:
         """The error for an unsound step (default: the one being taken): what happened, and the

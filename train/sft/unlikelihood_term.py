@@ -20,7 +20,7 @@ import torch
 
 from lora_core.train.data.benign import retain_prompt_records
 from lora_core.train.data.refusal import refusal_text
-from lora_core.train.sft.batches import IGNORE_INDEX, collate, micro_batches, pad_token_id_of, tokenize_examples
+from lora_core.train.sft.batches import IGNORE_INDEX, pad_token_id_of, step_batch, tokenize_examples
 from lora_core.train.sft.config import TrainConfig
 
 # p is clamped below 1 so that a token the model is certain of gives a large, finite loss.
@@ -40,11 +40,8 @@ class UnlikelihoodTerm:
                      "tokens_per_prompt": config.retain.unlikelihood_tokens, **stats}
 
     def batch(self, step: int) -> dict[str, torch.Tensor]:
-        per = min(self.config.retain.per_step, len(self.examples))
-        n_batches = len(self.examples) // per
-        epoch, index = divmod(step, n_batches)
-        batches = micro_batches(n_batches * per, per, epoch, self.config.optim.seed + 2)
-        return collate([self.examples[i] for i in batches[index]], self.pad_id)
+        return step_batch(self.examples, self.config.retain.per_step, step, self.config.optim.seed + 2,
+                          self.pad_id)
 
 
 def _first_labels(example, keep: int):
