@@ -16,7 +16,11 @@ The selection rule (`select`):
 - a method's selected arm is the first of its search, in the order given (increasing learning
   rate), whose validation safety is >= the target: the least training that makes it safe;
 - a method none of whose arms reaches the target has no selection, and the report says so with
-  the highest rate it reached; its matched-safety rows are not run.
+  the highest rate it reached; its matched-safety rows are not run;
+- a selection is *bracketed* when the arm before it in the search ran and missed the target: the
+  least rate that makes the method safe then lies between the two. A search whose lowest rate
+  already reaches the target is not bracketed: its selection is only an upper bound on that rate
+  (a lower one may be as safe and cost less), and the report says so in the selection's row.
 A role of the claims table (`claims.roles`) and a merge arm's `source` may be `matched:<method>`:
 the arm that method's search selects (`resolve`), so the paper's claims (a)-(e) are read between
 equally safe arms, and a regularised or merged arm is compared with plain LoRA at the same lr.
@@ -68,8 +72,8 @@ def validation_rate(model, tokenizer, records: list[dict], suite, judge) -> dict
 
 
 def select(search: dict[str, list[str]], validation: dict[str, dict[int, float]], target: float) -> dict:
-    """Per method: {"selected": arm or None, "curve": [{"arm", "validation_safety", "seeds"}, ...],
-    "why": a sentence}. `validation[arm][seed]` = that run's validation refusal rate; arms without
+    """Per method: {"selected": arm or None, "bracketed": bool (the arm before the selected one
+    missed the target), "curve": [{"arm", "validation_safety", "seeds"}, ...], "why": a sentence}. `validation[arm][seed]` = that run's validation refusal rate; arms without
     a finished run are listed with None and stop the search there (a later arm cannot be "first")."""
     out = {}
     for method, arms in search.items():
@@ -83,13 +87,19 @@ def select(search: dict[str, list[str]], validation: dict[str, dict[int, float]]
                     why = f"{arm} has no finished run; the search cannot go past it"
                 elif mean >= target:
                     selected = arm
-        if selected:
-            why = f"the first arm of the search whose validation safety reaches {target:g}"
+        position = arms.index(selected) if selected else None
+        bracketed = bool(position)  # the arms before the selected one ran and missed (else no selection)
+        if selected and bracketed:
+            why = (f"the first arm of the search whose validation safety reaches {target:g}; "
+                   f"{arms[position - 1]} below it misses")
+        elif selected:
+            why = (f"not bracketed: the search's lowest rate already reaches {target:g}, so a lower one may "
+                   "too; this selection is an upper bound on the least rate that makes the method safe")
         elif why is None:
             best = max(curve, key=lambda c: c["validation_safety"])
             why = (f"no arm reaches {target:g}; the highest validation safety is "
                    f"{best['validation_safety']:.3f} ({best['arm']})")
-        out[method] = {"selected": selected, "curve": curve, "why": why}
+        out[method] = {"selected": selected, "bracketed": bracketed, "curve": curve, "why": why}
     return out
 
 

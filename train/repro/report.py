@@ -144,10 +144,16 @@ def _matched_lines(matched: dict | None) -> list[str]:
              f"Per method, the first arm of its learning-rate search whose refusal rate on a validation split "
              f"({matched['validation_n']} prompts the evaluation never asks) reaches {matched['target']:g} "
              "(train/repro/matched_safety.py); picture: matched_safety.png.", "",
-             "| method | search (validation safety, seeds) | selected | why |", "|---|---|---|---|"]
+             "| method | search (validation safety, seeds) | selected | bracketed | why |", "|---|---|---|---|---|"]
     for method, info in matched["selection"].items():
         curve = ", ".join(f"{c['arm']} ({_fmt(c['validation_safety'])}, {c['seeds']})" for c in info["curve"])
-        lines.append(f"| {method} | {curve} | {info['selected'] or 'none'} | {info['why']} |")
+        bracketed = "-" if not info["selected"] else "yes" if info.get("bracketed") else "**no**"
+        lines.append(f"| {method} | {curve} | {info['selected'] or 'none'} | {bracketed} | {info['why']} |")
+    loose = [m for m, info in matched["selection"].items() if info["selected"] and not info.get("bracketed")]
+    if loose:
+        lines += ["", f"Not bracketed: {', '.join(loose)}. Its selection trained at the search's lowest rate and "
+                  "already passed the target there, so its rows below compare an arm that may be trained harder "
+                  "than matched safety needs: read a cost it shows as an upper bound."]
     return lines + ["", *CLAIMS_HEAD, *_claim_lines(matched["claims"])]
 
 

@@ -32,6 +32,19 @@ def test_a_search_that_never_reaches_the_target_selects_nothing_and_says_how_far
     assert "no arm reaches 0.8" in chosen["lora"]["why"] and "0.400 (l2)" in chosen["lora"]["why"]
 
 
+def test_a_selection_is_bracketed_only_when_the_rate_below_it_missed_the_target():
+    """f1 already reaches the target: f1 is selected but a lower rate might be safe too, so the
+    selection is not bracketed and says so; l2 sits above l1, which missed: bracketed."""
+    validation = {"f1": {0: 0.9}, "f2": {0: 1.0}, "f3": {0: 1.0}, "l1": {0: 0.5}, "l2": {0: 0.8}, "l3": {0: 1.0}}
+    chosen = select(SEARCH, validation, target=0.8)
+    assert chosen["full"]["selected"] == "f1" and chosen["full"]["bracketed"] is False
+    assert "not bracketed" in chosen["full"]["why"] and "upper bound" in chosen["full"]["why"]
+    assert chosen["lora"]["selected"] == "l2" and chosen["lora"]["bracketed"] is True
+    assert "l1 below it misses" in chosen["lora"]["why"]
+    nothing = select(SEARCH, {**validation, "l2": {0: 0.5}, "l3": {0: 0.5}}, target=0.8)
+    assert nothing["lora"]["selected"] is None and nothing["lora"]["bracketed"] is False
+
+
 def test_a_missing_run_stops_the_search_there():
     """l1 is unfinished: l2 reaching the target cannot be called the first arm that does."""
     chosen = select(SEARCH, {"f1": {0: 0.9}, "l2": {0: 0.9}, "l3": {0: 0.9}}, target=0.8)
@@ -92,7 +105,11 @@ def test_a_tiny_grid_selects_at_matched_safety_and_reports_it(tmp_path, tokenize
     rows = matched["claims"]
     assert rows and {(r["x"], r["y"]) for r in rows} == {("full", "lora-lo")}
     assert (out / "matched_safety.png").is_file()
-    assert "## At matched safety" in (out / "report.md").read_text()
+    text = (out / "report.md").read_text()
+    assert "## At matched safety" in text
+    # Both searches' lowest arms reach a target of ~0: neither selection is bracketed, and the report says so.
+    assert not matched["selection"]["lora"]["bracketed"] and "| lora-lo | **no** |" in text
+    assert "Not bracketed: full, lora." in text
 
 
 def _grid_with_a_matched_arm(target: float) -> dict:

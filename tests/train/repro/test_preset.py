@@ -48,6 +48,12 @@ def test_paper_coder_searches_each_method_and_reads_the_claims_at_matched_safety
     for name in roles["regularised"]:
         assert p.arm(name).train["lr"] == "matched:lora-r8", "(d) trains at the rate LoRA's search selected"
     assert all(p.arm(name).source == "matched:lora-r8" for name in roles["merged"])
+    for role, third in (("rank1_early", "0-7"), ("rank1_late", "16-23")):
+        arm = p.arm(roles[role])
+        assert arm.train["lr"] == "matched:lora-r1", "(e) trains at the rate the rank-1 search selected"
+        cfg = train_config(p, next(r for r in runs if r.arm.name == arm.name), Path("x"), 24,
+                           matched_lrs={"lora-r1": 5e-5})
+        assert (cfg.lora.rank, cfg.lora.targets, cfg.lora.layers, cfg.optim.lr) == (1, "up_proj", third, 5e-5)
     searched = {a for arms in matched["search"].values() for a in arms}
     order = [r.arm.name for r in runs]
     assert max(order.index(a) for a in searched) < min(order.index(a) for a in roles["regularised"] + roles["merged"])
