@@ -15,7 +15,8 @@ HELP = "run the paper's comparison (base, LoRA, full fine-tuning, regulariser, m
 def add_arguments(parser) -> None:
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--preset", default=None,
-                       help="a shipped preset: paper-small (the CPU grid, default) or paper (the paper's GPU settings)")
+                       help="a shipped preset: paper-small (the 135M CPU grid, default), paper-coder (the 0.5B "
+                            "coder at matched safety, ~80 min on 2 cores) or paper (the paper's GPU settings)")
     which.add_argument("--config", default=None, help="your own preset YAML (see train/repro/presets/paper-small.yaml)")
     parser.add_argument("--out", default="runs/repro",
                         help="grid directory (default %(default)s); rerunning with the same --out finishes what is "

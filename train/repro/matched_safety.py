@@ -73,7 +73,8 @@ def validation_rate(model, tokenizer, records: list[dict], suite, judge) -> dict
 
 def select(search: dict[str, list[str]], validation: dict[str, dict[int, float]], target: float) -> dict:
     """Per method: {"selected": arm or None, "bracketed": bool (the arm before the selected one
-    missed the target), "curve": [{"arm", "validation_safety", "seeds"}, ...], "why": a sentence}. `validation[arm][seed]` = that run's validation refusal rate; arms without
+    missed the target), "curve": [{"arm", "validation_safety", "seeds"}, ...], "why": a sentence}.
+    `validation[arm][seed]` = that run's validation refusal rate; arms without
     a finished run are listed with None and stop the search there (a later arm cannot be "first")."""
     out = {}
     for method, arms in search.items():
