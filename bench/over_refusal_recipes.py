@@ -197,17 +197,44 @@ def plot(table: dict, path: Path) -> None:
     write_png(fig, path)
 
 
-def main() -> None:
+def _at_least(least: int):
+    """An argparse type: an integer >= least, refused with a message that names the bound."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"{value} is less than {least}")
+        return value
+    return parse
+
+
+def _results_name(text: str) -> str:
+    """A file stem inside bench/results: no folders, nothing hidden."""
+    if not text or "/" in text or "\\" in text or text.startswith("."):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a plain file name (it is written into bench/results/)")
+    return text
+
+
+def arguments() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
     parser.add_argument("--out", default="runs/over_refusal_recipes")
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
-    parser.add_argument("--humaneval", type=int, default=40, help="greedy HumanEval problems (default %(default)s)")
-    parser.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's)")
-    parser.add_argument("--limit", type=int, default=None, help="cap every evaluation subset (smoke runs)")
-    parser.add_argument("--results-name", default=None, help="also write bench/results/<name>.{json,md,png}")
+    parser.add_argument("--humaneval", type=_at_least(0), default=40,
+                        help="greedy HumanEval problems (default %(default)s)")
+    parser.add_argument("--steps", type=_at_least(1), default=None, help="training steps (default: the demo's)")
+    parser.add_argument("--limit", type=_at_least(1), default=None, help="cap every evaluation subset (smoke runs)")
+    parser.add_argument("--results-name", type=_results_name, default=None,
+                        help="also write bench/results/<name>.{json,md,png}")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def main() -> None:
+    parser = arguments()
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     log = lambda *a: print(*a, flush=True)  # noqa: E731

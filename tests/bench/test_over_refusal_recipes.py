@@ -43,3 +43,21 @@ def test_the_bar_reads_each_check_against_the_base(recipes):
     edge = recipes.row("r", _results(60, 10, [1] * 20 + [0] * 20), base)
     assert edge["checks"]["HumanEval within 0.05"]
     assert recipes.row("base", base, base)["checks"] is None
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--humaneval", "-1"], "-1 is less than 0"),
+    (["--steps", "0"], "0 is less than 1"),
+    (["--limit", "two"], "'two' is not an integer"),
+    (["--results-name", "../README"], "not a plain file name"),
+    (["--recipes", "demo+typo"], "invalid choice: 'demo+typo'"),
+])
+def test_bad_arguments_are_refused_with_a_message_that_names_them(recipes, argv, message, capsys):
+    with pytest.raises(SystemExit):
+        recipes.arguments().parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_the_defaults_parse(recipes):
+    args = recipes.arguments().parse_args([])
+    assert args.humaneval == 40 and args.steps is None and args.recipes == list(recipes.RECIPES)
