@@ -370,13 +370,23 @@ class Trainer:
             return TrainResult(run_dir, self.step, losses, train_seconds, output, metrics, self.trainable_count,
                                self.provenance)
         atomic_write_json(run_dir / "summary.json", {
-            "steps": self.step, "final_loss": losses[-1] if losses else None,
+            # A run resumed at its last checkpoint trains no step now: its final loss is the one logged.
+            "steps": self.step, "final_loss": losses[-1] if losses else _last_logged_loss(run_dir / "metrics.jsonl"),
             "train_seconds": train_seconds, "output": output.relative_to(run_dir).as_posix(),
             "trainable_params": self.trainable_count,
             "mean_tokens_per_s": (sum(m["tokens"] for m in metrics) / sum(m["step_s"] for m in metrics))
             if metrics else None})
         return TrainResult(run_dir, self.step, losses, train_seconds, output, metrics, self.trainable_count,
                                self.provenance)
+
+
+def _last_logged_loss(metrics: Path) -> float | None:
+    """The loss of the last step metrics.jsonl holds (None when it logs none)."""
+    if not metrics.is_file():
+        return None
+    losses = [json.loads(line).get("loss") for line in metrics.read_text().splitlines() if line.strip()]
+    losses = [loss for loss in losses if loss is not None]
+    return losses[-1] if losses else None
 
 
 def _scalars(d: dict, prefix: str = "") -> dict:

@@ -84,6 +84,29 @@ def test_resume_reproduces_uninterrupted_losses_exactly(tmp_path, tokenizer, exa
     assert steps == list(range(1, 8))
 
 
+def test_a_run_resumed_at_its_last_step_keeps_its_final_loss(tmp_path, tokenizer, examples, monkeypatch):
+    """The disk filled as the final output was written: the last checkpoint holds every step, so the
+    resumed run trains none, and its summary must still give the final loss that was logged."""
+    from lora_core.train.sft import trainer
+
+    cfg = dict(max_steps=4, dropout=0.0)
+    full = train(train_config(tmp_path / "a", **cfg), model=tiny_model(model_vocab(tokenizer)), tokenizer=tokenizer,
+                 examples=examples, log=lambda *a: None)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(trainer, "write_final_output", disk_full)
+    with pytest.raises((OSError, ValueError), match="space"):
+        train(train_config(tmp_path / "b", **cfg), model=tiny_model(model_vocab(tokenizer)), tokenizer=tokenizer,
+              examples=examples, log=lambda *a: None)
+    monkeypatch.undo()
+    resumed = train(train_config(tmp_path / "b", **cfg), resume=True, model=tiny_model(model_vocab(tokenizer)),
+                    tokenizer=tokenizer, examples=examples, log=lambda *a: None)
+    assert resumed.losses == [] and resumed.steps == 4
+    summary = json.loads((tmp_path / "b" / "run" / "summary.json").read_text())
+    assert summary["final_loss"] == full.losses[-1]
+
+
 def test_full_finetuning_same_loop_writes_hf_dir(tmp_path, tokenizer, examples):
     from lora_core.models import load_hf_directory
 
