@@ -151,8 +151,8 @@ def _matched_lines(matched: dict | None) -> list[str]:
         lines.append(f"| {method} | {curve} | {info['selected'] or 'none'} | {bracketed} | {info['why']} |")
     loose = [m for m, info in matched["selection"].items() if info["selected"] and not info.get("bracketed")]
     if loose:
-        lines += ["", f"Not bracketed: {', '.join(loose)}. Its selection trained at the search's lowest rate and "
-                  "already passed the target there, so its rows below compare an arm that may be trained harder "
+        lines += ["", f"Not bracketed: {', '.join(loose)}. Each such selection is its search's lowest rate and "
+                  "already passed the target there, so the rows below compare an arm that may be trained harder "
                   "than matched safety needs: read a cost it shows as an upper bound."]
     return lines + ["", *CLAIMS_HEAD, *_claim_lines(matched["claims"])]
 
