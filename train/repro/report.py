@@ -147,9 +147,9 @@ def _matched_lines(matched: dict | None) -> list[str]:
              "| method | search (validation safety, seeds) | selected | bracketed | why |", "|---|---|---|---|---|"]
     for method, info in matched["selection"].items():
         curve = ", ".join(f"{c['arm']} ({_fmt(c['validation_safety'])}, {c['seeds']})" for c in info["curve"])
-        bracketed = "-" if not info["selected"] else "yes" if info.get("bracketed") else "**no**"
+        bracketed = "-" if not info["selected"] else "yes" if info["bracketed"] else "**no**"
         lines.append(f"| {method} | {curve} | {info['selected'] or 'none'} | {bracketed} | {info['why']} |")
-    loose = [m for m, info in matched["selection"].items() if info["selected"] and not info.get("bracketed")]
+    loose = [m for m, info in matched["selection"].items() if info["selected"] and not info["bracketed"]]
     if loose:
         lines += ["", f"Not bracketed: {', '.join(loose)}. Each such selection is its search's lowest rate and "
                   "already passed the target there, so the rows below compare an arm that may be trained harder "
